@@ -1,0 +1,149 @@
+"""COCO annotation files: read and validate, failing with one line that names the file and the entry."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pipeline.errors import RefineError
+
+# A box may touch the border; allow rounding slack of a pixel before calling it outside the image.
+BORDER_SLACK = 1.0
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    file_name: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Annotation:
+    id: int
+    image_id: int
+    category_id: int
+    bbox: tuple[float, float, float, float]  # x, y, w, h in pixels
+
+
+@dataclass
+class CocoDataset:
+    path: Path
+    images: list[ImageRecord]
+    annotations: list[Annotation]
+    categories: list[dict[str, Any]] = field(default_factory=list)
+
+    def image_path(self, image_root: Path, image: ImageRecord) -> Path:
+        return image_root / image.file_name
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; a missing or malformed file is a one-line error with the position."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RefineError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise RefineError(f"{path}: is a directory, expected a JSON file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RefineError(f"{path}: cannot read ({error})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RefineError(f"{path}:{error.lineno}:{error.colno}: malformed JSON ({error.msg})") from None
+
+
+def load_coco(path: Path) -> CocoDataset:
+    """Read a COCO dataset file and check every image and annotation entry."""
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise RefineError(f"{path}: not a COCO dataset (expected an object with an 'images' list)")
+    images = [_image_record(path, i, entry) for i, entry in enumerate(data["images"])]
+    by_id: dict[int, ImageRecord] = {}
+    for image in images:
+        if image.id in by_id:
+            raise RefineError(f"{path}: duplicate image id {image.id} ({image.file_name})")
+        by_id[image.id] = image
+    raw_annotations = data.get("annotations", [])
+    if not isinstance(raw_annotations, list):
+        raise RefineError(f"{path}: 'annotations' must be a list")
+    annotations = [_annotation(path, i, entry, by_id) for i, entry in enumerate(raw_annotations)]
+    seen: set[int] = set()
+    for annotation in annotations:
+        if annotation.id in seen:
+            raise RefineError(f"{path}: duplicate annotation id {annotation.id}")
+        seen.add(annotation.id)
+    categories = data.get("categories", [])
+    return CocoDataset(path, images, annotations, categories if isinstance(categories, list) else [])
+
+
+def _image_record(path: Path, index: int, entry: Any) -> ImageRecord:
+    where = f"{path}: images[{index}]"
+    if not isinstance(entry, dict):
+        raise RefineError(f"{where}: expected an object")
+    image_id = _integer(entry.get("id"), f"{where}: 'id'")
+    where = f"{path}: image id={image_id}"
+    file_name = entry.get("file_name")
+    if not isinstance(file_name, str) or not file_name:
+        raise RefineError(f"{where}: 'file_name' must be a non-empty string")
+    check_relative_path(file_name, where)
+    width = _integer(entry.get("width"), f"{where}: 'width'")
+    height = _integer(entry.get("height"), f"{where}: 'height'")
+    if width < 1 or height < 1:
+        raise RefineError(f"{where}: size {width} x {height} must be at least 1 x 1")
+    return ImageRecord(image_id, file_name, width, height)
+
+
+def check_relative_path(file_name: str, where: str) -> None:
+    """Paths in annotation files stay inside the image root: no absolute paths, no '..'."""
+    pure = PurePosixPath(file_name.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or (len(file_name) > 1 and file_name[1] == ":"):
+        raise RefineError(f"{where}: file_name {file_name!r} escapes the image root")
+
+
+def _annotation(path: Path, index: int, entry: Any, images: dict[int, ImageRecord]) -> Annotation:
+    where = f"{path}: annotations[{index}]"
+    if not isinstance(entry, dict):
+        raise RefineError(f"{where}: expected an object")
+    annotation_id = _integer(entry.get("id"), f"{where}: 'id'")
+    where = f"{path}: annotation id={annotation_id}"
+    image_id = _integer(entry.get("image_id"), f"{where}: 'image_id'")
+    image = images.get(image_id)
+    if image is None:
+        raise RefineError(f"{where}: image_id {image_id} is not in 'images'")
+    category_id = _integer(entry.get("category_id", 1), f"{where}: 'category_id'")
+    bbox = check_box(entry.get("bbox"), image, where)
+    return Annotation(annotation_id, image_id, category_id, bbox)
+
+
+def check_box(raw: Any, image: ImageRecord, where: str) -> tuple[float, float, float, float]:
+    """A COCO [x, y, w, h] box: four finite numbers, positive size, inside the image."""
+    if not isinstance(raw, (list, tuple)) or len(raw) != 4:
+        raise RefineError(f"{where}: 'bbox' must be [x, y, w, h], got {_short(raw)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
+        raise RefineError(f"{where}: 'bbox' must hold numbers, got {_short(raw)}")
+    x, y, w, h = (float(v) for v in raw)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise RefineError(f"{where}: 'bbox' has a NaN or infinite value {_short(raw)}")
+    if w <= 0 or h <= 0:
+        raise RefineError(f"{where}: 'bbox' has zero or negative size {_short(raw)}")
+    if x < -BORDER_SLACK or y < -BORDER_SLACK or x + w > image.width + BORDER_SLACK or y + h > image.height + BORDER_SLACK:
+        raise RefineError(
+            f"{where}: 'bbox' {_short(raw)} lies outside image {image.id} ({image.width} x {image.height})"
+        )
+    return x, y, w, h
+
+
+def _integer(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RefineError(f"{where} must be an integer, got {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."

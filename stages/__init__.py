@@ -1,0 +1,1 @@
+"""Thin Typer commands, one per pipeline stage; `stages.cli` assembles the `refine` CLI."""
