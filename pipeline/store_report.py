@@ -1,0 +1,80 @@
+"""What `refine store info` and `refine store verify` report about a feature store."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import RefineError
+from pipeline.store import FeatureStore, Namespace
+
+
+def store_info(store: FeatureStore) -> dict:
+    """Namespaces with provenance, entry counts, datasets and bytes on disk."""
+    namespaces = []
+    for fingerprint in store.fingerprints():
+        namespace = Namespace(store, fingerprint)
+        provenance = namespace.provenance
+        namespaces.append(
+            {
+                "fingerprint": fingerprint,
+                "encoder": provenance.get("model_type", "unknown"),
+                "weights": provenance.get("weights_description", provenance.get("weights", "unknown")),
+                "random_init": provenance.get("random_init"),
+                "entries": len(namespace.entries()),
+                "datasets": namespace.dataset_names(),
+                "bytes": store.bytes_on_disk(fingerprint),
+                "created": provenance.get("created"),
+                "provenance": provenance,
+            }
+        )
+    return {"store": store.url, "bytes": store.bytes_on_disk(), "namespaces": namespaces}
+
+
+def verify_store(store: FeatureStore) -> tuple[int, list[str]]:
+    """Read every committed entry and check it; returns (entries checked, problems found)."""
+    problems: list[str] = []
+    checked = 0
+    for fingerprint in store.fingerprints():
+        namespace = Namespace(store, fingerprint)
+        try:
+            channels = int(namespace.provenance["early_channels"])
+            entries = namespace.entries()
+        except (RefineError, KeyError, TypeError, ValueError) as error:
+            problems.append(f"namespace {fingerprint}: unreadable metadata or commits ({error})")
+            continue
+        for entry in entries.values():
+            checked += 1
+            try:
+                embedding, early = namespace.read(entry, check=True)
+            except RefineError as error:
+                problems.append(str(error))
+                continue
+            where = f"namespace {fingerprint}: entry {entry.key}"
+            if embedding.shape != (256, 64, 64) or early.shape != (channels, 64, 64):
+                problems.append(f"{where}: shapes {embedding.shape} / {early.shape} are wrong")
+            if embedding.dtype != np.float16 or early.dtype != np.float16:
+                problems.append(f"{where}: dtype is not float16")
+            if not (np.isfinite(embedding).all() and np.isfinite(early).all()):
+                problems.append(f"{where}: holds NaN or inf")
+        for name in namespace.dataset_names():
+            problems.extend(_check_dataset(namespace, name, entries))
+    return checked, problems
+
+
+def _check_dataset(namespace: Namespace, name: str, entries: dict) -> list[str]:
+    try:
+        manifest = namespace.dataset(name)
+        images = manifest["images"]
+    except (RefineError, KeyError, TypeError) as error:
+        return [f"namespace {namespace.fingerprint}: dataset {name}: manifest is damaged ({error})"]
+    problems = []
+    if manifest.get("fingerprint") != namespace.fingerprint:
+        problems.append(f"namespace {namespace.fingerprint}: dataset {name}: manifest names another fingerprint")
+    for image in images:
+        entry = entries.get(image.get("key"))
+        where = f"namespace {namespace.fingerprint}: dataset {name}: image id={image.get('id')} ({image.get('file_name')})"
+        if entry is None:
+            problems.append(f"{where}: no committed entry for key {image.get('key')}")
+        elif list(entry.original_size) != image.get("original_size") or list(entry.resized_size) != image.get("resized_size"):
+            problems.append(f"{where}: sizes differ from the committed entry")
+    return problems
