@@ -1,0 +1,40 @@
+"""The `refine` command line: one sub-command per stage."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from stages.common import state
+from stages.demo_data import demo_data
+from stages.extract import extract
+from stages.store import store_app
+
+app = typer.Typer(
+    name="refine",
+    help="Tight bounding boxes from HQ-SAM features: extract once into a Zarr store, then train fast.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors instead of one line.")] = False,
+) -> None:
+    state["debug"] = debug
+
+
+app.command("demo-data")(demo_data)
+app.command("extract")(extract)
+app.add_typer(store_app, name="store")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

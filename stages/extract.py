@@ -1,0 +1,147 @@
+"""`refine extract`: encode a dataset's images once into the content-addressed feature store."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.encoder import ENCODERS
+from pipeline.errors import RefineError
+from pipeline.extract import ExtractConfig, ExtractSummary, run_extract
+from stages.common import console, domain_errors, err_console
+
+EncoderName = Enum("EncoderName", {name: name for name in ENCODERS}, type=str)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+def extract(
+    images: Annotated[Path, typer.Option(help="Image directory (the root that annotation file names are relative to).")],
+    store: Annotated[str, typer.Option(help="Feature store: a local path or an fsspec URL (s3://..., memory://...).")],
+    annotations: Annotated[
+        Optional[Path],
+        typer.Option(help="COCO JSON: extract exactly the images it lists. Without it: every image file under --images."),
+    ] = None,
+    encoder: Annotated[EncoderName, typer.Option(help="HQ-SAM encoder variant.")] = EncoderName.vit_tiny,
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option(help="HQ-SAM checkpoint (sam_hq_vit_*.pth). Without it: seeded random weights (loud warning)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights when no --checkpoint is given.")] = 0,
+    device: Annotated[Device, typer.Option(help="Where the encoder runs; auto picks CUDA when available.")] = Device.auto,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Images per encoder call and per store shard. Default: 4 on CPU, 8-64 on CUDA by encoder."),
+    ] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(min=0, help="DataLoader workers decoding images. Default: CPU cores - 1, at most 4.")
+    ] = None,
+    dataset: Annotated[
+        Optional[str], typer.Option(help="Dataset name in the store. Default: the annotation file's stem (or the folder name).")
+    ] = None,
+    manifest: Annotated[
+        Optional[Path], typer.Option(help="Also write the dataset manifest (keys, sizes, fingerprint) here, for DVC.")
+    ] = None,
+    skip_bad_images: Annotated[
+        bool,
+        typer.Option(
+            help="Unreadable images (corrupt, truncated, not an image) are left out of the manifest instead of "
+            "failing the run. Either way they never get an entry and everything else is committed."
+        ),
+    ] = False,
+) -> None:
+    """Encode every image once with HQ-SAM into the feature store; a re-run only hashes.
+
+    Stops before any work (exit 1) on: a missing image directory, malformed or invalid annotations
+    (duplicate ids, boxes that are NaN, empty or outside the image), an image listed but missing, a bad
+    checkpoint, a store of another format. Unreadable image files are reported at the end (exit 1) after
+    everything else is committed, unless --skip-bad-images.
+    """
+    config = ExtractConfig(
+        images=images,
+        store=store,
+        encoder=encoder.value,
+        annotations=annotations,
+        checkpoint=checkpoint,
+        seed=seed,
+        device=device.value,
+        batch_size=batch_size,
+        workers=workers,
+        dataset=dataset,
+        manifest_out=manifest,
+        skip_bad_images=skip_bad_images,
+    )
+    if checkpoint is None:
+        err_console.print(
+            f"[bold yellow]WARNING: no --checkpoint: {encoder.value} runs with RANDOM weights (seed {seed}). "
+            "These features are not pretrained; fine for tests and the demo only. "
+            "The store records this in its provenance.[/]",
+            soft_wrap=True,
+        )
+    with domain_errors():
+        with ExtractProgress() as report:
+            summary = run_extract(config, report)
+        _print_summary(summary)
+        if summary.failed and not skip_bad_images:
+            for message in summary.failed:
+                err_console.print(f"  {message}", markup=False, highlight=False)
+            raise RefineError(
+                f"{len(summary.failed)} image(s) could not be read (listed above); nothing of theirs was written, "
+                "the rest is committed. Fix or remove them, or pass --skip-bad-images"
+            )
+
+
+class ExtractProgress:
+    """A rich progress bar per phase (hash, encode), fed by `run_extract`'s progress callback."""
+
+    def __enter__(self) -> Callable[[str, int, int, ExtractSummary], None]:
+        self.bar = Progress(
+            TextColumn("{task.description:<8}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>7.2f} img/s  hits {task.fields[hits]}  computed {task.fields[computed]}  failed {task.fields[failed]}"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+        self.bar.__enter__()
+        return self.report
+
+    def report(self, phase: str, done: int, total: int, summary: ExtractSummary) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.bar.add_task(phase, total=total or None, rate=0.0, hits=0, computed=0, failed=0)
+        task = self.tasks[phase]
+        elapsed = self.bar.tasks[task].elapsed or 0.0
+        self.bar.update(
+            task,
+            completed=done,
+            rate=done / elapsed if elapsed > 0 else 0.0,
+            hits=summary.hits,
+            computed=summary.computed,
+            failed=len(summary.failed),
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+
+def _print_summary(summary: ExtractSummary) -> None:
+    rate = summary.computed / summary.encoder_s if summary.encoder_s else 0.0
+    console.print(
+        f"dataset {summary.dataset}: {summary.images} images ({summary.unique} unique), "
+        f"{summary.hits} hits, {summary.computed} computed, {len(summary.failed)} failed, "
+        f"{summary.wall_s:.1f} s wall, {summary.bytes_written / 2**20:.1f} MiB written"
+        + (f", encoder {rate:.2f} img/s" if summary.computed else ""),
+        markup=False,
+        highlight=False,
+    )
+    console.print(f"namespace {summary.fingerprint}: {summary.weights}", markup=False, highlight=False)
