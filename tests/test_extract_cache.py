@@ -1,0 +1,162 @@
+"""Cache semantics of `refine extract`: what is a hit, what is a miss, and namespaces never mix."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipeline.extract
+from pipeline.encoder import ENCODERS, build_encoder, identity_for
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.store import FeatureStore
+from tests.conftest import write_coco
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts images through the real encoder (a spy around the real forward, not a stand-in)."""
+    calls: list[int] = []
+    real_forward = pipeline.extract.FeatureEncoder.forward
+
+    def counting_forward(self, pixels, resized_hw):
+        calls.append(pixels.shape[0])
+        return real_forward(self, pixels, resized_hw)
+
+    monkeypatch.setattr(pipeline.extract.FeatureEncoder, "forward", counting_forward)
+    return calls
+
+
+def extract(data: dict, **overrides) -> pipeline.extract.ExtractSummary:
+    options = dict(images=data["images"], store=str(data["store"]), annotations=data["annotations"], workers=0)
+    options.update(overrides)
+    return run_extract(ExtractConfig(**options))
+
+
+def files_under(path: Path) -> set[str]:
+    return {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+
+
+def test_rerun_on_unchanged_dataset_never_calls_the_encoder(dataset, encoder_calls):
+    before = files_under(dataset["store"])
+    summary = extract(dataset)
+    assert encoder_calls == []
+    assert (summary.hits, summary.computed, summary.failed) == (4, 0, [])
+    assert files_under(dataset["store"]) == before  # not even a new segment
+
+
+def test_renamed_moved_and_copied_images_are_hits(dataset, encoder_calls):
+    images = dataset["images"]
+    first, second, third, fourth = sorted(images.iterdir())
+    first.rename(images / "renamed.png")
+    (images / "sub").mkdir()
+    second.rename(images / "sub" / "moved.png")
+    shutil.copy(third, images / "copy-of-third.png")
+    files = [images / "renamed.png", images / "sub" / "moved.png", third, images / "copy-of-third.png", fourth]
+    annotations = write_coco(dataset["root"] / "moved.json", images, files)
+    summary = extract(dataset, annotations=annotations)
+    assert encoder_calls == []
+    assert (summary.images, summary.unique, summary.hits, summary.computed) == (5, 4, 4, 0)
+    manifest = FeatureStore(dataset["store"]).namespace(summary.fingerprint).dataset("moved")
+    keys = {image["file_name"]: image["key"] for image in manifest["images"]}
+    assert keys["copy-of-third.png"] == keys[third.name]
+
+
+def test_changed_pixels_are_a_miss(dataset, encoder_calls):
+    path = dataset["files"][0]
+    pixels = np.asarray(Image.open(path)).copy()
+    pixels[0, 0] ^= 1  # one pixel, one bit
+    Image.fromarray(pixels).save(path)
+    summary = extract(dataset)
+    assert sum(encoder_calls) == 1
+    assert (summary.hits, summary.computed) == (3, 1)
+
+
+def test_new_images_only_are_encoded_and_manifest_grows(dataset, encoder_calls):
+    from tests.conftest import write_images
+
+    extra = write_images(dataset["images"], 1, seed=99, prefix="extra")
+    files = sorted(p for p in dataset["images"].iterdir())
+    annotations = write_coco(dataset["annotations"], dataset["images"], files)
+    summary = extract(dataset, annotations=annotations)
+    assert sum(encoder_calls) == 1 and summary.hits == 4
+    manifest = FeatureStore(dataset["store"]).namespace(summary.fingerprint).dataset("train")
+    assert extra[0].name in {image["file_name"] for image in manifest["images"]}
+
+
+def test_other_checkpoint_or_seed_goes_to_another_namespace(dataset, tmp_path, encoder_calls):
+    # A checkpoint made the way a user would: the state dict of an encoder, saved to disk.
+    identity = identity_for("vit_tiny", None, seed=7)
+    state = {f"image_encoder.{k}": v for k, v in build_encoder(identity, None, seed=7).state_dict().items()}
+    checkpoint = tmp_path / "sam_hq_vit_tiny.pth"
+    torch.save(state, checkpoint)
+
+    first = dataset["files"][:1]
+    annotations = write_coco(tmp_path / "one.json", dataset["images"], first)
+    with_checkpoint = extract(dataset, annotations=annotations, checkpoint=checkpoint)
+    with_seed = extract(dataset, annotations=annotations, seed=7)
+    assert sum(encoder_calls) == 2  # neither reuses the seed-0 entries
+    store = FeatureStore(dataset["store"])
+    fingerprints = {with_checkpoint.fingerprint, with_seed.fingerprint}
+    assert len(fingerprints | set(store.fingerprints())) == 3
+    # The checkpoint path loads exactly the weights it was saved from.
+    read = {}
+    for summary in (with_checkpoint, with_seed):
+        namespace = store.namespace(summary.fingerprint)
+        read[summary.fingerprint] = namespace.read(next(iter(namespace.entries().values())))
+    a, b = read.values()
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    provenance = store.namespace(with_checkpoint.fingerprint).provenance
+    assert provenance["checkpoint_name"] == "sam_hq_vit_tiny.pth" and provenance["random_init"] is False
+    assert str(tmp_path) not in str(provenance)  # no machine paths in the store
+
+
+def test_each_encoder_type_has_its_own_fingerprint():
+    fingerprints = {identity_for(name, None).fingerprint for name in ENCODERS}
+    assert len(fingerprints) == len(ENCODERS)
+
+
+def test_entries_hold_float16_features_and_sizes(base_dataset):
+    store = FeatureStore(base_dataset["store"])
+    (fingerprint,) = store.fingerprints()
+    namespace = store.namespace(fingerprint)
+    manifest = namespace.dataset("train")
+    entries = namespace.entries()
+    for image, file in zip(manifest["images"], base_dataset["files"]):
+        with Image.open(file) as opened:
+            width, height = opened.size
+        entry = entries[image["key"]]
+        assert entry.original_size == (height, width)
+        assert max(entry.resized_size) == 1024
+        embedding, early = namespace.read(entry, check=True)
+        assert embedding.shape == (256, 64, 64) and early.shape == (160, 64, 64)
+        assert embedding.dtype == np.float16 and early.dtype == np.float16
+        assert np.isfinite(embedding).all() and embedding.astype(np.float32).std() > 0
+
+
+def test_features_match_a_fresh_encoder_forward(base_dataset):
+    """What the store holds is what the real encoder computes for the image (fp16 rounding aside)."""
+    from pipeline.encoder import FeatureEncoder
+    from pipeline.images import prepare
+
+    store = FeatureStore(base_dataset["store"])
+    namespace = store.namespace(store.fingerprints()[0])
+    image = namespace.dataset("train")["images"][0]
+    pixels, _, resized = prepare(base_dataset["images"] / image["file_name"])
+    model = FeatureEncoder(build_encoder(identity_for("vit_tiny", None), None))
+    with torch.inference_mode():
+        embedding, early = model(torch.from_numpy(pixels)[None], torch.tensor([resized]))
+    stored_embedding, stored_early = namespace.read(namespace.entries()[image["key"]])
+    np.testing.assert_allclose(stored_embedding, embedding[0].half().numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(stored_early, early[0].half().numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_shards_keep_the_file_count_well_below_the_image_count(dataset):
+    # The 4 images went through in one batch: one shard file per array, not a file per image.
+    data_files = [p for p in (dataset["store"]).rglob("*") if p.is_file() and "/c/" in p.as_posix()]
+    assert len(data_files) == 2

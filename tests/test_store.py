@@ -1,0 +1,130 @@
+"""The store's promises: info and verify, damage detection, SIGKILL at any moment, concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import zarr
+
+from pipeline.store import FeatureStore
+from tests.conftest import write_coco, write_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def refine(*args: object) -> list[str]:
+    return [sys.executable, "-m", "stages.cli", *map(str, args)]
+
+
+def committed_rows(store: Path) -> int:
+    rows = 0
+    for commit in store.glob("*/commits/*.json"):
+        try:
+            rows += len(json.loads(commit.read_text())["entries"])
+        except (json.JSONDecodeError, FileNotFoundError):
+            pass  # atomic replace means this cannot happen; verify below would catch it
+    return rows
+
+
+def test_info_json_lists_namespaces_with_entries_and_datasets(cli, base_dataset):
+    result = cli("store", "info", base_dataset["store"], "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    (namespace,) = report["namespaces"]
+    assert namespace["encoder"] == "vit_tiny" and namespace["entries"] == 4
+    assert namespace["datasets"] == ["train"] and len(namespace["fingerprint"]) == 16
+    assert namespace["random_init"] is True and "RANDOM" in namespace["weights"]
+    assert namespace["provenance"]["versions"]["torch"]
+    text = cli("store", "info", base_dataset["store"])
+    assert text.exit_code == 0 and "4 entries" in text.stdout
+
+
+def test_verify_passes_on_a_good_store(cli, base_dataset):
+    result = cli("store", "verify", base_dataset["store"])
+    assert result.exit_code == 0 and "4 entries verified" in result.stdout
+
+
+def test_verify_names_damaged_entries(cli, dataset):
+    (shard,) = [p for p in dataset["store"].rglob("*") if p.is_file() and "/early/c/" in p.as_posix()]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = cli("store", "verify", dataset["store"])
+    assert result.exit_code == 1
+    assert "4 problem(s)" in result.stderr and "cannot be read" in result.stderr
+
+
+def test_verify_detects_silently_changed_bytes(cli, dataset):
+    """A flipped byte that still decodes is caught by the per-entry digest."""
+    store = FeatureStore(dataset["store"])
+    namespace = store.namespace(store.fingerprints()[0])
+    entry = min(namespace.entries().values(), key=lambda e: e.row)
+    array = zarr.open_array(dataset["store"] / namespace.fingerprint / "segments" / entry.segment / "embedding", mode="r+")
+    array[entry.row] = array[entry.row] + 1  # rewrites the shard with valid but different data
+    result = cli("store", "verify", dataset["store"])
+    assert result.exit_code == 1
+    assert f"entry {entry.key}" in result.stderr and "digest" in result.stderr
+
+
+def test_verify_reports_a_damaged_manifest(cli, dataset):
+    (manifest,) = dataset["store"].glob("*/datasets/train.json")
+    manifest.write_text("{ not json")
+    result = cli("store", "verify", dataset["store"])
+    assert result.exit_code == 1 and "train.json is damaged" in result.stderr
+
+
+def test_sigkill_mid_run_then_resume_completes(tmp_path):
+    files = write_images(tmp_path / "images", 5, seed=3)
+    annotations = write_coco(tmp_path / "train.json", tmp_path / "images", files)
+    store = tmp_path / "features.zarr"
+    command = refine("extract", "--images", tmp_path / "images", "--annotations", annotations,
+                     "--store", store, "--batch-size", "1", "--workers", "0")
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while committed_rows(store) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    survived = committed_rows(store)
+    assert 2 <= survived < 5, "the kill should land mid-run"
+    assert subprocess.run(refine("store", "verify", store), cwd=REPO, capture_output=True).returncode == 0
+
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{survived} hits, {5 - survived} computed" in resumed.stdout.replace("\n", " ")
+    verify = subprocess.run(refine("store", "verify", store), cwd=REPO, capture_output=True, text=True)
+    assert verify.returncode == 0 and "5 entries verified" in verify.stdout
+
+
+def test_two_concurrent_writers_on_overlapping_images(tmp_path):
+    files = write_images(tmp_path / "images", 5, seed=4)
+    first = write_coco(tmp_path / "first.json", tmp_path / "images", files[:3])
+    second = write_coco(tmp_path / "second.json", tmp_path / "images", files[2:])
+    store = tmp_path / "features.zarr"
+    FeatureStore(store, create=True)  # both writers start on an existing, empty store
+    processes = [
+        subprocess.Popen(
+            refine("extract", "--images", tmp_path / "images", "--annotations", annotations,
+                   "--store", store, "--batch-size", "1", "--workers", "0"),
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for annotations in (first, second)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+    opened = FeatureStore(store)
+    (fingerprint,) = opened.fingerprints()
+    namespace = opened.namespace(fingerprint)
+    segments = namespace.commit_names()
+    assert len(segments) == 2  # each writer committed into its own segment
+    assert len(namespace.entries()) == 5
+    for name, expected in (("first", files[:3]), ("second", files[2:])):
+        manifest = namespace.dataset(name)
+        assert [image["file_name"] for image in manifest["images"]] == [f.name for f in expected]
+    verify = subprocess.run(refine("store", "verify", store), cwd=REPO, capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
