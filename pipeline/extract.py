@@ -1,9 +1,9 @@
 """`extract`: encode every image of a dataset once into the feature store; a warm re-run only hashes.
 
 The pipeline, each part overlapped with the encoder:
-  hash files (thread pool)  ->  keys already committed are hits, the rest are misses
-  DataLoader workers decode, orient, resize the misses  ->  encoder (batched, bf16 on CUDA)
-  ->  a writer thread commits each batch to this process's own store segment (bounded queue).
+  DataLoader workers read each file once, hash it (keys already committed are hits) and decode,
+  orient and resize the misses  ->  encoder (batched, bf16 on CUDA)  ->  a writer thread commits each
+  batch to this process's own store segment (bounded queue).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.coco import load_coco
 from pipeline.encoder import EncoderIdentity, FeatureEncoder, build_encoder, identity_for
 from pipeline.errors import RefineError
-from pipeline.images import IMAGE_SUFFIXES, content_key, prepare
-from pipeline.store import FeatureStore, Namespace
+from pipeline.images import IMAGE_SUFFIXES, content_key, prepare, read_file
+from pipeline.store import FeatureStore, SegmentWriter
 
 MANIFEST_FORMAT = "refine-dataset-manifest"
 # Images per encoder call (and per store shard) when --batch-size is not given.
@@ -76,10 +75,7 @@ class ImageItem:
     key: str = ""
 
 
-@dataclass(frozen=True)
-class _Sizes:
-    original_size: tuple[int, int]
-    resized_size: tuple[int, int]
+Sizes = tuple[tuple[int, int], tuple[int, int]]  # (original, resized) as (height, width)
 
 
 Progress = Callable[[str, int, int, ExtractSummary], None]  # (phase, done, total, counters so far)
@@ -113,49 +109,94 @@ def list_images(config: ExtractConfig) -> tuple[str, list[ImageItem]]:
     return config.dataset or config.images.name, items
 
 
-class _MissDataset(Dataset):
-    """Decodes the images to encode; a file that fails is returned as its error message, never raised,
-    so one bad image does not stop the batch."""
+@dataclass
+class _Sample:
+    """What a DataLoader worker hands back for one file: a hit (key only), a decoded miss, or an error."""
 
-    def __init__(self, items: list[ImageItem]) -> None:
+    index: int
+    key: str
+    decoded: bool = False  # a miss, decoded for the encoder
+    pixels: np.ndarray | None = None  # 3 x 1024 x 1024 uint8 until collated
+    original: tuple[int, int] = (0, 0)
+    resized: tuple[int, int] = (0, 0)
+    error: str | None = None
+
+
+class _ImageDataset(Dataset):
+    """Reads each file once in a DataLoader worker: hashes it, and decodes it only if its key is new.
+
+    A file that cannot be decoded comes back as its error message, never raised, so one bad image
+    does not stop the batch.
+    """
+
+    def __init__(self, items: list[ImageItem], committed: frozenset[str]) -> None:
         self.items = items
+        self.committed = committed
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, tuple, tuple, str | None]:
+    def __getitem__(self, index: int) -> _Sample:
+        item = self.items[index]
         try:
-            pixels, original, resized = prepare(self.items[index].path)
-            return index, pixels, original, resized, None
+            data = read_file(item.path)
+            key = content_key(data)
+            if key in self.committed:
+                return _Sample(index, key)
+            pixels, original, resized = prepare(item.path, data)
+            return _Sample(index, key, True, pixels, original, resized)
         except RefineError as error:
-            return index, None, (), (), f"{error} [image id={self.items[index].id}]"
+            return _Sample(index, "", error=f"{error} [image id={item.id}]")
 
 
-def _collate(samples: list) -> dict:
-    """Stack in numpy: workers must not run torch kernels (OpenMP after fork can hang)."""
-    good = [s for s in samples if s[4] is None]
-    pixels = np.stack([s[1] for s in good]) if good else np.zeros((0, 3, 1, 1), np.uint8)
-    return {
-        "indices": [s[0] for s in good],
-        "pixels": torch.from_numpy(pixels),
-        "original": [s[2] for s in good],
-        "resized": torch.tensor([s[3] for s in good], dtype=torch.int64).reshape(-1, 2),
-        "failures": [(s[0], s[4]) for s in samples if s[4] is not None],
-    }
+def _collate(samples: list[_Sample]) -> tuple[list[_Sample], torch.Tensor]:
+    """Stack the decoded images in numpy: workers must not run torch kernels (OpenMP after fork can hang)."""
+    decoded = [s for s in samples if s.decoded]
+    pixels = np.stack([s.pixels for s in decoded]) if decoded else np.zeros((0, 3, 1, 1), np.uint8)
+    for sample in decoded:
+        sample.pixels = None  # travels once, in the stacked tensor (shared memory)
+    return samples, torch.from_numpy(pixels)
 
 
-def _hash_all(items: list[ImageItem], summary: ExtractSummary, progress: Progress | None) -> None:
-    def hash_one(item: ImageItem) -> None:
-        item.key = content_key(item.path)
+class _BackgroundWriter:
+    """Commits batches on a thread behind the encoder; the bounded queue keeps the encoder from running
+    far ahead of the disk. Errors surface in the main thread at the next `put` or at `close`."""
 
-    # hashlib releases the GIL on large buffers, so threads hash in parallel with file reads.
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        for done, _ in enumerate(pool.map(hash_one, items), start=1):
-            if progress and (done % 64 == 0 or done == len(items)):
-                progress("hash", done, len(items), summary)
+    def __init__(self, writer: SegmentWriter, depth: int = 2) -> None:
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="refine-store-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write_batch(*job)
+                except BaseException as error:  # handed to the main thread
+                    self.error = error
+
+    def put(self, *job: object) -> None:
+        self._raise_if_failed()
+        self.queue.put(job)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is None:
+            return
+        if isinstance(self.error, RefineError):
+            raise self.error
+        store = self.writer.namespace.store.url
+        raise RefineError(f"{store}: writing features failed ({type(self.error).__name__}: {self.error})")
 
 
 def run_extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:
+    """Bring every image of the dataset into the store and write the dataset manifest."""
     started = time.perf_counter()
     dataset_name, items = list_images(config)
     identity = identity_for(config.encoder, config.checkpoint, config.seed)
@@ -164,51 +205,107 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
     summary = ExtractSummary(dataset_name, identity.fingerprint, identity.describe_weights(), identity.random_init)
     summary.images = len(items)
     bytes_before = store.bytes_on_disk(identity.fingerprint)
-
-    _hash_all(items, summary, progress)
     committed = namespace.entries()
-    first_of_key: dict[str, ImageItem] = {}
-    for item in items:
-        first_of_key.setdefault(item.key, item)
-    summary.unique = len(first_of_key)
-    misses = [item for key, item in first_of_key.items() if key not in committed]
-    summary.hits = summary.unique - len(misses)
-    if misses:
-        sizes = _encode_misses(config, identity, namespace, misses, summary, progress)
-        committed = {**committed, **sizes}
-    elif progress:
-        progress("encode", 0, 0, summary)
+    sizes: dict[str, Sizes] = {key: (e.original_size, e.resized_size) for key, e in committed.items()}
 
+    device = resolve_device(config.device)
+    batch_size = config.batch_size or (
+        DEFAULT_BATCH["cpu"] if device.type == "cpu" else DEFAULT_BATCH["cuda"][identity.model_type]
+    )
+    workers = config.workers if config.workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
+    loader = DataLoader(
+        _ImageDataset(items, frozenset(committed)),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    encoder: FeatureEncoder | None = None  # built on the first miss: a warm re-run never builds it
+    writer: _BackgroundWriter | None = None
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    seen: set[str] = set()
+    done = 0
+    try:
+        wait_started = time.perf_counter()
+        for samples, pixels in loader:
+            summary.data_wait_s += time.perf_counter() - wait_started
+            decoded = [s for s in samples if s.decoded]  # the order of `pixels`
+            new: list[int] = []
+            for i, sample in enumerate(decoded):
+                if sample.key not in sizes:  # neither committed nor encoded earlier: a file repeated is encoded once
+                    sizes[sample.key] = (sample.original, sample.resized)
+                    new.append(i)
+            for sample in samples:
+                items[sample.index].key = sample.key
+                if sample.error is not None:
+                    summary.failed.append(sample.error)
+                elif sample.key not in seen:
+                    seen.add(sample.key)
+                    summary.hits += sample.key in committed
+            if new:
+                if encoder is None:
+                    encoder = FeatureEncoder(build_encoder(identity, config.checkpoint, config.seed)).to(device)
+                    writer = _BackgroundWriter(namespace.writer(identity.early_channels, batch_size))
+                chosen = [decoded[i] for i in new]
+                resized = torch.tensor([s.resized for s in chosen])
+                encode_started = time.perf_counter()
+                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    embedding, early = encoder(pixels[new].to(device, non_blocking=True), resized.to(device))
+                embedding = embedding.to(torch.float16).cpu().numpy()
+                early = early.to(torch.float16).cpu().numpy()
+                summary.encoder_s += time.perf_counter() - encode_started
+                assert writer is not None
+                writer.put(
+                    [s.key for s in chosen], embedding, early, [s.original for s in chosen], [s.resized for s in chosen]
+                )
+                summary.computed += len(chosen)
+            done += len(samples)
+            if progress:
+                progress("extract", done, len(items), summary)
+            wait_started = time.perf_counter()
+    finally:
+        if writer is not None:
+            writer.close()
+
+    summary.unique = len(seen)
     summary.bytes_written = store.bytes_on_disk(identity.fingerprint) - bytes_before
     summary.wall_s = time.perf_counter() - started
     if summary.failed and not config.skip_bad_images:
         return summary  # the caller reports the failures; no manifest for an incomplete dataset
-    failed_keys = {item.key for item in items if item.key not in committed}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": 1,
-        "dataset": dataset_name,
-        "fingerprint": identity.fingerprint,
-        "encoder": identity.model_type,
-        "weights": identity.weights,
-        "early_channels": identity.early_channels,
-        "images": [
-            {
-                "id": item.id,
-                "file_name": item.file_name,
-                "key": item.key,
-                "original_size": list(committed[item.key].original_size),
-                "resized_size": list(committed[item.key].resized_size),
-            }
-            for item in sorted(items, key=lambda i: i.id)
-            if item.key not in failed_keys
-        ],
-        "skipped": sorted(item.file_name for item in items if item.key in failed_keys),
-    }
+    manifest = _manifest(dataset_name, identity, items, sizes)
     namespace.write_dataset(manifest)
     if config.manifest_out is not None:
         _write_manifest_copy(config.manifest_out, manifest)
     return summary
+
+
+def _manifest(
+    name: str, identity: EncoderIdentity, items: list[ImageItem], sizes: dict[str, Sizes]
+) -> dict:
+    """The dataset's manifest: content-determined (no times), sorted by image id."""
+    images = [
+        {
+            "id": item.id,
+            "file_name": item.file_name,
+            "key": item.key,
+            "original_size": list(sizes[item.key][0]),
+            "resized_size": list(sizes[item.key][1]),
+        }
+        for item in sorted(items, key=lambda i: i.id)
+        if item.key in sizes
+    ]
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "dataset": name,
+        "fingerprint": identity.fingerprint,
+        "encoder": identity.model_type,
+        "weights": identity.weights,
+        "early_channels": identity.early_channels,
+        "images": images,
+        "skipped": sorted(item.file_name for item in items if item.key not in sizes),
+    }
 
 
 def _write_manifest_copy(path: Path, manifest: dict) -> None:
@@ -219,81 +316,3 @@ def _write_manifest_copy(path: Path, manifest: dict) -> None:
         temporary.replace(path)
     except OSError as error:
         raise RefineError(f"{path}: cannot write the manifest ({error.strerror or error})") from None
-
-
-def _encode_misses(
-    config: ExtractConfig,
-    identity: EncoderIdentity,
-    namespace: Namespace,
-    misses: list[ImageItem],
-    summary: ExtractSummary,
-    progress: Progress | None,
-) -> dict[str, _Sizes]:
-    """Encode `misses` and commit them; returns the new entries' sizes by key."""
-    device = resolve_device(config.device)
-    batch_size = config.batch_size or (
-        DEFAULT_BATCH["cpu"] if device.type == "cpu" else DEFAULT_BATCH["cuda"][identity.model_type]
-    )
-    workers = config.workers if config.workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
-    model = FeatureEncoder(build_encoder(identity, config.checkpoint, config.seed)).to(device)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    loader = DataLoader(
-        _MissDataset(misses),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
-    writer = namespace.writer(identity.early_channels, batch_size)
-    pending: queue.Queue = queue.Queue(maxsize=2)  # bounded: the encoder never runs far ahead of the disk
-    writer_error: list[BaseException] = []
-    written: dict[str, _Sizes] = {}
-
-    def write_loop() -> None:
-        while (job := pending.get()) is not None:
-            if writer_error:
-                continue  # drain so the producer never blocks after a failure
-            try:
-                writer.write_batch(*job)
-                for key, original, resized in zip(job[0], job[3], job[4]):
-                    written[key] = _Sizes(original, resized)
-            except BaseException as error:  # re-raised in the main thread
-                writer_error.append(error)
-
-    thread = threading.Thread(target=write_loop, name="refine-store-writer", daemon=True)
-    thread.start()
-    done = 0
-    try:
-        wait_started = time.perf_counter()
-        for batch in loader:
-            summary.data_wait_s += time.perf_counter() - wait_started
-            for index, message in batch["failures"]:
-                summary.failed.append(message)
-            if batch["indices"]:
-                encode_started = time.perf_counter()
-                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    embedding, early = model(
-                        batch["pixels"].to(device, non_blocking=True), batch["resized"].to(device)
-                    )
-                embedding = embedding.to(torch.float16).cpu().numpy()
-                early = early.to(torch.float16).cpu().numpy()
-                summary.encoder_s += time.perf_counter() - encode_started
-                keys = [misses[i].key for i in batch["indices"]]
-                pending.put((keys, embedding, early, batch["original"], [tuple(r) for r in batch["resized"].tolist()]))
-                summary.computed += len(keys)
-            if writer_error:
-                break
-            done += len(batch["indices"]) + len(batch["failures"])
-            if progress:
-                progress("encode", done, len(misses), summary)
-            wait_started = time.perf_counter()
-    finally:
-        pending.put(None)
-        thread.join()
-    if writer_error:
-        error = writer_error[0]
-        if isinstance(error, RefineError):
-            raise error
-        raise RefineError(f"{namespace.store.url}: writing features failed ({type(error).__name__}: {error})") from error
-    return written

@@ -95,13 +95,18 @@ class FeatureStore:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise RefineError(f"{self.url}: {relative} is damaged ({error})") from None
 
-    def write_json_atomic(self, relative: str, value: Any) -> None:
-        """Replace a small file so that readers see the old or the new content, never a mix."""
+    def write_json_atomic(self, relative: str, value: Any, *, exclusive: bool = False) -> bool:
+        """Replace a small file so that readers see the old or the new content, never a mix.
+
+        With `exclusive`, only create it: returns False (and writes nothing) if it already exists.
+        """
         data = json.dumps(value, indent=1, sort_keys=True).encode() + b"\n"
         target = self.path(relative)
         if not self.local:
+            if exclusive and self.fs.exists(target):
+                return False
             self.fs.pipe_file(target, data)  # an object-store PUT is atomic
-            return
+            return True
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
         temporary = f"{target}.{secrets.token_hex(6)}.partial"
@@ -109,7 +114,16 @@ class FeatureStore:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temporary, target)
+        if not exclusive:
+            os.replace(temporary, target)
+            return True
+        try:
+            os.link(temporary, target)  # fails if the target exists: first creator wins
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(temporary)
 
     def list_names(self, relative: str) -> list[str]:
         try:
@@ -143,9 +157,9 @@ class FeatureStore:
                 raise RefineError(f"{self.url}: no feature store here; run `refine extract` first")
             self.fs.makedirs(self.root, exist_ok=True)
             attributes = {"refine": {"format": STORE_FORMAT, "version": STORE_VERSION, "created": _now()}}
-            self.write_json_atomic(
-                "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attributes}
-            )
+            metadata = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+            if not self.write_json_atomic("zarr.json", metadata, exclusive=True):
+                self._check_format(self.read_json("zarr.json"))  # another writer created it first
         except OSError as error:
             raise RefineError(f"{self.url}: cannot open the feature store ({error.strerror or error})") from None
 
@@ -173,13 +187,12 @@ class FeatureStore:
         """The namespace for an encoder identity, created with its provenance on first use."""
         fingerprint = provenance["fingerprint"]
         relative = f"{fingerprint}/zarr.json"
-        if self.fs.exists(self.path(relative)):
+        attributes = {"provenance": {**provenance, "created": _now()}}
+        metadata = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+        if not self.write_json_atomic(relative, metadata, exclusive=True):
             existing = self.read_json(relative).get("attributes", {}).get("provenance", {})
             if existing.get("fingerprint") != fingerprint:
                 raise RefineError(f"{self.url}: namespace {fingerprint} holds provenance of another encoder")
-        else:
-            attributes = {"provenance": {**provenance, "created": _now()}}
-            self.write_json_atomic(relative, {"zarr_format": 3, "node_type": "group", "attributes": attributes})
         return Namespace(self, fingerprint)
 
 

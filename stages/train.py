@@ -1,0 +1,157 @@
+"""`refine train`: fit the box refiner on stored features (never the encoder, never an image file)."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.refiner import REFINERS
+from pipeline.train import TrainConfig, TrainProgress, TrainSummary, run_train
+from stages.common import console, domain_errors, err_console
+from stages.extract import Device
+
+DEFAULTS = TrainConfig(store="", annotations=Path())
+RefinerName = Enum("RefinerName", {name: name for name in REFINERS}, type=str)
+
+
+class Amp(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    off = "off"
+
+
+def train(
+    store: Annotated[str, typer.Option(help="Feature store written by `refine extract` (local path or fsspec URL).")],
+    annotations: Annotated[Path, typer.Option(help="COCO JSON of the training images and their ground-truth boxes.")],
+    out: Annotated[Path, typer.Option(help="Output directory: model.pt, train_metrics.json, live/ (dvclive).")] = DEFAULTS.out,
+    val_annotations: Annotated[
+        Optional[Path], typer.Option(help="COCO JSON of the validation images. Default: validate on the training images.")
+    ] = None,
+    dataset: Annotated[
+        Optional[str], typer.Option(help="Dataset name in the store. Default: the stem of --annotations.")
+    ] = None,
+    val_dataset: Annotated[
+        Optional[str], typer.Option(help="Validation dataset name in the store. Default: the stem of --val-annotations.")
+    ] = None,
+    fingerprint: Annotated[
+        Optional[str], typer.Option(help="Encoder namespace to read; needed only when several encoders extracted the dataset.")
+    ] = None,
+    coarse: Annotated[
+        Optional[Path],
+        typer.Option(help="COCO results file of coarse training boxes (matched to ground truth at IoU >= 0.5). Default: --noise."),
+    ] = None,
+    val_coarse: Annotated[
+        Optional[Path], typer.Option(help="COCO results file of coarse validation boxes. Default: --noise.")
+    ] = None,
+    noise: Annotated[
+        float,
+        typer.Option(min=0.0, max=0.5, help="OA-MIL noise level r for coarse boxes made from the ground truth (centre +-r, size x(1+-r))."),
+    ] = DEFAULTS.noise,
+    jitters: Annotated[
+        int, typer.Option(min=1, help="Noisy copies of each ground-truth box per epoch, all trained from one read of the image.")
+    ] = DEFAULTS.jitters,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs to train (in total, counting those a --resume continues).")] = DEFAULTS.epochs,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step (each with all its boxes).")] = DEFAULTS.batch_size,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, linear warm-up then cosine decay).")] = DEFAULTS.lr,
+    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")] = DEFAULTS.weight_decay,
+    model: Annotated[RefinerName, typer.Option(help="Refiner architecture.")] = RefinerName(DEFAULTS.model),
+    amp: Annotated[
+        Amp, typer.Option(help="Mixed precision: auto = bf16 on CUDA where supported, else fp16 on CUDA, fp32 on CPU.")
+    ] = Amp.auto,
+    seed: Annotated[int, typer.Option(help="Seed of the weights, the batch order and the box noise.")] = DEFAULTS.seed,
+    resume: Annotated[bool, typer.Option(help="Continue from <out>/model.pt exactly where it stopped.")] = False,
+    workers: Annotated[
+        Optional[int], typer.Option(min=0, help="DataLoader workers reading the store. Default: 0 on CPU, 2 on CUDA.")
+    ] = None,
+    device: Annotated[Device, typer.Option(help="Where to train; auto picks CUDA when available.")] = Device.auto,
+) -> None:
+    """Train the box refiner from the feature store and box annotations; never loads the encoder or an image.
+
+    Fails (exit 1) before training when an annotated image has no features in the store (it names the
+    `refine extract` command to run), when the dataset was extracted by several encoders and no
+    --fingerprint picks one, or when --resume meets a checkpoint of other settings or another encoder;
+    and during training if the loss becomes NaN or infinite.
+    """
+    config = TrainConfig(
+        store=store,
+        annotations=annotations,
+        out=out,
+        val_annotations=val_annotations,
+        dataset=dataset,
+        val_dataset=val_dataset,
+        fingerprint=fingerprint,
+        coarse=coarse,
+        val_coarse=val_coarse,
+        noise=noise,
+        jitters=jitters,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        model=model.value,
+        amp=amp.value,
+        seed=seed,
+        resume=resume,
+        workers=workers,
+        device=device.value,
+    )
+    with domain_errors():
+        with TrainProgressBar() as report:
+            summary = run_train(config, report)
+    _print_summary(summary)
+
+
+class TrainProgressBar:
+    """One rich progress bar per phase, fed by `run_train`'s progress callback."""
+
+    def __enter__(self) -> TrainProgressBar:
+        self.bar = Progress(
+            TextColumn("{task.description:<14}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            console=err_console,
+        )
+        self.tasks: dict[tuple[str, int], int] = {}
+        self.bar.__enter__()
+        return self
+
+    def __call__(self, event: TrainProgress) -> None:
+        key = (event.phase, event.epoch)
+        if key not in self.tasks:
+            description = f"epoch {event.epoch}/{event.epochs}" if event.phase == "train" else "  validate"
+            self.tasks[key] = self.bar.add_task(description, total=event.steps, stats="")
+        loss = "" if math.isnan(event.loss) else f"loss {event.loss:.4f}  "
+        stats = f"{loss}{event.boxes_per_s:7.1f} boxes/s  data wait {event.data_wait_share:4.0%}"
+        self.bar.update(self.tasks[key], completed=event.step, stats=stats)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+
+def _print_summary(summary: TrainSummary) -> None:
+    val = summary.metrics["val"]
+    lines = [
+        f"trained on {len(summary.train.images)} images ({summary.train.boxes} boxes), validated on "
+        f"{len(summary.val.images)} images ({val['boxes']} boxes); features of encoder {summary.fingerprint}",
+        f"epochs {summary.start_epoch + 1}-{summary.metrics['epoch']} on {summary.device} (amp {summary.amp}) "
+        f"in {summary.wall_s:.1f} s; train loss {summary.metrics['train_loss']:.4f}",
+        f"val mean IoU {val['mean_iou_coarse']:.3f} -> {val['mean_iou_refined']:.3f}, "
+        f"improved {val['improved']:.1%}, worse {val['worse']:.1%}",
+        f"wrote {summary.out / 'model.pt'} and {summary.out / 'train_metrics.json'}",
+    ]
+    for split in (summary.train, summary.val):
+        if split.without_boxes or split.skipped_by_extract:
+            lines.append(
+                f"dataset {split.dataset}: {split.without_boxes} image(s) without boxes and "
+                f"{split.skipped_by_extract} unreadable at extract time were left out"
+            )
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
