@@ -1,0 +1,94 @@
+"""Extraction throughput on the same images: bare encoder forward, cold `extract`, warm re-run.
+
+    python bench/extract.py [--images 24] [--encoder vit_tiny] [--device auto] [--out bench/results]
+
+Writes `<out>/extract_<encoder>_<device>.json`. The bare encoder gets its inputs decoded and resized in
+advance; `extract` pays for everything (hashing, decoding, encoder build, writing) on a fresh store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.demo_data import make_demo_dataset
+from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
+from pipeline.extract import DEFAULT_BATCH, ExtractConfig, resolve_device, run_extract
+from pipeline.images import prepare
+
+
+def bare_encoder_rate(files: list[Path], model_type: str, device: torch.device, batch_size: int) -> float:
+    """Images per second of the encoder alone, inputs prepared beforehand, one warm-up batch."""
+    prepared = [prepare(f) for f in files]
+    pixels = torch.stack([torch.from_numpy(p[0]) for p in prepared])
+    resized = torch.tensor([p[2] for p in prepared])
+    model = FeatureEncoder(build_encoder(identity_for(model_type, None), None)).to(device)
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def run(start: int, stop: int) -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            embedding, early = model(pixels[start:stop].to(device), resized[start:stop].to(device))
+            embedding.to(torch.float16).cpu(), early.to(torch.float16).cpu()
+
+    run(0, min(batch_size, len(files)))  # warm-up: allocator, kernels
+    started = time.perf_counter()
+    for start in range(0, len(files), batch_size):
+        run(start, start + batch_size)
+    return len(files) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=24, help="number of demo images to extract (default 24)")
+    parser.add_argument("--encoder", default="vit_tiny", help="encoder variant (default vit_tiny)")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto)")
+    parser.add_argument("--workers", type=int, default=None, help="extract's DataLoader workers (default: extract's)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    batch_size = DEFAULT_BATCH["cpu"] if device.type == "cpu" else DEFAULT_BATCH["cuda"][args.encoder]
+    with tempfile.TemporaryDirectory() as scratch:
+        data = Path(scratch) / "demo"
+        make_demo_dataset(data, seed=0, n_train=args.images, n_val=1)
+        files = sorted((data / "images").glob("train_*.jpg"))
+        bare = bare_encoder_rate(files, args.encoder, device, batch_size)
+        config = ExtractConfig(
+            images=data / "images", store=str(Path(scratch) / "features.zarr"), encoder=args.encoder,
+            annotations=data / "train.json", device=args.device, workers=args.workers,
+        )
+        cold = run_extract(config)
+        warm = run_extract(config)
+    cold_rate = cold.images / cold.wall_s
+    warm_rate = warm.images / warm.wall_s
+    result = {
+        "encoder": args.encoder,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "images": cold.images,
+        "batch_size": batch_size,
+        "bare_encoder_images_per_s": round(bare, 3),
+        "cold_extract_images_per_s": round(cold_rate, 3),
+        "cold_over_bare": round(cold_rate / bare, 3),
+        "cold_data_wait_share": round(cold.data_wait_s / cold.wall_s, 4),
+        "cold_bytes_written": cold.bytes_written,
+        "bytes_per_image": round(cold.bytes_written / cold.images),
+        "warm_extract_images_per_s": round(warm_rate, 1),
+        "warm_over_cold": round(warm_rate / cold_rate, 1),
+        "warm_wall_s": round(warm.wall_s, 4),
+        "torch": torch.__version__,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / f"extract_{args.encoder}_{device.type}.json"
+    target.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    print(f"written to {target}")
+
+
+if __name__ == "__main__":
+    main()
