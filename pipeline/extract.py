@@ -72,6 +72,7 @@ class ImageItem:
     id: int
     file_name: str
     path: Path
+    size: tuple[int, int] | None = None  # (height, width) the annotations give, if any
     key: str = ""
 
 
@@ -97,7 +98,9 @@ def list_images(config: ExtractConfig) -> tuple[str, list[ImageItem]]:
         raise RefineError(f"{config.images}: image directory not found")
     if config.annotations is not None:
         coco = load_coco(config.annotations)
-        items = [ImageItem(im.id, im.file_name, config.images / im.file_name) for im in coco.images]
+        items = [
+            ImageItem(im.id, im.file_name, config.images / im.file_name, (im.height, im.width)) for im in coco.images
+        ]
         for item in items:
             if not item.path.is_file():
                 raise RefineError(f"{config.annotations}: image id={item.id}: file {item.file_name!r} not found under the image directory")
@@ -268,6 +271,14 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
         if writer is not None:
             writer.close()
 
+    for item in items:
+        if item.key in sizes and item.size is not None and sizes[item.key][0] != item.size:
+            (height, width), (want_height, want_width) = sizes[item.key][0], item.size
+            summary.failed.append(
+                f"{config.annotations}: image id={item.id} ({item.file_name}) is {width} x {height} after EXIF "
+                f"orientation, but the annotations say {want_width} x {want_height}; its boxes would not fit"
+            )
+            del sizes[item.key]  # left out of the manifest
     summary.unique = len(seen)
     summary.bytes_written = store.bytes_on_disk(identity.fingerprint) - bytes_before
     summary.wall_s = time.perf_counter() - started

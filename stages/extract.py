@@ -94,8 +94,8 @@ def extract(
             for message in summary.failed:
                 err_console.print(f"  {message}", markup=False, highlight=False)
             raise RefineError(
-                f"{len(summary.failed)} image(s) could not be read (listed above); nothing of theirs was written, "
-                "the rest is committed. Fix or remove them, or pass --skip-bad-images"
+                f"{len(summary.failed)} image(s) failed (listed above), so no dataset manifest was written; "
+                "every other image is committed. Fix or remove them, or pass --skip-bad-images"
             )
 
 

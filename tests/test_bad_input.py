@@ -98,7 +98,7 @@ def test_unreadable_images_are_reported_and_the_rest_committed(cli, dataset, con
     annotations.write_text(json.dumps(coco))
 
     result = run(cli, dataset, annotations=annotations)
-    assert_clean_error(result, "1 image(s) could not be read")
+    assert_clean_error(result, "1 image(s) failed")
     assert "bad.jpg" in result.stderr and fragment in result.stderr and "image id=50" in result.stderr
     verify = cli("store", "verify", dataset["store"])
     assert verify.exit_code == 0, verify.output
@@ -166,3 +166,10 @@ def test_usage_errors_exit_2(cli, dataset):
     assert cli("extract", "--images", dataset["images"]).exit_code == 2  # --store missing
     result = cli("extract", "--images", dataset["images"], "--store", dataset["store"], "--encoder", "vit_xxl")
     assert result.exit_code == 2
+
+
+def test_annotated_size_that_does_not_match_the_image(cli, dataset):
+    edited = edit_coco(dataset, lambda c: c["images"][0].update(width=c["images"][0]["width"] + 7))
+    result = run(cli, dataset, annotations=edited)
+    assert_clean_error(result, "1 image(s) failed")
+    assert "image id=1" in result.stderr and "but the annotations say" in result.stderr
