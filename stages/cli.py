@@ -10,6 +10,7 @@ from stages.common import state
 from stages.demo_data import demo_data
 from stages.extract import extract
 from stages.store import store_app
+from stages.train import train
 
 app = typer.Typer(
     name="refine",
@@ -29,6 +30,7 @@ def _options(
 
 app.command("demo-data")(demo_data)
 app.command("extract")(extract)
+app.command("train")(train)
 app.add_typer(store_app, name="store")
 
 

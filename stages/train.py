@@ -56,11 +56,21 @@ def train(
     jitters: Annotated[
         int, typer.Option(min=1, help="Noisy copies of each ground-truth box per epoch, all trained from one read of the image.")
     ] = DEFAULTS.jitters,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs to train (in total, counting those a --resume continues).")] = DEFAULTS.epochs,
+    epochs: Annotated[
+        int,
+        typer.Option(min=1, help="Epochs in total, counting those a --resume continues (raising it with --resume stretches the schedule)."),
+    ] = DEFAULTS.epochs,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step (each with all its boxes).")] = DEFAULTS.batch_size,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, linear warm-up then cosine decay).")] = DEFAULTS.lr,
     weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")] = DEFAULTS.weight_decay,
     model: Annotated[RefinerName, typer.Option(help="Refiner architecture.")] = RefinerName(DEFAULTS.model),
+    use_embedding: Annotated[
+        bool,
+        typer.Option(
+            help="Also fuse the 256-channel image embedding with the early feature. Off by default: with random "
+            "encoder weights it only helps memorise the training images (demo val mean IoU 0.711 with it, 0.736 without)."
+        ),
+    ] = DEFAULTS.use_embedding,
     amp: Annotated[
         Amp, typer.Option(help="Mixed precision: auto = bf16 on CUDA where supported, else fp16 on CUDA, fp32 on CPU.")
     ] = Amp.auto,
@@ -95,6 +105,7 @@ def train(
         lr=lr,
         weight_decay=weight_decay,
         model=model.value,
+        use_embedding=use_embedding,
         amp=amp.value,
         seed=seed,
         resume=resume,
@@ -138,11 +149,15 @@ class TrainProgressBar:
 
 def _print_summary(summary: TrainSummary) -> None:
     val = summary.metrics["val"]
+    ran = (
+        f"epochs {summary.start_epoch + 1}-{summary.metrics['epoch']} on {summary.device} (amp {summary.amp}) in {summary.wall_s:.1f} s"
+        if summary.epochs_run
+        else f"nothing to do: the checkpoint already holds {summary.metrics['epoch']} epochs"
+    )
     lines = [
         f"trained on {len(summary.train.images)} images ({summary.train.boxes} boxes), validated on "
         f"{len(summary.val.images)} images ({val['boxes']} boxes); features of encoder {summary.fingerprint}",
-        f"epochs {summary.start_epoch + 1}-{summary.metrics['epoch']} on {summary.device} (amp {summary.amp}) "
-        f"in {summary.wall_s:.1f} s; train loss {summary.metrics['train_loss']:.4f}",
+        f"{ran}; train loss {summary.metrics['train_loss']:.4f}",
         f"val mean IoU {val['mean_iou_coarse']:.3f} -> {val['mean_iou_refined']:.3f}, "
         f"improved {val['improved']:.1%}, worse {val['worse']:.1%}",
         f"wrote {summary.out / 'model.pt'} and {summary.out / 'train_metrics.json'}",

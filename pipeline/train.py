@@ -1,0 +1,472 @@
+"""`train`: fit the box refiner on stored features; reads only the store and the box annotations.
+
+In the style of torchvision's reference scripts: `train_one_epoch` and `evaluate` are plain functions and
+`run_train` wires data, model, optimiser, mixed precision, checkpoints and logging around them.
+
+Reproducibility: every random draw is keyed by what it is for (the seed plus the epoch and image id, see
+`pipeline.features.noise_generator`), never by draw order, so a run resumed from its checkpoint after
+epoch k makes exactly the same draws as an uninterrupted run, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision.ops import box_iou, generalized_box_iou_loss
+
+from pipeline.encoder import IMAGE_SIZE
+from pipeline.errors import RefineError
+from pipeline.extract import resolve_device
+from pipeline.features import (
+    EpochShuffle,
+    FeatureBatch,
+    FeatureDataset,
+    ImageBoxes,
+    Split,
+    coarse_and_targets,
+    feature_loader,
+    feature_statistics,
+    load_split,
+    resolve_namespace,
+)
+from pipeline.refiner import RefinerConfig, RoICascadeRefiner, build_refiner
+from pipeline.store import FeatureStore
+
+CHECKPOINT = "model.pt"
+CHECKPOINT_FORMAT = "refine-refiner"
+METRICS = "train_metrics.json"
+LIVE_DIR = "live"
+# Options that may change between a run and its --resume. Workers and device do not change what is
+# computed; a larger --epochs trains longer (the learning-rate schedule then stretches to the new total).
+RESUMABLE = {"epochs", "workers", "device", "resume"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything `refine train` is asked to do; stored, resolved, in the checkpoint."""
+
+    store: str
+    annotations: Path
+    out: Path = Path("data/refiner")
+    val_annotations: Path | None = None
+    dataset: str | None = None  # default: the annotation file's stem
+    val_dataset: str | None = None
+    fingerprint: str | None = None  # needed only when the dataset was extracted by several encoders
+    coarse: Path | None = None  # COCO results file of coarse training boxes; None: noise protocol
+    val_coarse: Path | None = None
+    noise: float = 0.2
+    jitters: int = 4  # noisy copies of each ground-truth box per epoch (all from one read of the image)
+    epochs: int = 8  # val mean IoU peaks by then on the demo; longer runs memorise the training images
+    batch_size: int = 8  # images per step
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    model: str = "roi_cascade"
+    use_embedding: bool = False
+    width: int = 32
+    trunk: int = 2
+    pool: int = 16
+    contexts: tuple[float, ...] = (2.0, 1.5)
+    amp: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    workers: int | None = None  # default: 0 on CPU (reads are cheap next to the model), 2 on CUDA
+    device: str = "auto"
+
+    def resolved(self) -> dict[str, Any]:
+        """Plain-Python form for the checkpoint (paths as strings)."""
+        values = asdict(self)
+        for key, value in values.items():
+            if isinstance(value, Path):
+                values[key] = str(value)
+            elif isinstance(value, tuple):
+                values[key] = list(value)
+        return values
+
+
+@dataclass
+class TrainProgress:
+    """What the training loop reports after each step (train) or batch (val)."""
+
+    phase: str  # "train" or "val"
+    epoch: int  # 1-based
+    epochs: int
+    step: int
+    steps: int
+    loss: float  # running mean of the epoch's training loss (nan during val)
+    boxes_per_s: float
+    data_wait_share: float  # share of the phase's wall time spent waiting for the DataLoader
+
+
+@dataclass
+class TrainSummary:
+    out: Path
+    fingerprint: str
+    train: Split
+    val: Split
+    epochs_run: int = 0
+    start_epoch: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+    amp: str = "off"
+    device: str = "cpu"
+
+
+Progress = Callable[[TrainProgress], None]
+
+
+# -- mixed precision ---------------------------------------------------------------------------------
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `--amp` on `device` (None: full fp32).
+
+    auto: bf16 on a CUDA device that supports it, else fp16 (with a GradScaler) on CUDA, fp32 on CPU.
+    bf16 also runs on CPU (autocast supports it); fp16 on CPU is refused: without a GradScaler and with
+    slow CPU kernels it has no upside.
+    """
+    if amp == "off":
+        return None
+    cuda = device.type == "cuda"
+    if amp == "auto":
+        if not cuda:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise RefineError("--amp bf16: this CUDA device does not support bfloat16; use --amp fp16 or auto")
+        return torch.bfloat16
+    if amp == "fp16":
+        if not cuda:
+            raise RefineError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
+        return torch.float16
+    raise RefineError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or off")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.amp.autocast:
+    return torch.amp.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+# -- loss and metrics --------------------------------------------------------------------------------
+def box_loss(stages: list[Tensor], coarse: Tensor, target: Tensor) -> Tensor:
+    """L1 + GIoU, averaged over cascade stages; coordinates normalised, never raw pixels.
+
+    stages: per stage K x 4 predicted boxes; coarse, target: K x 4 (encoder-input pixels).
+    The L1 term measures each side's error relative to its coarse box's width / height (scale-free),
+    the GIoU term compares boxes in image units (pixels / 1024).
+    """
+    size = (coarse[:, 2:] - coarse[:, :2]).clamp_min(1.0).repeat(1, 2)
+    total = coarse.new_zeros(())
+    for predicted in stages:
+        l1 = ((predicted - target).abs() / size).sum(dim=1).mean()
+        giou = generalized_box_iou_loss(predicted / IMAGE_SIZE, target / IMAGE_SIZE, reduction="mean")
+        total = total + l1 + giou
+    return total / len(stages)
+
+
+def box_metrics(coarse_iou: Tensor, refined_iou: Tensor) -> dict[str, Any]:
+    """Mean IoU before / after and the share of boxes improved / made worse (K each)."""
+    return {
+        "mean_iou_coarse": coarse_iou.mean().item(),
+        "mean_iou_refined": refined_iou.mean().item(),
+        "improved": (refined_iou > coarse_iou).float().mean().item(),
+        "worse": (refined_iou < coarse_iou).float().mean().item(),
+        "boxes": int(coarse_iou.numel()),
+    }
+
+
+# -- one epoch, evaluation ---------------------------------------------------------------------------
+@dataclass
+class _Timer:
+    """Wall time of a phase and how much of it went to waiting for data."""
+
+    started: float = field(default_factory=time.perf_counter)
+    waiting: float = 0.0
+    boxes: int = 0
+
+    def rates(self) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return self.boxes / elapsed, self.waiting / elapsed
+
+
+def _batches(loader: DataLoader, timer: _Timer) -> Iterator[FeatureBatch]:
+    """Iterate a loader, adding the time spent blocked on it to `timer.waiting`; stop on a damaged entry."""
+    iterator = iter(loader)
+    while True:
+        waiting = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        timer.waiting += time.perf_counter() - waiting
+        if batch.errors:
+            raise RefineError(batch.errors[0])
+        yield batch
+
+
+def _boxes_of(
+    images: list[ImageBoxes], batch: FeatureBatch, config: TrainConfig, epoch: int | None, copies: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Coarse boxes per image of a batch and their targets (lists of N_i x 4)."""
+    pairs = [coarse_and_targets(images[i], config.noise, config.seed, epoch, copies) for i in batch.indices]
+    return [coarse for coarse, _ in pairs], [targets for _, targets in pairs]
+
+
+def train_one_epoch(
+    model: RoICascadeRefiner,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loader: DataLoader,
+    images: list[ImageBoxes],
+    config: TrainConfig,
+    epoch: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    learning_rate: Callable[[int], float],
+    progress: Progress | None = None,
+) -> float:
+    """One pass over the training images; returns the mean loss. `epoch` is 0-based."""
+    model.train()
+    steps = len(loader)
+    timer = _Timer()
+    losses: list[float] = []
+    for step, batch in enumerate(_batches(loader, timer)):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(epoch * steps + step)
+        coarse, per_image = _boxes_of(images, batch, config, epoch, config.jitters)
+        coarse = [boxes.to(device) for boxes in coarse]
+        targets = torch.cat(per_image).to(device)
+        with autocast(device, amp_dtype):
+            stages = model.forward_stages(
+                batch.embedding.to(device, non_blocking=True), batch.early.to(device, non_blocking=True), coarse
+            )
+        loss = box_loss([s.float() for s in stages], torch.cat(coarse), targets)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise RefineError(
+                f"training loss is {value} at epoch {epoch + 1}, step {step + 1} of {steps}; training stopped "
+                f"(lr {optimizer.param_groups[0]['lr']:.3g}). Lower --lr, or check the store with `refine store verify`"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(value)
+        timer.boxes += len(targets)
+        if progress:
+            boxes_per_s, waiting = timer.rates()
+            progress(TrainProgress("train", epoch + 1, config.epochs, step + 1, steps, sum(losses) / len(losses), boxes_per_s, waiting))
+    return sum(losses) / max(len(losses), 1)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: RoICascadeRefiner,
+    loader: DataLoader,
+    images: list[ImageBoxes],
+    config: TrainConfig,
+    epoch: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Mean IoU of coarse and refined boxes against the ground truth on the validation images.
+
+    Coarse boxes come from the validation results file, or from the noise protocol with a fixed draw per
+    image (the same every epoch and every run of the same seed), so epochs are comparable.
+    """
+    model.eval()
+    steps = len(loader)
+    timer = _Timer()
+    coarse_iou, refined_iou = [], []
+    for step, batch in enumerate(_batches(loader, timer)):
+        coarse, targets = _boxes_of(images, batch, config, None, 1)
+        with autocast(device, amp_dtype):
+            refined = model(batch.embedding.to(device), batch.early.to(device), [c.to(device) for c in coarse])
+        for before, after, target in zip(coarse, refined, targets):
+            coarse_iou.append(box_iou(before, target).diagonal())
+            refined_iou.append(box_iou(after.float().cpu(), target).diagonal())
+            timer.boxes += len(target)
+        if progress:
+            boxes_per_s, waiting = timer.rates()
+            progress(TrainProgress("val", epoch + 1, config.epochs, step + 1, steps, math.nan, boxes_per_s, waiting))
+    return box_metrics(torch.cat(coarse_iou), torch.cat(refined_iou))
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a crash while saving leaves the previous checkpoint intact."""
+    temporary = path.with_name(f".{path.name}.partial")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A refiner checkpoint, read safely (weights_only) and checked to be one."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RefineError(f"{path}: no checkpoint to resume from") from None
+    except Exception as error:  # torch raises unpickling, zip and runtime errors alike on damaged files
+        raise RefineError(f"{path}: not a readable refiner checkpoint ({type(error).__name__}: {str(error)[:160]})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise RefineError(f"{path}: not a refine refiner checkpoint")
+    return checkpoint
+
+
+def refiner_from_checkpoint(checkpoint: dict[str, Any]) -> RoICascadeRefiner:
+    """The trained refiner of a checkpoint, in eval mode."""
+    model = build_refiner(checkpoint["refiner"]["name"], RefinerConfig.from_dict(checkpoint["refiner"]["config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+def _check_resume(checkpoint: dict[str, Any], config: TrainConfig, fingerprint: str, path: Path) -> None:
+    if checkpoint["fingerprint"] != fingerprint:
+        raise RefineError(
+            f"{path}: was trained on features of encoder {checkpoint['fingerprint']} "
+            f"({checkpoint['encoder']['model_type']}), but the store's dataset has {fingerprint}; "
+            "train afresh without --resume"
+        )
+    before, now = checkpoint["config"], config.resolved()
+    changed = sorted(k for k in now if k not in RESUMABLE and before.get(k) != now[k])
+    if changed:
+        details = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise RefineError(f"{path}: --resume with different settings ({details}); train afresh without --resume")
+
+
+# -- the whole run -----------------------------------------------------------------------------------
+def cosine_schedule(base_lr: float, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to zero; a pure function of the step, so resuming needs no state."""
+
+    def learning_rate(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        return base_lr * warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+    return learning_rate
+
+
+def _workers(config: TrainConfig, device: torch.device) -> int:
+    if config.workers is not None:
+        return config.workers
+    return 2 if device.type == "cuda" else 0
+
+
+def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSummary:
+    """Train (or resume) a refiner; writes `<out>/model.pt`, `<out>/live/` and `<out>/train_metrics.json`."""
+    started = time.perf_counter()
+    if not 0.0 <= config.noise <= 0.5:
+        raise RefineError(f"--noise must lie in [0, 0.5], got {config.noise}")
+    device = resolve_device(config.device)
+    amp_dtype = resolve_amp(config.amp, device)
+    store = FeatureStore(config.store)
+    dataset = config.dataset or config.annotations.stem
+    namespace = resolve_namespace(store, dataset, config.fingerprint)
+    train_split = load_split(namespace, dataset, config.annotations, config.coarse)
+    val_annotations = config.val_annotations or config.annotations
+    val_dataset = config.val_dataset or (val_annotations.stem if config.val_annotations else dataset)
+    val_split = load_split(namespace, val_dataset, val_annotations, config.val_coarse)
+    provenance = namespace.provenance
+
+    torch.manual_seed(config.seed)
+    refiner_config = RefinerConfig(
+        early_channels=int(provenance["early_channels"]),
+        width=config.width,
+        trunk=config.trunk,
+        pool=config.pool,
+        contexts=config.contexts,
+        use_embedding=config.use_embedding,
+    )
+    model = build_refiner(config.model, refiner_config)
+    train_data = FeatureDataset(store.url, namespace.fingerprint, train_split.images)
+    val_data = FeatureDataset(store.url, namespace.fingerprint, val_split.images)
+    config.out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = config.out / CHECKPOINT
+    checkpoint = load_checkpoint(checkpoint_path) if config.resume else None
+    if checkpoint is not None:
+        _check_resume(checkpoint, config, namespace.fingerprint, checkpoint_path)
+        model.load_state_dict(checkpoint["model"])
+    else:
+        model.set_feature_statistics(feature_statistics(train_data))
+    model.to(device)  # before the optimizer: its state is created (or loaded) on the parameters' device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["scaler"] is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
+    start_epoch = checkpoint["epoch"] if checkpoint is not None else 0
+
+    workers = _workers(config, device)
+    sampler = EpochShuffle(len(train_data), config.seed)
+    train_loader = feature_loader(train_data, config.batch_size, workers, sampler, pin=device.type == "cuda")
+    val_loader = feature_loader(val_data, config.batch_size, workers, pin=device.type == "cuda")
+    learning_rate = cosine_schedule(config.lr, config.warmup_steps, config.epochs * len(train_loader))
+    summary = TrainSummary(
+        config.out,
+        namespace.fingerprint,
+        train_split,
+        val_split,
+        start_epoch=start_epoch,
+        amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",
+        device=str(device),
+    )
+    metrics: dict[str, Any] = {}
+    with _live(config.out / LIVE_DIR, resume=config.resume) as live:
+        for epoch in range(start_epoch, config.epochs):
+            sampler.set_epoch(epoch)
+            loss = train_one_epoch(
+                model, optimizer, scaler, train_loader, train_split.images, config, epoch, device, amp_dtype,
+                learning_rate, progress,
+            )
+            val = evaluate(model, val_loader, val_split.images, config, epoch, device, amp_dtype, progress)
+            metrics = {"epoch": epoch + 1, "train_loss": loss, "val": val}
+            live.log_metric("train/loss", loss)
+            for name, value in val.items():
+                if name != "boxes":
+                    live.log_metric(f"val/{name}", value)
+            live.next_step()
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "version": 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "epoch": epoch + 1,
+                    "config": config.resolved(),
+                    "refiner": {"name": config.model, "config": refiner_config.to_dict()},
+                    "fingerprint": namespace.fingerprint,
+                    "encoder": {"model_type": provenance["model_type"], "early_channels": refiner_config.early_channels},
+                    "metrics": metrics,
+                },
+            )
+            summary.epochs_run += 1
+    if checkpoint is not None and not metrics:  # resumed a finished run: report what it reached
+        metrics = checkpoint["metrics"]
+    summary.metrics = metrics
+    _write_json(config.out / METRICS, metrics)
+    summary.wall_s = time.perf_counter() - started
+    return summary
+
+
+def _live(directory: Path, resume: bool) -> Any:
+    """dvclive logging into `directory`; DVC plots are declared in the project's own dvc.yaml."""
+    from dvclive import Live  # imported late: dvclive pulls in much of DVC
+
+    return Live(dir=str(directory), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+    os.replace(temporary, path)
