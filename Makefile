@@ -12,6 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: $(VENV)/.installed
 	dvc repro
+	dvc metrics show
 
 test: $(VENV)/.installed
 	python -m pytest -q

@@ -8,6 +8,7 @@ import typer
 
 from stages.common import state
 from stages.demo_data import demo_data
+from stages.evaluate import apply, evaluate
 from stages.extract import extract
 from stages.store import store_app
 from stages.train import train
@@ -31,6 +32,8 @@ def _options(
 app.command("demo-data")(demo_data)
 app.command("extract")(extract)
 app.command("train")(train)
+app.command("evaluate")(evaluate)
+app.command("apply")(apply)
 app.add_typer(store_app, name="store")
 
 
