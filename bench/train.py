@@ -1,0 +1,162 @@
+"""What the store buys `train`: one epoch from the store against one epoch with the encoder in the loop.
+
+    python bench/train.py [--images 16] [--large 32] [--out bench/results]
+
+Both epochs run the same `train_one_epoch` with the same refiner, optimizer and boxes; only the
+dataset differs: stored features (one store read per image) or features computed on the fly (decode,
+resize, HQ-SAM encoder forward per image, as a training script without a cache would). Peak memory of
+a store epoch is measured in fresh processes on stores of `--images` and `--large` images.
+Writes `<out>/train_<device>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pipeline.demo_data import make_demo_dataset
+from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
+from pipeline.extract import ExtractConfig, resolve_device, run_extract
+from pipeline.features import FeatureDataset, EpochShuffle, feature_loader, feature_statistics, load_split
+from pipeline.images import prepare
+from pipeline.refiner import RefinerConfig, build_refiner
+from pipeline.store import FeatureStore
+from pipeline.train import TrainConfig, TrainProgress, cosine_schedule, resolve_amp, train_one_epoch
+
+
+class EncoderInTheLoop(FeatureDataset):
+    """The same items as FeatureDataset, but each image is decoded and encoded on every read."""
+
+    def __init__(self, base: FeatureDataset, image_root: Path, encoder: FeatureEncoder) -> None:
+        super().__init__(base.store_url, base.fingerprint, base.images)
+        self.image_root = image_root
+        self.encoder = encoder
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.images[index]
+        pixels, _, resized = prepare(self.image_root / image.file_name)
+        with torch.inference_mode():
+            embedding, early = self.encoder(torch.from_numpy(pixels)[None], torch.tensor([resized]))
+        return {
+            "index": index,
+            "embedding": embedding[0].half(),
+            "early": early[0].half(),
+            "gt": image.gt,
+            "resized_hw": image.resized_hw,
+        }
+
+
+def one_epoch(
+    store: str, annotations: Path, wrap: Callable[[FeatureDataset], FeatureDataset] | None = None
+) -> dict[str, float]:
+    """Time one training epoch (default settings, CPU) and return seconds, boxes/s and data-wait share.
+
+    `wrap` turns the stored-feature dataset into the one to train from (the encoder in the loop).
+    """
+    config = TrainConfig(store=store, annotations=annotations, epochs=1, device="cpu", workers=0)
+    device = resolve_device(config.device)
+    namespace = FeatureStore(store).namespace(FeatureStore(store).fingerprints()[0])
+    split = load_split(namespace, annotations.stem, annotations)
+    stored = FeatureDataset(store, namespace.fingerprint, split.images)
+    data = wrap(stored) if wrap is not None else stored
+    torch.manual_seed(0)
+    model = build_refiner(
+        config.model,
+        RefinerConfig(int(namespace.provenance["early_channels"]), config.width, config.trunk, config.pool, config.contexts),
+    )
+    model.set_feature_statistics(feature_statistics(stored))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    sampler = EpochShuffle(len(data), 0)
+    loader = feature_loader(data, config.batch_size, 0, sampler)
+    reports: list[TrainProgress] = []
+    started = time.perf_counter()
+    train_one_epoch(
+        model, optimizer, scaler, loader, split.images, config, 0, device, resolve_amp("off", device),
+        cosine_schedule(config.lr, config.warmup_steps, len(loader)), reports.append,
+    )
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": round(seconds, 3),
+        "boxes_per_s": round(reports[-1].boxes_per_s, 1),
+        "data_wait_share": round(reports[-1].data_wait_share, 4),
+        "images": len(split.images),
+    }
+
+
+def peak_memory_epoch(store: str, annotations: Path) -> dict[str, float]:
+    """Runs in a fresh process: one store epoch, then the process's peak resident memory."""
+    result = one_epoch(store, annotations)
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
+
+
+def extract(images: Path, annotations: Path, store: Path) -> None:
+    run_extract(ExtractConfig(images=images, store=str(store), annotations=annotations, device="cpu"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=16, help="training images for the epoch comparison (default 16)")
+    parser.add_argument("--large", type=int, default=32, help="images of the larger store for the memory check (default 32)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)")
+    parser.add_argument("--memory-run", nargs=2, metavar=("STORE", "ANNOTATIONS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_run:
+        print(json.dumps(peak_memory_epoch(args.memory_run[0], Path(args.memory_run[1]))))
+        return
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        make_demo_dataset(root / "demo", seed=0, n_train=args.large, n_val=1)
+        coco = json.loads((root / "demo" / "train.json").read_text())
+        small = {**coco, "images": coco["images"][: args.images]}
+        small["annotations"] = [a for a in coco["annotations"] if a["image_id"] in {i["id"] for i in small["images"]}]
+        small_annotations = root / "small.json"
+        small_annotations.write_text(json.dumps(small))
+        small_store, large_store = root / "small.zarr", root / "large.zarr"
+        extract(root / "demo" / "images", small_annotations, small_store)
+        extract(root / "demo" / "images", root / "demo" / "train.json", large_store)
+
+        from_store = one_epoch(str(small_store), small_annotations)
+        encoder = FeatureEncoder(build_encoder(identity_for("vit_tiny", None), None))
+        in_loop = one_epoch(
+            str(small_store), small_annotations, lambda stored: EncoderInTheLoop(stored, root / "demo" / "images", encoder)
+        )
+        memory = {}
+        for name, store, annotations in (("small", small_store, small_annotations), ("large", large_store, root / "demo" / "train.json")):
+            run = subprocess.run(
+                [sys.executable, __file__, "--memory-run", str(store), str(annotations)],
+                capture_output=True, text=True, check=True,
+            )
+            memory[name] = json.loads(run.stdout.strip().splitlines()[-1])
+
+    result = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "encoder": "vit_tiny (random init)",
+        "epoch_from_store": from_store,
+        "epoch_with_encoder_in_loop": in_loop,
+        "store_speedup": round(in_loop["seconds"] / from_store["seconds"], 1),
+        "peak_memory": memory,
+        "peak_memory_growth_mib": round(memory["large"]["peak_rss_mib"] - memory["small"]["peak_rss_mib"], 1),
+        "torch": torch.__version__,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / "train_cpu.json"
+    target.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    print(f"written to {target}")
+
+
+if __name__ == "__main__":
+    main()
