@@ -143,14 +143,24 @@ def _build_sam_image_encoder(model_type: str) -> nn.Module:
     return builder().image_encoder
 
 
-def build_encoder(identity: EncoderIdentity, checkpoint: Path | None, seed: int = DEFAULT_SEED) -> nn.Module:
-    """The real HQ-SAM image encoder, in eval mode, with checkpoint weights or seeded random ones."""
+def build_encoder(
+    identity: EncoderIdentity, checkpoint: Path | None, seed: int = DEFAULT_SEED, *, fused_attention: bool = True
+) -> nn.Module:
+    """The real HQ-SAM image encoder, in eval mode, with checkpoint weights or seeded random ones.
+
+    With `fused_attention` its attention runs through SDPA (`pipeline.attention`): the same features within
+    float rounding, so it is not part of the fingerprint, without ever building the attention matrix.
+    """
     # Seed only our own RNG stream so building an encoder never perturbs the caller's randomness.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = _build_sam_image_encoder(identity.model_type)
     if checkpoint is not None:
         encoder.load_state_dict(load_encoder_state(checkpoint, identity.model_type, encoder))
+    if fused_attention:
+        from pipeline.attention import use_fused_attention  # imports the package: only when building
+
+        use_fused_attention(encoder)
     return encoder.eval().requires_grad_(False)
 
 
