@@ -19,7 +19,7 @@ import torch
 
 from pipeline.demo_data import make_demo_dataset
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
-from pipeline.extract import DEFAULT_BATCH, ExtractConfig, resolve_device, run_extract
+from pipeline.extract import ExtractConfig, default_batch_size, resolve_device, run_extract
 from pipeline.images import prepare
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    batch_size = DEFAULT_BATCH["cpu"] if device.type == "cpu" else DEFAULT_BATCH["cuda"][args.encoder]
+    batch_size = default_batch_size(args.encoder, device)
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "demo"
         make_demo_dataset(data, seed=0, n_train=args.images, n_val=1)

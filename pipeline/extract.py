@@ -2,8 +2,9 @@
 
 The pipeline, each part overlapped with the encoder:
   DataLoader workers read each file once, hash it (keys already committed are hits) and decode,
-  orient and resize the misses  ->  encoder (batched, bf16 on CUDA)  ->  a writer thread commits each
-  batch to this process's own store segment (bounded queue).
+  orient and resize the misses  ->  pinned memory, non-blocking copy  ->  encoder (batched, bf16 on
+  CUDA, fused attention, optionally compiled)  ->  non-blocking copy to pinned memory  ->  a writer
+  thread waits for the copy and commits each batch to this process's own store segment (bounded queue).
 """
 
 from __future__ import annotations
@@ -28,8 +29,14 @@ from pipeline.images import IMAGE_SUFFIXES, content_key, prepare, read_file
 from pipeline.store import FeatureStore, SegmentWriter
 
 MANIFEST_FORMAT = "refine-dataset-manifest"
-# Images per encoder call (and per store shard) when --batch-size is not given.
-DEFAULT_BATCH = {"cpu": 4, "cuda": {"vit_tiny": 64, "vit_b": 32, "vit_l": 16, "vit_h": 8}}
+CPU_BATCH = 4
+# Largest default batch on CUDA: beyond it throughput no longer grows, while shards and host buffers do.
+MAX_CUDA_BATCH = 64
+# Peak CUDA memory per image in the encoder (bf16, fused attention), with about 2x headroom over an estimate
+# of one block's activations plus the kept early features.
+GIB_PER_IMAGE = {"vit_tiny": 0.25, "vit_b": 0.3, "vit_l": 0.4, "vit_h": 0.5}
+# Without fused attention every global block also materialises heads x 4096 x 4096 scores (bf16 + fp32 softmax).
+GIB_ATTENTION_MATRIX = {"vit_tiny": 0.0, "vit_b": 1.5, "vit_l": 2.0, "vit_h": 2.0}
 
 
 @dataclass
@@ -46,6 +53,8 @@ class ExtractConfig:
     dataset: str | None = None
     manifest_out: Path | None = None
     skip_bad_images: bool = False
+    fused_attention: bool = True
+    compile: bool = False
 
 
 @dataclass
@@ -90,6 +99,17 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise RefineError(f"unknown device {device!r}; choose auto, cuda or cpu")
     return torch.device(device)
+
+
+def default_batch_size(model_type: str, device: torch.device, fused_attention: bool = True) -> int:
+    """Images per encoder call: 4 on CPU; on CUDA the largest power of two whose activations fit in 70% of
+    the free device memory, at most `MAX_CUDA_BATCH`."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    per_image = GIB_PER_IMAGE[model_type] + (0.0 if fused_attention else GIB_ATTENTION_MATRIX[model_type])
+    fits = int(0.7 * free_bytes / 2**30 / per_image)
+    return max(1, min(MAX_CUDA_BATCH, 1 << max(0, fits.bit_length() - 1)))
 
 
 def list_images(config: ExtractConfig) -> tuple[str, list[ImageItem]]:
@@ -175,8 +195,11 @@ class _BackgroundWriter:
     def _run(self) -> None:
         while (job := self.queue.get()) is not None:
             if self.error is None:
+                keys, embedding, early, original_sizes, resized_sizes, ready = job
                 try:
-                    self.writer.write_batch(*job)
+                    if ready is not None:
+                        ready.synchronize()  # the device-to-host copies of this batch have landed
+                    self.writer.write_batch(keys, embedding.numpy(), early.numpy(), original_sizes, resized_sizes)
                 except BaseException as error:  # handed to the main thread
                     self.error = error
 
@@ -198,6 +221,62 @@ class _BackgroundWriter:
         raise RefineError(f"{store}: writing features failed ({type(self.error).__name__}: {self.error})")
 
 
+class _Encoder:
+    """Runs the encoder on a batch and starts the float16 features' trip to the host without waiting for it.
+
+    On CUDA the inputs come from pinned memory and the outputs go to pinned memory behind an event that
+    the writer thread waits on, so the GPU is already on the next batch while this one travels. The
+    encoder's own time comes from CUDA events (CPU time would only count kernel launches).
+    With `fixed_batch` every call gets exactly that many images (padded with empty ones): a compiled
+    encoder then never recompiles for a short batch.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, fixed_batch: int | None) -> None:
+        self.model = model
+        self.device = device
+        self.fixed_batch = fixed_batch
+        self.use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.cpu_seconds = 0.0
+        self.cuda_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def __call__(
+        self, pixels: torch.Tensor, resized: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
+        """pixels: B x 3 x 1024 x 1024 uint8, resized: B x 2 -> host float16 B x 256 x 64 x 64, B x C x 64 x 64,
+        and the event after which they hold their values (None: they already do)."""
+        count = len(pixels)
+        if self.fixed_batch is not None and count < self.fixed_batch:
+            pixels = torch.cat([pixels, pixels.new_zeros(self.fixed_batch - count, *pixels.shape[1:])])
+            resized = torch.cat([resized, resized.new_ones(self.fixed_batch - count, 2)])
+        on_cuda = self.device.type == "cuda"
+        started = time.perf_counter()
+        if on_cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            outputs = self.model(pixels.to(self.device, non_blocking=True), resized.to(self.device, non_blocking=True))
+        if not on_cuda:
+            self.cpu_seconds += time.perf_counter() - started
+            embedding, early = (t[:count].to(torch.float16) for t in outputs)
+            return embedding, early, None
+        end.record()
+        self.cuda_events.append((begin, end))
+        host = []
+        for output in outputs:
+            output = output[:count].to(torch.float16)
+            copy = torch.empty(output.shape, dtype=torch.float16, pin_memory=True)
+            host.append(copy.copy_(output, non_blocking=True))
+        ready = torch.cuda.Event()
+        ready.record()
+        return host[0], host[1], ready
+
+    def seconds(self) -> float:
+        """Time the encoder has run so far (on CUDA: waits for the device)."""
+        if self.cuda_events:
+            self.cuda_events[-1][1].synchronize()
+        return self.cpu_seconds + sum(begin.elapsed_time(end) for begin, end in self.cuda_events) / 1000
+
+
 def run_extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractSummary:
     """Bring every image of the dataset into the store and write the dataset manifest."""
     started = time.perf_counter()
@@ -212,21 +291,19 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
     sizes: dict[str, Sizes] = {key: (e.original_size, e.resized_size) for key, e in committed.items()}
 
     device = resolve_device(config.device)
-    batch_size = config.batch_size or (
-        DEFAULT_BATCH["cpu"] if device.type == "cpu" else DEFAULT_BATCH["cuda"][identity.model_type]
-    )
-    workers = config.workers if config.workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
+    batch_size = config.batch_size or default_batch_size(identity.model_type, device, config.fused_attention)
+    # Decoding and resizing cost a core several ms per image: a fast encoder on a GPU needs several workers.
+    workers = config.workers if config.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
     loader = DataLoader(
         _ImageDataset(items, frozenset(committed)),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=2 if workers else None,  # batches ahead per worker; more only fills shared memory
     )
-    encoder: FeatureEncoder | None = None  # built on the first miss: a warm re-run never builds it
+    encoder: _Encoder | None = None  # built on the first miss: a warm re-run never builds it
     writer: _BackgroundWriter | None = None
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     seen: set[str] = set()
     done = 0
     try:
@@ -248,28 +325,28 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
                     summary.hits += sample.key in committed
             if new:
                 if encoder is None:
-                    encoder = FeatureEncoder(build_encoder(identity, config.checkpoint, config.seed)).to(device)
+                    encoder = _build(identity, config, device, batch_size)
                     writer = _BackgroundWriter(namespace.writer(identity.early_channels, batch_size))
                 chosen = [decoded[i] for i in new]
                 resized = torch.tensor([s.resized for s in chosen])
-                encode_started = time.perf_counter()
-                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    embedding, early = encoder(pixels[new].to(device, non_blocking=True), resized.to(device))
-                embedding = embedding.to(torch.float16).cpu().numpy()
-                early = early.to(torch.float16).cpu().numpy()
-                summary.encoder_s += time.perf_counter() - encode_started
+                # Only a full batch comes pinned from the loader; a subset is a fresh pageable copy.
+                batch = pixels if len(new) == len(decoded) else pixels[new]
+                embedding, early, ready = encoder(batch, resized)
                 assert writer is not None
                 writer.put(
-                    [s.key for s in chosen], embedding, early, [s.original for s in chosen], [s.resized for s in chosen]
+                    [s.key for s in chosen], embedding, early, [s.original for s in chosen], [s.resized for s in chosen], ready
                 )
                 summary.computed += len(chosen)
             done += len(samples)
+            summary.wall_s = time.perf_counter() - started  # live, for the progress display
             if progress:
                 progress("extract", done, len(items), summary)
             wait_started = time.perf_counter()
     finally:
         if writer is not None:
             writer.close()
+    if encoder is not None:
+        summary.encoder_s = encoder.seconds()
 
     for item in items:
         if item.key in sizes and item.size is not None and sizes[item.key][0] != item.size:
@@ -289,6 +366,15 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
     if config.manifest_out is not None:
         _write_manifest_copy(config.manifest_out, manifest)
     return summary
+
+
+def _build(identity: EncoderIdentity, config: ExtractConfig, device: torch.device, batch_size: int) -> _Encoder:
+    model: torch.nn.Module = FeatureEncoder(
+        build_encoder(identity, config.checkpoint, config.seed, fused_attention=config.fused_attention)
+    ).to(device)
+    if config.compile:
+        model = torch.compile(model, dynamic=False)
+    return _Encoder(model, device, batch_size if config.compile else None)
 
 
 def _manifest(

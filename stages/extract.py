@@ -39,10 +39,14 @@ def extract(
     device: Annotated[Device, typer.Option(help="Where the encoder runs; auto picks CUDA when available.")] = Device.auto,
     batch_size: Annotated[
         Optional[int],
-        typer.Option(min=1, help="Images per encoder call and per store shard. Default: 4 on CPU, 8-64 on CUDA by encoder."),
+        typer.Option(
+            min=1,
+            help="Images per encoder call and per store shard. Default: 4 on CPU; on CUDA the largest power of two "
+            "up to 64 that fits the encoder in the free device memory.",
+        ),
     ] = None,
     workers: Annotated[
-        Optional[int], typer.Option(min=0, help="DataLoader workers decoding images. Default: CPU cores - 1, at most 4.")
+        Optional[int], typer.Option(min=0, help="DataLoader workers decoding images. Default: CPU cores - 1, at most 8.")
     ] = None,
     dataset: Annotated[
         Optional[str], typer.Option(help="Dataset name in the store. Default: the annotation file's stem (or the folder name).")
@@ -50,6 +54,17 @@ def extract(
     manifest: Annotated[
         Optional[Path], typer.Option(help="Also write the dataset manifest (keys, sizes, fingerprint) here, for DVC.")
     ] = None,
+    fused_attention: Annotated[
+        bool,
+        typer.Option(
+            help="Run the encoder's attention through fused SDPA kernels (same features within float rounding, "
+            "much less memory). Off: the package's own attention."
+        ),
+    ] = True,
+    compile_encoder: Annotated[
+        bool,
+        typer.Option("--compile/--no-compile", help="torch.compile the encoder: a slower start, faster batches."),
+    ] = False,
     skip_bad_images: Annotated[
         bool,
         typer.Option(
@@ -78,6 +93,8 @@ def extract(
         dataset=dataset,
         manifest_out=manifest,
         skip_bad_images=skip_bad_images,
+        fused_attention=fused_attention,
+        compile=compile_encoder,
     )
     if checkpoint is None:
         err_console.print(
@@ -107,7 +124,10 @@ class ExtractProgress:
             TextColumn("{task.description:<8}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:>7.2f} img/s  hits {task.fields[hits]}  computed {task.fields[computed]}  failed {task.fields[failed]}"),
+            TextColumn(
+                "{task.fields[rate]:>7.2f} img/s  data wait {task.fields[wait]:>4.0%}  hits {task.fields[hits]}  "
+                "computed {task.fields[computed]}  failed {task.fields[failed]}"
+            ),
             TimeElapsedColumn(),
             console=err_console,
             transient=False,
@@ -118,13 +138,15 @@ class ExtractProgress:
 
     def report(self, phase: str, done: int, total: int, summary: ExtractSummary) -> None:
         if phase not in self.tasks:
-            self.tasks[phase] = self.bar.add_task(phase, total=total or None, rate=0.0, hits=0, computed=0, failed=0)
-        task = self.tasks[phase]
-        elapsed = self.bar.tasks[task].elapsed or 0.0
+            self.tasks[phase] = self.bar.add_task(
+                phase, total=total or None, rate=0.0, wait=0.0, hits=0, computed=0, failed=0
+            )
+        elapsed = summary.wall_s
         self.bar.update(
-            task,
+            self.tasks[phase],
             completed=done,
             rate=done / elapsed if elapsed > 0 else 0.0,
+            wait=summary.data_wait_s / elapsed if elapsed > 0 else 0.0,  # share of the time spent waiting for images
             hits=summary.hits,
             computed=summary.computed,
             failed=len(summary.failed),
