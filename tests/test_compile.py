@@ -1,0 +1,26 @@
+"""`extract --compile`: the torch.compile'd encoder runs on CPU and stores the features of the eager one."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.store import FeatureStore
+from tests.conftest import write_coco
+
+
+def test_compiled_extract_stores_the_eager_features(base_dataset, tmp_path):
+    first = base_dataset["files"][:1]
+    annotations = write_coco(tmp_path / "one.json", base_dataset["images"], first)
+    store = tmp_path / "compiled.zarr"
+    config = ExtractConfig(
+        images=base_dataset["images"], store=str(store), annotations=annotations, workers=0, batch_size=1, compile=True
+    )
+    summary = run_extract(config)
+    assert summary.computed == 1 and not summary.failed
+
+    eager = FeatureStore(base_dataset["store"]).namespace(summary.fingerprint)  # the same namespace: same identity
+    compiled = FeatureStore(store).namespace(summary.fingerprint)
+    (key, entry), = compiled.entries().items()
+    for stored, expected in zip(compiled.read(entry), eager.read(eager.entries()[key])):
+        np.testing.assert_allclose(stored.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=2e-3)
