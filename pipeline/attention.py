@@ -8,7 +8,8 @@ SDPA's fused kernels (flash / memory-efficient on CUDA, flash on CPU) apply and 
       attn[i, j] = scale * q_i . k_j + rel_h[i, row(j)] + rel_w[i, col(j)]
   equals one dot product of q'_i = [scale * q_i, rel_h[i, :], rel_w[i, :]] with
   k'_j = [k_j, onehot(row(j)), onehot(col(j))]. Head dim grows by H + W (64 + 64 in a global block,
-  14 + 14 in a window): 80 -> 208 for vit_h, 64 -> 192 for vit_b / l, within the 256 of flash kernels.
+  14 + 14 in a window): 80 -> 208 for vit_h, 64 -> 192 for vit_b / l, within the 256 of flash kernels;
+  v is zero-padded to the same width, which flash kernels require.
 - TinyViT (vit_tiny): the bias is one small heads x N x N table per window (N <= 196); it is passed as
   SDPA's additive mask.
 
@@ -68,11 +69,15 @@ def sam_vit_attention(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # B x N x 3 x heads x d -> 3 x B x heads x N x d
     qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
+    head_dim = v.shape[-1]
     if self.use_rel_pos:
         q, k = fold_rel_pos(q, k, self.rel_pos_h, self.rel_pos_w, (height, width))
+        # Flash kernels (CUDA and CPU) want v as wide as q and k; without it SDPA falls back to kernels that
+        # are slower (CPU: the unfused maths, attention matrix and all).
+        v = F.pad(v, (0, q.shape[-1] - head_dim))
     else:
         q = q * self.scale
-    out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # B x heads x N x d
+    out = F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :head_dim]  # B x heads x N x d
     out = out.transpose(1, 2).reshape(batch, height, width, -1)
     return self.proj(out)
 
