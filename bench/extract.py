@@ -76,6 +76,7 @@ def main() -> None:
         "cold_extract_images_per_s": round(cold_rate, 3),
         "cold_over_bare": round(cold_rate / bare, 3),
         "cold_data_wait_share": round(cold.data_wait_s / cold.wall_s, 4),
+        "cold_encoder_build_s": round(cold.build_s, 3),
         "cold_bytes_written": cold.bytes_written,
         "bytes_per_image": round(cold.bytes_written / cold.images),
         "warm_extract_images_per_s": round(warm_rate, 1),

@@ -70,6 +70,7 @@ class ExtractSummary:
     failed: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     encoder_s: float = 0.0
+    build_s: float = 0.0  # building the encoder (and loading its weights), once per run with a miss
     data_wait_s: float = 0.0
     bytes_written: int = 0
 
@@ -325,17 +326,20 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
                     summary.hits += sample.key in committed
             if new:
                 if encoder is None:
+                    build_started = time.perf_counter()
                     encoder = _build(identity, config, device, batch_size)
-                    writer = _BackgroundWriter(namespace.writer(identity.early_channels, batch_size))
+                    summary.build_s = time.perf_counter() - build_started
+                    writer = _BackgroundWriter(
+                        namespace.writer(identity.early_channels, batch_size, _computed_with(config, device, encoder))
+                    )
                 chosen = [decoded[i] for i in new]
                 resized = torch.tensor([s.resized for s in chosen])
                 # Only a full batch comes pinned from the loader; a subset is a fresh pageable copy.
                 batch = pixels if len(new) == len(decoded) else pixels[new]
                 embedding, early, ready = encoder(batch, resized)
                 assert writer is not None
-                writer.put(
-                    [s.key for s in chosen], embedding, early, [s.original for s in chosen], [s.resized for s in chosen], ready
-                )
+                originals, resized_sizes = [s.original for s in chosen], [s.resized for s in chosen]
+                writer.put([s.key for s in chosen], embedding, early, originals, resized_sizes, ready)
                 summary.computed += len(chosen)
             done += len(samples)
             summary.wall_s = time.perf_counter() - started  # live, for the progress display
@@ -375,6 +379,16 @@ def _build(identity: EncoderIdentity, config: ExtractConfig, device: torch.devic
     if config.compile:
         model = torch.compile(model, dynamic=False)
     return _Encoder(model, device, batch_size if config.compile else None)
+
+
+def _computed_with(config: ExtractConfig, device: torch.device, encoder: _Encoder) -> dict:
+    """Recorded in each segment's commit: how its features were computed (not what they mean)."""
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "autocast": "bf16" if encoder.use_bf16 else "off",
+        "fused_attention": config.fused_attention,
+        "compiled": config.compile,
+    }
 
 
 def _manifest(

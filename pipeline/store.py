@@ -254,8 +254,8 @@ class Namespace:
             )
         return embedding, early
 
-    def writer(self, early_channels: int, shard_rows: int) -> SegmentWriter:
-        return SegmentWriter(self, early_channels, shard_rows)
+    def writer(self, early_channels: int, shard_rows: int, computed_with: dict | None = None) -> SegmentWriter:
+        return SegmentWriter(self, early_channels, shard_rows, computed_with)
 
     # -- datasets ----------------------------------------------------------------------------------
     def dataset_names(self) -> list[str]:
@@ -278,10 +278,15 @@ class Namespace:
 class SegmentWriter:
     """Appends batches to a fresh segment owned by this writer alone; each batch commits atomically."""
 
-    def __init__(self, namespace: Namespace, early_channels: int, shard_rows: int) -> None:
+    def __init__(
+        self, namespace: Namespace, early_channels: int, shard_rows: int, computed_with: dict | None = None
+    ) -> None:
         self.namespace = namespace
         self.early_channels = early_channels
         self.shard_rows = shard_rows
+        # How this writer's features were computed (device, precision, kernels): provenance that may differ
+        # between segments of one namespace without changing what the features mean.
+        self.computed_with = computed_with or {}
         self._segment: str | None = None
         self._arrays: dict[str, zarr.Array] = {}
         self._entries: list[list] = []
@@ -337,6 +342,7 @@ class SegmentWriter:
             "segment": self._segment,
             "shard_rows": self.shard_rows,
             "early_channels": self.early_channels,
+            "computed_with": self.computed_with,
             "entries": self._entries,
         }
         self.namespace.store.write_json_atomic(

@@ -24,3 +24,7 @@ def test_compiled_extract_stores_the_eager_features(base_dataset, tmp_path):
     (key, entry), = compiled.entries().items()
     for stored, expected in zip(compiled.read(entry), eager.read(eager.entries()[key])):
         np.testing.assert_allclose(stored.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=2e-3)
+    # How the features were computed is recorded with the segment, not in the fingerprint.
+    (segment,) = compiled.commit_names()
+    recorded = compiled.read_commit(segment)["computed_with"]
+    assert recorded == {"device": "cpu", "autocast": "off", "fused_attention": True, "compiled": True}
