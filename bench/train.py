@@ -28,7 +28,7 @@ from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.extract import ExtractConfig, resolve_device, run_extract
 from pipeline.features import FeatureDataset, EpochShuffle, feature_loader, feature_statistics, load_split
 from pipeline.images import prepare
-from pipeline.refiner import RefinerConfig, build_refiner
+from pipeline.refiner import build_refiner
 from pipeline.store import FeatureStore
 from pipeline.train import TrainConfig, TrainProgress, cosine_schedule, resolve_amp, train_one_epoch
 
@@ -69,10 +69,7 @@ def one_epoch(
     stored = FeatureDataset(store, namespace.fingerprint, split.images)
     data = wrap(stored) if wrap is not None else stored
     torch.manual_seed(0)
-    model = build_refiner(
-        config.model,
-        RefinerConfig(int(namespace.provenance["early_channels"]), config.width, config.trunk, config.pool, config.contexts),
-    )
+    model = build_refiner(config.model, config.refiner_config(int(namespace.provenance["early_channels"])))
     model.set_feature_statistics(feature_statistics(stored))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)

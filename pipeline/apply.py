@@ -14,12 +14,12 @@ from torch import Tensor
 from pipeline.boxes import clip_to_image, coco_to_xyxy, to_input, to_original, xyxy_to_coco
 from pipeline.coco import ImageRecord, check_box, read_json
 from pipeline.errors import RefineError
-from pipeline.refiner import RoICascadeRefiner
+from pipeline.refiner import SimilarityCascadeRefiner
 from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.train import load_checkpoint, refiner_from_checkpoint
 
 
-def load_model(path: Path, store: FeatureStore) -> tuple[RoICascadeRefiner, Namespace, dict[str, Any]]:
+def load_model(path: Path, store: FeatureStore) -> tuple[SimilarityCascadeRefiner, Namespace, dict[str, Any]]:
     """The refiner of a checkpoint, the store namespace of the encoder it was trained on, the checkpoint."""
     if not path.is_file():
         raise RefineError(f"{path}: model checkpoint not found; run `refine train` first")
@@ -36,7 +36,7 @@ def load_model(path: Path, store: FeatureStore) -> tuple[RoICascadeRefiner, Name
 
 @torch.inference_mode()
 def refine_boxes(
-    model: RoICascadeRefiner, namespace: Namespace, entry: Entry, boxes: Tensor, device: torch.device
+    model: SimilarityCascadeRefiner, namespace: Namespace, entry: Entry, boxes: Tensor, device: torch.device
 ) -> Tensor:
     """Refine one image's boxes (N x 4 xyxy, original pixels) from one read of its features.
 
@@ -78,7 +78,7 @@ def image_entries(namespace: Namespace, dataset: str | None) -> dict[Any, tuple[
 
 
 def apply_to_file(
-    model: RoICascadeRefiner,
+    model: SimilarityCascadeRefiner,
     namespace: Namespace,
     boxes_path: Path,
     dataset: str | None,

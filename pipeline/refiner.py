@@ -1,15 +1,18 @@
 """The box refiner: stored HQ-SAM features of an image + its coarse boxes -> one refined box per coarse box.
 
-Shapes (B images, N_i boxes in image i, K = sum of N_i, C = the encoder's early channels):
+Shapes (B images, N_i boxes in image i, K = sum of N_i, C = the encoder's early channels, P = pool):
   embedding  B x 256 x 64 x 64     early  B x C x 64 x 64     boxes  list of N_i x 4 xyxy
 Boxes are in encoder-input pixels (the 1024 x 1024 frame; one feature cell is 16 pixels).
 
-`roi_cascade`: the early feature (and, if configured, the embedding) is whitened with statistics of the
-training set, kept as buffers: with random encoder weights the early feature is ~300x smaller than the
-embedding, and two directions hold two thirds of its variance while the fine detail lives in the weak
-ones. A 1x1 convolution and a small convolutional trunk on the 64 x 64 grid follow;
-then each cascade stage pools a context-enlarged window around the current box with RoIAlign and
-predicts each side's position along that window from a 1-D profile of the window (side-aware boundary
+`similarity_cascade`: both features are whitened with statistics of the training set (kept as buffers):
+with random encoder weights the early feature is ~300x smaller than the embedding, and a few directions
+hold most of its variance while the fine detail lives in the weak ones. Each cascade stage samples a
+context-enlarged window around the current box from both maps (RoIAlign, P x P) and turns it into cue
+maps that do not depend on what the training images look like: the similarity of every position to the
+box's own interior and to its surroundings, in each feature, and the strength of local feature change.
+Learnt weights see only these cues (and a few learnt channels of the early feature), which is what lets
+a refiner trained on 160 images generalise instead of memorising them. A small convolutional net reads
+the cue maps and each side is placed along the window from a 1-D profile (side-aware boundary
 localisation: a distribution over positions, read out as its expectation, that starts at the box's own
 sides so an untrained stage is the identity).
 """
@@ -20,12 +23,16 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from pipeline.encoder import EMBEDDING_SHAPE, IMAGE_SIZE
 
 FEATURE_STRIDE = IMAGE_SIZE // EMBEDDING_SHAPE[1]  # encoder-input pixels per feature cell (16)
+# Cue maps computed from the two features: (object, background, object - background) similarity for each,
+# the inside-the-box mask, and the early feature's local change.
+FIXED_CUES = 8
 
 
 @dataclass(frozen=True)
@@ -33,15 +40,15 @@ class RefinerConfig:
     """Hyper-parameters of a refiner; stored in checkpoints as a plain dict."""
 
     early_channels: int
-    width: int = 32  # channels of the fused feature map and of each stage
-    trunk: int = 2  # 3x3 convolutions on the fused 64 x 64 map (context for edges: 16 px cells are coarse)
-    pool: int = 16  # RoIAlign output size (pool x pool samples over the enlarged window)
+    dim: int = 64  # channels the whitened early feature is projected to before windows are pooled
+    trunk: int = 1  # 3x3 convolutions on the projected 64 x 64 map (context: 16 px cells are coarse)
+    width: int = 16  # channels of each stage's convolutional net on the cue maps
+    pool: int = 24  # RoIAlign output size (pool x pool samples over the enlarged window)
+    learned: int = 8  # learnt channels of the early feature given to each stage next to the fixed cues
     contexts: tuple[float, ...] = (2.0, 1.5)  # window size / box size, one per cascade stage
     min_window: float = 48.0  # smallest window side in pixels: tiny boxes still see their surroundings
     prior_width: float = 0.1  # spread (window units) of each side's prior around the current side
-    # Fuse the 256-channel embedding too. Off by default: measured on the demo (random-init vit_tiny) it
-    # only helps the model memorise the training images (val mean IoU 0.711 with it, 0.736 without).
-    use_embedding: bool = False
+    interior: float = 0.3  # the object prototype averages the box's central part, +- this share of its size
 
     def to_dict(self) -> dict:
         return {**asdict(self), "contexts": list(self.contexts)}
@@ -85,29 +92,24 @@ def conv_block(in_channels: int, out_channels: int, kernel: int) -> nn.Sequentia
     """Convolution, GroupNorm, ReLU: B x in x H x W -> B x out x H x W."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2),
-        nn.GroupNorm(8, out_channels),
+        nn.GroupNorm(min(8, out_channels), out_channels),
         nn.ReLU(inplace=True),
     )
 
 
-class FeatureFusion(nn.Module):
-    """Whiten the maps, fuse them and add local context: (B x 256 x 64 x 64, B x C x 64 x 64) -> B x width x 64 x 64.
+class EarlyProjection(nn.Module):
+    """Whiten the early feature, project it and add local context: B x C x 64 x 64 -> B x dim x 64 x 64."""
 
-    Without `use_embedding` only the early feature is used (the embedding is accepted and ignored).
-    """
-
-    def __init__(self, early_channels: int, width: int, trunk: int, use_embedding: bool) -> None:
+    def __init__(self, early_channels: int, dim: int, trunk: int) -> None:
         super().__init__()
-        self.embedding_norm = Whitening(EMBEDDING_SHAPE[0]) if use_embedding else None
-        self.early_norm = Whitening(early_channels)
-        self.project = conv_block(early_channels + (EMBEDDING_SHAPE[0] if use_embedding else 0), width, 1)
-        self.trunk = nn.Sequential(*(conv_block(width, width, 3) for _ in range(trunk)))
+        self.norm = Whitening(early_channels)
+        layers: list[nn.Module] = [nn.Conv2d(early_channels, dim, 1)]
+        for _ in range(trunk):
+            layers += [nn.GELU(), nn.Conv2d(dim, dim, 3, padding=1)]
+        self.project = nn.Sequential(*layers)
 
-    def forward(self, embedding: Tensor, early: Tensor) -> Tensor:
-        x = self.early_norm(early.float())
-        if self.embedding_norm is not None:
-            x = torch.cat([self.embedding_norm(embedding.float()), x], dim=1)
-        return self.trunk(self.project(x))
+    def forward(self, early: Tensor) -> Tensor:
+        return self.project(self.norm(early.float()))
 
 
 def enlarge(boxes: Tensor, context: float, min_side: float) -> Tensor:
@@ -117,8 +119,47 @@ def enlarge(boxes: Tensor, context: float, min_side: float) -> Tensor:
     return torch.cat([centre - half, centre + half], dim=1)
 
 
+def box_masks(current: Tensor, pool: int, interior: float) -> tuple[Tensor, Tensor]:
+    """Soft masks of the box and of its central part on the P x P window grid: (K x P x P, K x P x P).
+
+    current: K x 4 box sides (x0, y0, x1, y1) in window units [0, 1].
+    """
+    centres = (torch.arange(pool, dtype=current.dtype, device=current.device) + 0.5) / pool
+    sharpness = 4.0 * pool  # a ramp about a quarter of a sample wide
+
+    def between(low: Tensor, high: Tensor) -> Tensor:  # K -> K x P
+        return torch.sigmoid((centres - low[:, None]) * sharpness) * torch.sigmoid((high[:, None] - centres) * sharpness)
+
+    x0, y0, x1, y1 = current.unbind(dim=1)
+    inside = between(y0, y1)[:, :, None] * between(x0, x1)[:, None, :]
+    cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
+    central = between(cy - interior * h, cy + interior * h)[:, :, None] * between(cx - interior * w, cx + interior * w)[:, None, :]
+    return inside, central
+
+
+def prototype_similarity(window: Tensor, weights: Tensor) -> Tensor:
+    """Cosine similarity of every position to the weighted mean of the window: K x D x P x P, K x P x P -> K x P x P."""
+    prototype = (window * weights[:, None]).sum(dim=(2, 3)) / weights.sum(dim=(1, 2)).clamp_min(1e-3)[:, None]
+    return (F.normalize(window, dim=1) * F.normalize(prototype, dim=1)[:, :, None, None]).sum(dim=1)
+
+
+def window_cues(early: Tensor, embedding: Tensor, current: Tensor, interior: float) -> Tensor:
+    """Cue maps of a window: early K x D x P x P, embedding K x 256 x P x P, box K x 4 -> K x FIXED_CUES x P x P."""
+    inside, central = box_masks(current, early.shape[-1], interior)
+    cues = [inside]
+    for window in (early, embedding):
+        to_object = prototype_similarity(window, central)
+        to_background = prototype_similarity(window, 1 - inside)
+        cues += [to_object, to_background, to_object - to_background]
+    unit = F.normalize(early, dim=1)
+    change = F.pad((unit[..., :, 1:] - unit[..., :, :-1]).pow(2).sum(dim=1), (0, 1)) + F.pad(
+        (unit[..., 1:, :] - unit[..., :-1, :]).pow(2).sum(dim=1), (0, 0, 0, 1)
+    )
+    return torch.stack([*cues, change], dim=1)
+
+
 class SideHead(nn.Module):
-    """Per-side boundary localisation along one axis of a pooled window.
+    """Per-side boundary localisation along one axis of a window of cue features.
 
     A window (K x width x P x P) is collapsed across the axis (attention weights learnt per position) into
     a profile (K x width x P) along it. 1-D convolutions score each of the P positions as the low side
@@ -132,12 +173,13 @@ class SideHead(nn.Module):
         self.axis = axis  # 3: positions along x (collapse rows), 2: positions along y (collapse columns)
         self.prior_width = prior_width
         self.attention = nn.Conv2d(width, 1, 1)
+        groups = min(8, width)
         self.profile = nn.Sequential(
             nn.Conv1d(width, width, 3, padding=1),
-            nn.GroupNorm(8, width),
+            nn.GroupNorm(groups, width),
             nn.ReLU(inplace=True),
             nn.Conv1d(width, width, 3, padding=1),
-            nn.GroupNorm(8, width),
+            nn.GroupNorm(groups, width),
             nn.ReLU(inplace=True),
         )
         self.scores = nn.Conv1d(width, 2, 3, padding=1)  # low side, high side
@@ -161,50 +203,63 @@ class SideHead(nn.Module):
 
 
 class CascadeStage(nn.Module):
-    """One refinement step: fused map B x width x 64 x 64 + K boxes (pixels) -> K refined boxes (pixels)."""
+    """One refinement step: projected early map B x dim x 64 x 64, whitened embedding B x 256 x 64 x 64 and
+    K boxes (pixels) -> K refined boxes (pixels)."""
 
-    def __init__(self, width: int, pool: int, context: float, min_window: float, prior_width: float) -> None:
+    def __init__(self, config: RefinerConfig, context: float) -> None:
         super().__init__()
-        self.pool = pool
+        self.pool = config.pool
         self.context = context
-        self.min_window = min_window
-        self.along_x = SideHead(width, pool, prior_width, axis=3)
-        self.along_y = SideHead(width, pool, prior_width, axis=2)
+        self.min_window = config.min_window
+        self.interior = config.interior
+        self.learned = nn.Conv2d(config.dim, config.learned, 1) if config.learned else None
+        self.net = nn.Sequential(
+            conv_block(FIXED_CUES + config.learned, config.width, 3),
+            conv_block(config.width, config.width, 3),
+            conv_block(config.width, config.width, 3),
+        )
+        self.along_x = SideHead(config.width, config.pool, config.prior_width, axis=3)
+        self.along_y = SideHead(config.width, config.pool, config.prior_width, axis=2)
 
-    def forward(self, fused: Tensor, boxes: Tensor, batch_index: Tensor) -> Tensor:
+    def pool_windows(self, feature: Tensor, rois: Tensor) -> Tensor:
+        """B x D x 64 x 64 map, K x 5 RoIs (batch index, xyxy pixels) -> K x D x P x P."""
+        return roi_align(
+            feature, rois.to(feature.dtype), self.pool, spatial_scale=1 / FEATURE_STRIDE, sampling_ratio=2, aligned=True
+        )
+
+    def forward(self, early: Tensor, embedding: Tensor, boxes: Tensor, batch_index: Tensor) -> Tensor:
         windows = enlarge(boxes, self.context, self.min_window)
         # roi_align indexes memory with these coordinates and crashes the process on NaN or huge values
         # (a diverged model makes both); a bad box still shows up as NaN in this stage's output and loss.
         safe = windows.nan_to_num(0.0, 0.0, 0.0).clamp(-IMAGE_SIZE, 2 * IMAGE_SIZE)
         rois = torch.cat([batch_index[:, None].to(safe.dtype), safe], dim=1)
-        pooled = roi_align(
-            fused, rois.to(fused.dtype), self.pool, spatial_scale=1 / FEATURE_STRIDE, sampling_ratio=2, aligned=True
-        )
+        early_window = self.pool_windows(early, rois)
         origin = windows[:, :2].repeat(1, 2)
         size = (windows[:, 2:] - windows[:, :2]).repeat(1, 2)
         current = (boxes - origin) / size  # x0, y0, x1, y1 in window units
-        x0, x1 = self.along_x(pooled, current[:, 0::2]).unbind(dim=1)
-        y0, y1 = self.along_y(pooled, current[:, 1::2]).unbind(dim=1)
+        cues = window_cues(early_window.float(), self.pool_windows(embedding, rois).float(), current, self.interior)
+        if self.learned is not None:
+            cues = torch.cat([cues, self.learned(early_window).to(cues.dtype)], dim=1)
+        x = self.net(cues)
+        x0, x1 = self.along_x(x, current[:, 0::2]).unbind(dim=1)
+        y0, y1 = self.along_y(x, current[:, 1::2]).unbind(dim=1)
         return origin + torch.stack([x0, y0, x1, y1], dim=1) * size
 
 
-class RoICascadeRefiner(nn.Module):
-    """Fuse both features, then refine each box through a cascade of RoIAlign + side-aware stages."""
+class SimilarityCascadeRefiner(nn.Module):
+    """Whiten both features, then refine each box through a cascade of RoIAlign + cue-map + side-aware stages."""
 
     def __init__(self, config: RefinerConfig) -> None:
         super().__init__()
         self.config = config
-        self.fusion = FeatureFusion(config.early_channels, config.width, config.trunk, config.use_embedding)
-        self.stages = nn.ModuleList(
-            CascadeStage(config.width, config.pool, context, config.min_window, config.prior_width)
-            for context in config.contexts
-        )
+        self.early = EarlyProjection(config.early_channels, config.dim, config.trunk)
+        self.embedding_norm = Whitening(EMBEDDING_SHAPE[0])
+        self.stages = nn.ModuleList(CascadeStage(config, context) for context in config.contexts)
 
     def set_feature_statistics(self, stats: dict[str, Tensor]) -> None:
         """Install training-set statistics {embedding_mean, embedding_cov, early_mean, early_cov}."""
-        if self.fusion.embedding_norm is not None:
-            self.fusion.embedding_norm.set_statistics(stats["embedding_mean"], stats["embedding_cov"])
-        self.fusion.early_norm.set_statistics(stats["early_mean"], stats["early_cov"])
+        self.embedding_norm.set_statistics(stats["embedding_mean"], stats["embedding_cov"])
+        self.early.norm.set_statistics(stats["early_mean"], stats["early_cov"])
 
     def forward_stages(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> list[Tensor]:
         """Every stage's boxes, K x 4 each (all images' boxes concatenated in order), last = final.
@@ -212,14 +267,15 @@ class RoICascadeRefiner(nn.Module):
         Each stage starts from the previous stage's boxes without gradient through them (as in Cascade
         R-CNN), so every stage learns to refine the distribution of boxes it is actually given.
         """
-        fused = self.fusion(embedding, early)
+        projected = self.early(early)
+        whitened = self.embedding_norm(embedding.float())
         batch_index = torch.cat(
-            [torch.full((len(b),), i, dtype=torch.int64, device=fused.device) for i, b in enumerate(boxes)]
+            [torch.full((len(b),), i, dtype=torch.int64, device=projected.device) for i, b in enumerate(boxes)]
         )
         current = torch.cat(boxes).float()
         outputs = []
         for stage in self.stages:
-            current = stage(fused, current.detach(), batch_index).float()
+            current = stage(projected, whitened, current.detach(), batch_index).float()
             outputs.append(current)
         return outputs
 
@@ -229,11 +285,11 @@ class RoICascadeRefiner(nn.Module):
         return list(final.split([len(b) for b in boxes]))
 
 
-Builder = Callable[[RefinerConfig], RoICascadeRefiner]
-REFINERS: dict[str, Builder] = {"roi_cascade": RoICascadeRefiner}
+Builder = Callable[[RefinerConfig], SimilarityCascadeRefiner]
+REFINERS: dict[str, Builder] = {"similarity_cascade": SimilarityCascadeRefiner}
 
 
-def build_refiner(name: str, config: RefinerConfig) -> RoICascadeRefiner:
+def build_refiner(name: str, config: RefinerConfig) -> SimilarityCascadeRefiner:
     """A refiner variant from `REFINERS` by name."""
     if name not in REFINERS:
         raise KeyError(f"unknown refiner {name!r}; choose one of {', '.join(REFINERS)}")

@@ -39,7 +39,7 @@ from pipeline.features import (
     load_split,
     resolve_namespace,
 )
-from pipeline.refiner import RefinerConfig, RoICascadeRefiner, build_refiner
+from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refiner
 from pipeline.store import FeatureStore
 
 CHECKPOINT = "model.pt"
@@ -71,17 +71,25 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 20
-    model: str = "roi_cascade"
-    use_embedding: bool = False
-    width: int = 32
-    trunk: int = 2
-    pool: int = 16
+    model: str = "similarity_cascade"
+    # The refiner's shape (see pipeline.refiner.RefinerConfig).
+    dim: int = 64
+    trunk: int = 1
+    width: int = 16
+    pool: int = 24
+    learned: int = 8
     contexts: tuple[float, ...] = (2.0, 1.5)
     amp: str = "auto"
     seed: int = 0
     resume: bool = False
     workers: int | None = None  # default: 0 on CPU (reads are cheap next to the model), 2 on CUDA
     device: str = "auto"
+
+    def refiner_config(self, early_channels: int) -> RefinerConfig:
+        """The refiner this run trains, for features with `early_channels` early channels."""
+        return RefinerConfig(
+            early_channels, self.dim, self.trunk, self.width, self.pool, self.learned, tuple(self.contexts)
+        )
 
     def resolved(self) -> dict[str, Any]:
         """Plain-Python form for the checkpoint (paths as strings)."""
@@ -221,7 +229,7 @@ def _boxes_of(
 
 
 def train_one_epoch(
-    model: RoICascadeRefiner,
+    model: SimilarityCascadeRefiner,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     loader: DataLoader,
@@ -269,7 +277,7 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(
-    model: RoICascadeRefiner,
+    model: SimilarityCascadeRefiner,
     loader: DataLoader,
     images: list[ImageBoxes],
     config: TrainConfig,
@@ -322,7 +330,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def refiner_from_checkpoint(checkpoint: dict[str, Any]) -> RoICascadeRefiner:
+def refiner_from_checkpoint(checkpoint: dict[str, Any]) -> SimilarityCascadeRefiner:
     """The trained refiner of a checkpoint, in eval mode."""
     model = build_refiner(checkpoint["refiner"]["name"], RefinerConfig.from_dict(checkpoint["refiner"]["config"]))
     model.load_state_dict(checkpoint["model"])
@@ -377,14 +385,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
     provenance = namespace.provenance
 
     torch.manual_seed(config.seed)
-    refiner_config = RefinerConfig(
-        early_channels=int(provenance["early_channels"]),
-        width=config.width,
-        trunk=config.trunk,
-        pool=config.pool,
-        contexts=config.contexts,
-        use_embedding=config.use_embedding,
-    )
+    refiner_config = config.refiner_config(int(provenance["early_channels"]))
     model = build_refiner(config.model, refiner_config)
     train_data = FeatureDataset(store.url, namespace.fingerprint, train_split.images)
     val_data = FeatureDataset(store.url, namespace.fingerprint, val_split.images)

@@ -74,7 +74,8 @@ def test_train_writes_a_safe_checkpoint_metrics_and_curves(base_dataset: dict, t
     assert checkpoint["config"]["noise"] == 0.2 and checkpoint["config"]["store"] == str(base_dataset["store"])
     assert checkpoint["scaler"] is None  # fp32 on CPU: no GradScaler
     # The whitening statistics measured on the training set travel with the weights.
-    assert not torch.equal(checkpoint["model"]["fusion.early_norm.matrix"], torch.eye(160))
+    assert not torch.equal(checkpoint["model"]["early.norm.matrix"], torch.eye(160))
+    assert not torch.equal(checkpoint["model"]["embedding_norm.matrix"], torch.eye(256))
 
     metrics = json.loads((out / METRICS).read_text())
     assert metrics["epoch"] == 2 and 0.0 < metrics["val"]["mean_iou_coarse"] < 1.0
