@@ -1,0 +1,113 @@
+"""Mixed precision on CUDA: train the refiner with --amp off / bf16 / fp16 on the demo and compare.
+
+    python bench/train_amp.py [--amps off,bf16,fp16] [--epochs 8] [--n-train 160] [--n-val 40] [--out bench/results]
+
+Makes the demo dataset, extracts it (vit_tiny, random weights) into a fresh store, then for each AMP
+mode trains a refiner from the same seed through the same `train_one_epoch` / `evaluate` that
+`refine train` runs, and records every epoch's loss (finite or not), the final val metrics and the
+training boxes/s. Writes `<out>/train_amp_<device>.json` after every mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.demo_data import make_demo_dataset
+from pipeline.extract import ExtractConfig, resolve_device, run_extract
+from pipeline.features import EpochShuffle, FeatureDataset, feature_loader, feature_statistics, load_split
+from pipeline.refiner import build_refiner
+from pipeline.store import FeatureStore
+from pipeline.train import TrainConfig, TrainProgress, cosine_schedule, evaluate, resolve_amp, train_one_epoch
+
+
+def train_with(amp: str, store: str, demo: Path, epochs: int, device_name: str) -> dict[str, Any]:
+    """Train one refiner with `amp`; its per-epoch losses, final val metrics and training boxes/s."""
+    config = TrainConfig(
+        store=store, annotations=demo / "train.json", val_annotations=demo / "val.json", epochs=epochs,
+        amp=amp, device=device_name, workers=2,
+    )
+    device = resolve_device(config.device)
+    amp_dtype = resolve_amp(config.amp, device)
+    namespace = FeatureStore(store).namespace(FeatureStore(store).fingerprints()[0])
+    train_split = load_split(namespace, "train", config.annotations)
+    val_split = load_split(namespace, "val", demo / "val.json")
+    train_data = FeatureDataset(store, namespace.fingerprint, train_split.images)
+    val_data = FeatureDataset(store, namespace.fingerprint, val_split.images)
+    torch.manual_seed(config.seed)
+    model = build_refiner(config.model, config.refiner_config(int(namespace.provenance["early_channels"])))
+    model.set_feature_statistics(feature_statistics(train_data))
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    sampler = EpochShuffle(len(train_data), config.seed)
+    pin = device.type == "cuda"
+    train_loader = feature_loader(train_data, config.batch_size, config.workers, sampler, pin=pin)
+    val_loader = feature_loader(val_data, config.batch_size, config.workers, pin=pin)
+    schedule = cosine_schedule(config.lr, config.warmup_steps, epochs * len(train_loader))
+    losses, rates = [], []
+    val: dict[str, Any] = {}
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        reports: list[TrainProgress] = []
+        losses.append(
+            train_one_epoch(
+                model, optimizer, scaler, train_loader, train_split.images, config, epoch, device, amp_dtype,
+                schedule, reports.append,
+            )
+        )
+        rates.append(reports[-1].boxes_per_s)
+        val = evaluate(model, val_loader, val_split.images, config, epoch, device, amp_dtype)
+    return {
+        "amp": amp,
+        "dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
+        "losses": [round(loss, 5) for loss in losses],
+        "all_finite": all(math.isfinite(loss) for loss in losses),
+        "val": val,
+        # The first epoch pays for worker start-up and kernel selection: quote the later ones.
+        "train_boxes_per_s": round(sum(rates[1:]) / max(len(rates) - 1, 1), 1),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--amps", default="off,bf16,fp16", help="comma-separated --amp modes (default off,bf16,fp16)")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs per mode (default 8, as `refine train`)")
+    parser.add_argument("--n-train", type=int, default=160, help="demo training images (default 160)")
+    parser.add_argument("--n-val", type=int, default=40, help="demo validation images (default 40)")
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    target = args.out / f"train_amp_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_').lower()}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"device": name, "epochs": args.epochs, "torch": torch.__version__, "modes": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        demo, store = Path(scratch) / "demo", str(Path(scratch) / "features.zarr")
+        make_demo_dataset(demo, seed=0, n_train=args.n_train, n_val=args.n_val)
+        for split in ("train", "val"):
+            run_extract(
+                ExtractConfig(images=demo / "images", store=store, annotations=demo / f"{split}.json", device=args.device)
+            )
+        for amp in args.amps.split(","):
+            mode = train_with(amp, store, demo, args.epochs, args.device)
+            result["modes"].append(mode)
+            print(json.dumps({k: v for k, v in mode.items() if k != "losses"}), flush=True)
+            target.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written to {target}")
+
+
+if __name__ == "__main__":
+    main()
