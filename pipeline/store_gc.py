@@ -13,7 +13,8 @@ touched. A writer writes its segment after every batch, and one that has been id
 (well below the default grace) moves to a fresh segment instead, so gc never changes a segment that a
 writer may still append to. Crash-safe itself: a commit file is rewritten (atomically) before the bytes
 it stops naming are deleted, so a killed gc leaves at most more garbage, never a dangling row. A damaged
-commit file is reported and its segment left alone: gc never deletes what it cannot read. Run one gc at
+commit file is reported and its segment left alone (gc does not delete what it cannot read) unless
+`drop_damaged`: then both go, and `extract` recomputes whatever a dataset needed from them. Run one gc at
 a time; a `train` reading the store while gc removes copies it resolved earlier stops with a clear error.
 """
 
@@ -36,12 +37,13 @@ class GcReport:
     """What gc removed (or, in a dry run, would remove) and what it left alone."""
 
     segments_removed: int = 0
-    shards_removed: int = 0
+    shards_removed: int = 0  # shard files (one per array per batch)
     duplicates_removed: int = 0
     temporaries_removed: int = 0
     bytes_freed: int = 0
     live_segments: int = 0  # written within the grace period: untouched
-    left_alone: list[str] = field(default_factory=list)  # damaged commit files, one message each
+    left_alone: list[str] = field(default_factory=list)  # damaged commit files kept, one message each
+    damaged_removed: list[str] = field(default_factory=list)  # damaged commit files removed (drop_damaged)
 
 
 def _mtime(info: dict[str, Any], now: float) -> float:
@@ -53,9 +55,10 @@ def _mtime(info: dict[str, Any], now: float) -> float:
 
 
 class _Collector:
-    def __init__(self, store: FeatureStore, grace_s: float, dry_run: bool) -> None:
+    def __init__(self, store: FeatureStore, grace_s: float, dry_run: bool, drop_damaged: bool) -> None:
         self.store = store
         self.dry_run = dry_run
+        self.drop_damaged = drop_damaged
         self.now = time.time()
         self.cutoff = self.now - grace_s
         self.report = GcReport()
@@ -72,7 +75,7 @@ class _Collector:
             self.store.fs.rm(self.store.path(relative), recursive=True)
 
     def temporaries(self) -> None:
-        for name, info in self.files.items():
+        for name, info in list(self.files.items()):
             if name.endswith(".partial") and _mtime(info, self.now) < self.cutoff:
                 self.remove(name)
                 self.report.temporaries_removed += 1
@@ -80,31 +83,36 @@ class _Collector:
     def namespace(self, namespace: Namespace) -> None:
         fingerprint = namespace.fingerprint
         commits: dict[str, list[Entry]] = {}
+        damaged: dict[str, str] = {}
         for segment in namespace.commit_names():
             try:
                 commits[segment] = namespace.commit_entries(segment)
             except RefineError as error:
-                self.report.left_alone.append(str(error))
+                damaged[segment] = str(error)
             except FileNotFoundError:
                 continue
         winners = {entry.key: entry for segment in sorted(commits) for entry in commits[segment]}
         segment_files: dict[str, dict[str, dict]] = {}
         for name, info in self.files.items():
             parts = name.split("/")
-            if len(parts) > 2 and parts[0] == fingerprint and parts[1] == "segments":
+            if len(parts) > 3 and parts[0] == fingerprint and parts[1] == "segments":  # a file inside a segment
                 segment_files.setdefault(parts[2], {})[name] = info
-        damaged = set(namespace.commit_names()) - set(commits)
-        for segment in sorted(set(segment_files) | set(commits)):
-            if segment in damaged:
-                continue
+        for segment in sorted(set(segment_files) | set(commits) | set(damaged)):
             commit_file = f"{fingerprint}/commits/{segment}.json"
             touched = [_mtime(info, self.now) for info in segment_files.get(segment, {}).values()]
             if commit_file in self.files:
                 touched.append(_mtime(self.files[commit_file], self.now))
-            if max(touched, default=self.now) >= self.cutoff:
+            if segment in damaged and not (self.drop_damaged and max(touched, default=self.now) < self.cutoff):
+                self.report.left_alone.append(damaged[segment])
+            elif max(touched, default=self.now) >= self.cutoff:
                 self.report.live_segments += 1
-                continue
-            self.segment(namespace, segment, commits.get(segment), winners, segment_files.get(segment, {}))
+            elif segment in damaged:
+                self.report.damaged_removed.append(damaged[segment])
+                self.remove(commit_file)
+                self.remove(f"{fingerprint}/segments/{segment}")
+                self.report.segments_removed += 1
+            else:
+                self.segment(namespace, segment, commits.get(segment), winners, segment_files.get(segment, {}))
 
     def segment(
         self, namespace: Namespace, segment: str, entries: list[Entry] | None,
@@ -139,11 +147,13 @@ class _Collector:
             self.report.shards_removed += 1
 
 
-def collect_garbage(store: FeatureStore, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> GcReport:
+def collect_garbage(
+    store: FeatureStore, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False, drop_damaged: bool = False
+) -> GcReport:
     """Remove unreferenced segments and shards, duplicate copies and stale temporaries (see the module)."""
     if grace_s < 0:
         raise RefineError(f"--grace must be at least 0 seconds, got {grace_s}")
-    collector = _Collector(store, grace_s, dry_run)
+    collector = _Collector(store, grace_s, dry_run, drop_damaged)
     collector.temporaries()
     for fingerprint in store.fingerprints():
         collector.namespace(Namespace(store, fingerprint))

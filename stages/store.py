@@ -64,15 +64,25 @@ def gc(
         ),
     ] = DEFAULT_GRACE_S,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be removed; remove nothing.")] = False,
+    drop_damaged: Annotated[
+        bool,
+        typer.Option(
+            "--drop-damaged",
+            help="Also remove damaged (unparseable) commit files and their segments; `extract` recomputes "
+            "what a dataset needed from them. Without it they are reported and kept.",
+        ),
+    ] = False,
 ) -> None:
     """Remove segments and shards no commit references, duplicate copies of a key and stale temporary files."""
     with domain_errors():
-        report = collect_garbage(FeatureStore(store), grace, dry_run)
+        report = collect_garbage(FeatureStore(store), grace, dry_run, drop_damaged)
     for message in report.left_alone:
-        err_console.print(f"  left alone (damaged, see `refine store verify`): {message}", markup=False, highlight=False)
+        err_console.print(f"  left alone (damaged; --drop-damaged removes it): {message}", markup=False, highlight=False)
+    for message in report.damaged_removed:
+        err_console.print(f"  removed (damaged): {message}", markup=False, highlight=False)
     verb = "would remove" if dry_run else "removed"
     console.print(
-        f"{store}: {verb} {report.segments_removed} segment(s), {report.shards_removed} shard(s), "
+        f"{store}: {verb} {report.segments_removed} segment(s), {report.shards_removed} shard file(s), "
         f"{report.duplicates_removed} duplicate entr(ies), {report.temporaries_removed} temporary file(s): "
         f"{report.bytes_freed / 2**20:.1f} MiB; {report.live_segments} segment(s) written within the grace period left alone",
         markup=False,
