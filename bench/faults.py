@@ -111,16 +111,25 @@ def problems(store: Path) -> list[str]:
 
 # -- faults ----------------------------------------------------------------------------------------------
 def kills(root: Path, annotations: Path, count: int, want_kills: int, rng: random.Random) -> dict[str, Any]:
+    """Kill `extract` again and again: one kill in five lands blind (often in start-up), the others at a
+    random moment of the encode / write / commit cycle, after the run's first commit."""
     store = root / "killed.zarr"
     command = refine(*extract_args(root, annotations, store))
-    history, low, high = [], 1.0, 8.0
+    history: list[dict[str, Any]] = []
+    per_image = 2.0  # seconds between two commits, measured as the run goes
     while True:
         before = sum(rows_by_key(store).values()) if store.exists() else 0
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if len(history) >= want_kills:
             assert process.wait() == 0, "the final, uninterrupted resume failed"
             break
-        delay = rng.uniform(low, high)
+        started = time.monotonic()
+        blind = rng.random() < 0.2
+        if not blind:  # wait for this run's first commit: start-up is over, an image is in flight
+            while process.poll() is None and (sum(rows_by_key(store).values()) if store.exists() else 0) == before:
+                time.sleep(0.05)
+            first_commit = time.monotonic()
+        delay = rng.uniform(0.5, 6.0) if blind else rng.uniform(0.0, per_image)
         try:
             process.wait(timeout=delay)
             break  # finished before the kill: the run is complete
@@ -128,12 +137,12 @@ def kills(root: Path, annotations: Path, count: int, want_kills: int, rng: rando
             process.send_signal(signal.SIGKILL)
             process.wait()
         after = sum(rows_by_key(store).values()) if store.exists() else 0
+        if not blind and after - before > 1:
+            per_image = (time.monotonic() - first_commit) / (after - before - 1)
         found = problems(store) if store.exists() else []
-        history.append({"after_s": round(delay, 2), "committed_before": before, "committed_after": after,
-                        "verify_problems": len(found)})
+        history.append({"blind": blind, "killed_after_s": round(time.monotonic() - started, 2),
+                        "committed_before": before, "committed_after": after, "verify_problems": len(found)})
         assert not found, found
-        if after == before:
-            high += 1.0  # the kills land before any work: give the next run longer
     orphans_before_gc = orphans(store)
     gc = run("store", "gc", store, "--grace", "0").stdout.strip()
     counts = rows_by_key(store)

@@ -176,7 +176,10 @@ def _load_detections(path: Path, coco: CocoDataset) -> dict[int, list[tuple[floa
         where = f"{path}: detection [{index}]"
         if not isinstance(detection, dict):
             raise RefineError(f"{where}: expected an object")
-        image = images.get(detection.get("image_id"))  # type: ignore[arg-type]
+        image_id = detection.get("image_id")
+        if isinstance(image_id, bool) or not isinstance(image_id, int):  # also keeps 1.0 from meaning image 1
+            raise RefineError(f"{where}: 'image_id' must be an integer, got {image_id!r}"[:200])
+        image = images.get(image_id)
         if image is None:
             raise RefineError(f"{where}: image_id {detection.get('image_id')!r} is not in {coco.path}")
         boxes.setdefault(image.id, []).append(check_box(detection.get("bbox"), image, where))
