@@ -171,11 +171,11 @@ def kills(root: Path, annotations: Path, count: int, want_kills: int, rng: rando
 
 
 def writers(root: Path, files: list[Path], processes: int, fresh: dict[str, str]) -> dict[str, Any]:
-    """`processes` extracts at once; writer i takes 6 images starting at 3 i (mod n): each image twice."""
-    count = 3 * processes
+    """`processes` extracts at once; writer i takes 4 images starting at 2 i (mod n): each image twice."""
+    count = 2 * processes
     store = root / f"writers{processes}.zarr"
     FeatureStore(store, create=True)
-    sets = [[files[(3 * i + j) % count] for j in range(6)] for i in range(processes)]
+    sets = [[files[(2 * i + j) % count] for j in range(4)] for i in range(processes)]
     started = time.perf_counter()
     running = [
         subprocess.Popen(
@@ -308,15 +308,15 @@ def _last_error(stderr: str, first: bool = False) -> str:
 
 
 def disk_full(root: Path, annotations: Path) -> dict[str, Any]:
-    """extract into an 8 MiB tmpfs (3 of the 8 entries fit), then remount it with room and resume."""
+    """extract into a 6 MiB tmpfs (two of the five entries fit), then remount it with room and resume."""
     mount = root / "tmpfs"
     mount.mkdir()
     store = mount / "store.zarr"
-    small = write_coco(root / "eight.json", sorted((root / "images").glob("*.png"))[:8])
+    small = write_coco(root / "five.json", sorted((root / "images").glob("*.png"))[:5])
     extract = " ".join(map(_quote, refine(*extract_args(root, small, store))))
     verify = " ".join(map(_quote, refine("store", "verify", store)))
     script = (
-        f"mount -t tmpfs -o size=8m tmpfs {_quote(mount)} || exit 99\n"
+        f"mount -t tmpfs -o size=6m tmpfs {_quote(mount)} || exit 99\n"
         f"{extract} > {root}/full.out 2> {root}/full.err; echo extract_full=$?\n"
         f"{verify} > {root}/verify.out 2>&1; echo verify_full=$?\n"
         f"find {_quote(store)} -name '*.partial' | wc -l | sed 's/^/partials=/'\n"
@@ -329,7 +329,7 @@ def disk_full(root: Path, annotations: Path) -> dict[str, Any]:
         return {"skipped": f"no tmpfs in a user namespace here ({result.stderr.strip()[:200]})"}
     codes = dict(line.split("=") for line in result.stdout.split() if "=" in line)
     return {
-        "filesystem": "tmpfs, 8 MiB (user namespace), later remounted at 64 MiB",
+        "filesystem": "tmpfs, 6 MiB (user namespace), later remounted at 64 MiB",
         "extract_exit_when_full": int(codes["extract_full"]),
         "message": _last_error((root / "full.err").read_text()),
         "verify_exit_when_full": int(codes["verify_full"]),
