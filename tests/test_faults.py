@@ -236,3 +236,46 @@ def test_train_killed_mid_epoch_resumes_to_the_same_metrics(dataset, tmp_path) -
     assert "epochs 2-3" in resumed.stdout
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics == json.loads((tmp_path / "reference" / "train_metrics.json").read_text())
+
+
+# -- killed at the worst moments ---------------------------------------------------------------------------
+# Run `refine extract` with one store function wrapped to SIGKILL the process on its n-th call: the second
+# batch dies after its shards are written but before its commit, or in the middle of writing the commit.
+KILL_ON_CALL = """
+import os, signal, sys
+import pipeline.store as store
+calls = []
+def deadly(real):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return wrapper
+if sys.argv[1] == "after-shards":
+    store.entry_digest = deadly(store.entry_digest)  # called between the shard writes and the commit
+else:
+    store.os.fsync = deadly(os.fsync)  # root, namespace, first commit, then the second commit's temporary
+from stages.cli import app
+app(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("moment, call", [("after-shards", 2), ("mid-commit", 4)])
+def test_kill_at_the_worst_moment_leaves_only_garbage_that_gc_removes(moment, call, tmp_path) -> None:
+    files = write_images(tmp_path / "images", 2, seed=11)
+    annotations = write_coco(tmp_path / "train.json", tmp_path / "images", files)
+    store = tmp_path / "store.zarr"
+    args = ["extract", "--images", tmp_path / "images", "--annotations", annotations, "--store", store,
+            "--batch-size", "1", "--workers", "0"]
+    killed = subprocess.run([sys.executable, "-c", KILL_ON_CALL, moment, str(call), *map(str, args)], cwd=REPO,
+                            capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert rows_by_key(store) and sum(rows_by_key(store).values()) == 1  # the first batch, committed
+    assert orphans(store)  # the second batch's shards (and the commit's temporary) are garbage...
+    assert verify_store(FeatureStore(store))[1] == []  # ...that no reader sees
+    resumed = subprocess.run(refine(*args), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "1 hits, 1 computed" in resumed.stdout, resumed.stderr
+    assert collect_garbage(FeatureStore(store), grace_s=0).bytes_freed > 0
+    assert orphans(store) == [] and set(rows_by_key(store).values()) == {1}
+    assert verify_store(FeatureStore(store))[1] == []
