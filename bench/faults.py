@@ -392,7 +392,8 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
             report.setdefault("stage_wall_s", {})[stage] = round(time.perf_counter() - started, 1)
-            target.write_text(json.dumps(report, indent=1) + "\n")  # after each stage: a crash keeps the rest
+            # After each stage (a crash keeps the rest); this machine's paths never go into the figures.
+            target.write_text(json.dumps(report, indent=1).replace(str(root), "<work>") + "\n")
             print(stage, json.dumps(report[stage])[:2000], flush=True)
     print(f"wrote {target}")
 
