@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.boxes import clip_to_image, coco_to_xyxy, to_input, to_original, xyxy_to_coco
+from pipeline.boxes import coco_to_xyxy, to_input, to_original, valid_boxes, xyxy_to_coco
 from pipeline.coco import ImageRecord, check_box, read_json
 from pipeline.errors import RefineError
 from pipeline.refiner import SimilarityCascadeRefiner
@@ -40,11 +40,11 @@ def refine_boxes(
 ) -> Tensor:
     """Refine one image's boxes (N x 4 xyxy, original pixels) from one read of its features.
 
-    Returns N x 4 xyxy in original pixels, clipped to the image.
+    Returns N x 4 valid xyxy boxes in original pixels inside the image (see `valid_boxes`).
     """
     if boxes.numel() == 0:
         return boxes.reshape(0, 4)
-    embedding, early = namespace.read(entry)
+    embedding, early = namespace.read(entry, check=True)  # never refine from damaged features
     inputs = to_input(boxes.float(), entry.original_size, entry.resized_size)
     (refined,) = model(
         torch.from_numpy(embedding)[None].float().to(device),
@@ -52,7 +52,7 @@ def refine_boxes(
         [inputs.to(device)],
     )
     refined = to_original(refined.float().cpu(), entry.original_size, entry.resized_size)
-    return clip_to_image(refined, entry.original_size)
+    return valid_boxes(refined, boxes, entry.original_size)
 
 
 def image_entries(namespace: Namespace, dataset: str | None) -> dict[Any, tuple[ImageRecord, Entry]]:

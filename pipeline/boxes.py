@@ -96,3 +96,22 @@ def match_to_ground_truth(coarse: Tensor, gt: Tensor, threshold: float = 0.5) ->
     best_iou, best_gt = box_iou(coarse, gt).max(dim=1)
     keep = torch.nonzero(best_iou >= threshold).flatten()
     return keep, best_gt[keep]
+
+
+def valid_boxes(refined: Tensor, fallback: Tensor, image_hw: Sequence[int], min_side: float = 1.0) -> Tensor:
+    """N x 4 boxes that are always valid inside an image of height x width: finite, x0 < x1, y0 < y1.
+
+    A refined box that is not finite, or whose sides crossed or left the image (nothing remains after
+    clipping), is replaced by its `fallback` (the coarse box); a box thinner than `min_side` (or than
+    the image) grows about its centre to that size, staying inside the image.
+    """
+    height, width = float(image_hw[0]), float(image_hw[1])
+    clipped = clip_to_image(refined.float().nan_to_num(nan=-1.0, posinf=-1.0, neginf=-1.0), image_hw)
+    broken = ~torch.isfinite(refined).all(dim=1) | (clipped[:, 2:] <= clipped[:, :2]).any(dim=1)
+    boxes = torch.where(broken[:, None], clip_to_image(fallback.float(), image_hw), clipped)
+    limit = torch.tensor([width, height], dtype=boxes.dtype)
+    side = torch.minimum(torch.full_like(limit, min_side), limit)
+    centre = ((boxes[:, :2] + boxes[:, 2:]) / 2).clamp(min=side / 2, max=limit - side / 2)
+    low = torch.minimum(boxes[:, :2], centre - side / 2)
+    high = torch.maximum(boxes[:, 2:], centre + side / 2)
+    return torch.cat([low, high], dim=1)

@@ -5,6 +5,8 @@ The pipeline, each part overlapped with the encoder:
   orient and resize the misses  ->  pinned memory, non-blocking copy  ->  encoder (batched, bf16 on
   CUDA, fused attention, optionally compiled)  ->  non-blocking copy to pinned memory  ->  a writer
   thread waits for the copy and commits each batch to this process's own store segment (bounded queue).
+Meanwhile two threads read back each hit's entry and check its digest; a damaged entry (or one in a
+damaged commit file) is never trusted: a second pass recomputes it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,7 +29,7 @@ from pipeline.coco import load_coco
 from pipeline.encoder import EncoderIdentity, FeatureEncoder, build_encoder, identity_for
 from pipeline.errors import RefineError
 from pipeline.images import IMAGE_SUFFIXES, content_key, prepare, read_file
-from pipeline.store import FeatureStore, SegmentWriter
+from pipeline.store import Entry, FeatureStore, Namespace, SegmentWriter
 
 MANIFEST_FORMAT = "refine-dataset-manifest"
 CPU_BATCH = 4
@@ -55,6 +58,7 @@ class ExtractConfig:
     skip_bad_images: bool = False
     fused_attention: bool = True
     compile: bool = False
+    check_hits: bool = True  # read back every committed entry the dataset uses; damaged ones are recomputed
 
 
 @dataclass
@@ -68,6 +72,7 @@ class ExtractSummary:
     hits: int = 0
     computed: int = 0
     failed: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)  # damaged entries and commit files found (recomputed)
     wall_s: float = 0.0
     encoder_s: float = 0.0
     build_s: float = 0.0  # building the encoder (and loading its weights), once per run with a miss
@@ -203,10 +208,16 @@ class _BackgroundWriter:
                     self.writer.write_batch(keys, embedding.numpy(), early.numpy(), original_sizes, resized_sizes)
                 except BaseException as error:  # handed to the main thread
                     self.error = error
+            self.queue.task_done()
 
     def put(self, *job: object) -> None:
         self._raise_if_failed()
         self.queue.put(job)
+
+    def flush(self) -> None:
+        """Wait until every batch handed over so far is committed."""
+        self.queue.join()
+        self._raise_if_failed()
 
     def close(self) -> None:
         self.queue.put(None)
@@ -216,10 +227,12 @@ class _BackgroundWriter:
     def _raise_if_failed(self) -> None:
         if self.error is None:
             return
-        if isinstance(self.error, RefineError):
-            raise self.error
-        store = self.writer.namespace.store.url
-        raise RefineError(f"{store}: writing features failed ({type(self.error).__name__}: {self.error})")
+        error = self.error
+        detail = str(error) if isinstance(error, RefineError) else f"{type(error).__name__}: {error}"
+        raise RefineError(
+            f"{self.writer.namespace.store.url}: writing features stopped ({detail}); every batch committed "
+            "before is intact: fix the cause (e.g. free disk space), then run `refine extract` again to continue"
+        )
 
 
 class _Encoder:
@@ -288,69 +301,31 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
     summary = ExtractSummary(dataset_name, identity.fingerprint, identity.describe_weights(), identity.random_init)
     summary.images = len(items)
     bytes_before = store.bytes_on_disk(identity.fingerprint)
-    committed = namespace.entries()
-    sizes: dict[str, Sizes] = {key: (e.original_size, e.resized_size) for key, e in committed.items()}
+    committed, damaged_commits = namespace.scan()
+    summary.repaired.extend(damaged_commits)  # their entries are unknown, so they are misses: recomputed
 
     device = resolve_device(config.device)
     batch_size = config.batch_size or default_batch_size(identity.model_type, device, config.fused_attention)
     # Decoding and resizing cost a core several ms per image: a fast encoder on a GPU needs several workers.
     workers = config.workers if config.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
-    loader = DataLoader(
-        _ImageDataset(items, frozenset(committed)),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=2 if workers else None,  # batches ahead per worker; more only fills shared memory
-    )
-    encoder: _Encoder | None = None  # built on the first miss: a warm re-run never builds it
-    writer: _BackgroundWriter | None = None
-    seen: set[str] = set()
-    done = 0
+    run = _Run(config, identity, namespace, committed, summary, device, batch_size, progress)
     try:
-        wait_started = time.perf_counter()
-        for samples, pixels in loader:
-            summary.data_wait_s += time.perf_counter() - wait_started
-            decoded = [s for s in samples if s.decoded]  # the order of `pixels`
-            new: list[int] = []
-            for i, sample in enumerate(decoded):
-                if sample.key not in sizes:  # neither committed nor encoded earlier: a file repeated is encoded once
-                    sizes[sample.key] = (sample.original, sample.resized)
-                    new.append(i)
-            for sample in samples:
-                items[sample.index].key = sample.key
-                if sample.error is not None:
-                    summary.failed.append(sample.error)
-                elif sample.key not in seen:
-                    seen.add(sample.key)
-                    summary.hits += sample.key in committed
-            if new:
-                if encoder is None:
-                    build_started = time.perf_counter()
-                    encoder = _build(identity, config, device, batch_size)
-                    summary.build_s = time.perf_counter() - build_started
-                    writer = _BackgroundWriter(
-                        namespace.writer(identity.early_channels, batch_size, _computed_with(config, device, encoder))
-                    )
-                chosen = [decoded[i] for i in new]
-                resized = torch.tensor([s.resized for s in chosen])
-                # Only a full batch comes pinned from the loader; a subset is a fresh pageable copy.
-                batch = pixels if len(new) == len(decoded) else pixels[new]
-                embedding, early, ready = encoder(batch, resized)
-                assert writer is not None
-                originals, resized_sizes = [s.original for s in chosen], [s.resized for s in chosen]
-                writer.put([s.key for s in chosen], embedding, early, originals, resized_sizes, ready)
-                summary.computed += len(chosen)
-            done += len(samples)
-            summary.wall_s = time.perf_counter() - started  # live, for the progress display
-            if progress:
-                progress("extract", done, len(items), summary)
-            wait_started = time.perf_counter()
+        run.encode_misses(items, workers, "extract")
+        damaged = run.damaged_hits()
+        if damaged:
+            # A damaged entry is never used: recompute it into a fresh segment, later than the damaged
+            # copy's, so that every reader resolves the key to the new copy (latest wins).
+            summary.repaired.extend(damaged.values())
+            summary.hits -= len(damaged)
+            for key in damaged:
+                del committed[key], run.sizes[key]
+            run.new_segment()
+            run.encode_misses([item for item in items if item.key in damaged], 0, "repair")
     finally:
-        if writer is not None:
-            writer.close()
-    if encoder is not None:
-        summary.encoder_s = encoder.seconds()
+        run.close()
+    sizes = run.sizes
+    if run.encoder is not None:
+        summary.encoder_s = run.encoder.seconds()
 
     for item in items:
         if item.key in sizes and item.size is not None and sizes[item.key][0] != item.size:
@@ -360,7 +335,7 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
                 f"orientation, but the annotations say {want_width} x {want_height}; its boxes would not fit"
             )
             del sizes[item.key]  # left out of the manifest
-    summary.unique = len(seen)
+    summary.unique = len(run.seen)
     summary.bytes_written = store.bytes_on_disk(identity.fingerprint) - bytes_before
     summary.wall_s = time.perf_counter() - started
     if summary.failed and not config.skip_bad_images:
@@ -389,6 +364,115 @@ def _computed_with(config: ExtractConfig, device: torch.device, encoder: _Encode
         "fused_attention": config.fused_attention,
         "compiled": config.compile,
     }
+
+
+def _check_entry(namespace: Namespace, entry: Entry) -> str | None:
+    """None if a committed entry reads back and matches its digest, else what is wrong with it."""
+    try:
+        namespace.read(entry, check=True)
+    except RefineError as error:
+        return str(error)
+    return None
+
+
+class _Run:
+    """One `extract` run: the keys known so far, the encoder and writer (built on the first miss), and
+    the background checks of the hits (each committed entry the dataset uses is read back once)."""
+
+    def __init__(
+        self, config: ExtractConfig, identity: EncoderIdentity, namespace: Namespace, committed: dict[str, Entry],
+        summary: ExtractSummary, device: torch.device, batch_size: int, progress: Progress | None,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.namespace = namespace
+        self.committed = committed
+        self.summary = summary
+        self.device = device
+        self.batch_size = batch_size
+        self.progress = progress
+        self.started = time.perf_counter()
+        self.sizes: dict[str, Sizes] = {key: (e.original_size, e.resized_size) for key, e in committed.items()}
+        self.seen: set[str] = set()
+        self.encoder: _Encoder | None = None  # built on the first miss: a warm re-run never builds it
+        self.writer: _BackgroundWriter | None = None
+        # Reads decompress and hash outside the GIL: two threads keep up with the hashing workers.
+        self.checker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="refine-check") if config.check_hits else None
+        self.checks: dict[str, Future[str | None]] = {}
+
+    def encode_misses(self, items: list[ImageItem], workers: int, phase: str) -> None:
+        """Hash every item; check hits in the background; encode and commit the misses."""
+        loader = DataLoader(
+            _ImageDataset(items, frozenset(self.committed)),
+            batch_size=self.batch_size,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers else None,  # batches ahead per worker; more only fills shared memory
+        )
+        summary = self.summary
+        done = 0
+        wait_started = time.perf_counter()
+        for samples, pixels in loader:
+            summary.data_wait_s += time.perf_counter() - wait_started
+            decoded = [s for s in samples if s.decoded]  # the order of `pixels`
+            new: list[int] = []
+            for i, sample in enumerate(decoded):
+                if sample.key not in self.sizes:  # neither committed nor encoded earlier: a file repeated is encoded once
+                    self.sizes[sample.key] = (sample.original, sample.resized)
+                    new.append(i)
+            for sample in samples:
+                items[sample.index].key = sample.key
+                if sample.error is not None:
+                    summary.failed.append(sample.error)
+                elif sample.key not in self.seen:
+                    self.seen.add(sample.key)
+                    if sample.key in self.committed:
+                        summary.hits += 1
+                        if self.checker is not None:
+                            self.checks[sample.key] = self.checker.submit(
+                                _check_entry, self.namespace, self.committed[sample.key]
+                            )
+            if new:
+                # Only a full batch comes pinned from the loader; a subset is a fresh pageable copy.
+                self._encode([decoded[i] for i in new], pixels if len(new) == len(decoded) else pixels[new])
+            done += len(samples)
+            summary.wall_s = time.perf_counter() - self.started  # live, for the progress display
+            if self.progress:
+                self.progress(phase, done, len(items), summary)
+            wait_started = time.perf_counter()
+
+    def _encode(self, chosen: list[_Sample], pixels: torch.Tensor) -> None:
+        if self.encoder is None:
+            build_started = time.perf_counter()
+            self.encoder = _build(self.identity, self.config, self.device, self.batch_size)
+            self.summary.build_s = time.perf_counter() - build_started
+            computed_with = _computed_with(self.config, self.device, self.encoder)
+            self.writer = _BackgroundWriter(
+                self.namespace.writer(self.identity.early_channels, self.batch_size, computed_with)
+            )
+        embedding, early, ready = self.encoder(pixels, torch.tensor([s.resized for s in chosen]))
+        assert self.writer is not None
+        originals, resized_sizes = [s.original for s in chosen], [s.resized for s in chosen]
+        self.writer.put([s.key for s in chosen], embedding, early, originals, resized_sizes, ready)
+        self.summary.computed += len(chosen)
+
+    def damaged_hits(self) -> dict[str, str]:
+        """Key -> what is wrong, for every hit whose committed entry is unreadable or fails its digest."""
+        found = {key: check.result() for key, check in self.checks.items()}
+        self.checks.clear()
+        return {key: message for key, message in found.items() if message is not None}
+
+    def new_segment(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.writer.new_segment()
+
+    def close(self) -> None:
+        if self.checker is not None:
+            self.checker.shutdown(wait=True, cancel_futures=True)
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _manifest(

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.boxes import coco_to_xyxy, jitter_boxes, match_to_ground_truth, seeded_generator, to_input
 from pipeline.coco import CocoDataset, check_box, load_coco, read_json
 from pipeline.errors import RefineError
-from pipeline.store import Entry, FeatureStore, Namespace
+from pipeline.store import Entry, FeatureStore, Namespace, entry_digest
 
 # A detection counts as a coarse version of the ground-truth box it overlaps this much (IoU).
 MATCH_IOU = 0.5
@@ -176,7 +176,10 @@ def _load_detections(path: Path, coco: CocoDataset) -> dict[int, list[tuple[floa
         where = f"{path}: detection [{index}]"
         if not isinstance(detection, dict):
             raise RefineError(f"{where}: expected an object")
-        image = images.get(detection.get("image_id"))  # type: ignore[arg-type]
+        image_id = detection.get("image_id")
+        if isinstance(image_id, bool) or not isinstance(image_id, int):  # also keeps 1.0 from meaning image 1
+            raise RefineError(f"{where}: 'image_id' must be an integer, got {image_id!r}"[:200])
+        image = images.get(image_id)
         if image is None:
             raise RefineError(f"{where}: image_id {detection.get('image_id')!r} is not in {coco.path}")
         boxes.setdefault(image.id, []).append(check_box(detection.get("bbox"), image, where))
@@ -208,7 +211,8 @@ class FeatureDataset(Dataset):
     """One item per image: {index, embedding (256 x 64 x 64), early (C x 64 x 64), gt (N x 4), resized_hw}.
 
     Features stay float16 on the way to the training process (half the bytes); the model upcasts.
-    An entry that cannot be read or holds NaN / inf (a damaged store) becomes {index, error: message}:
+    An entry that cannot be read, holds NaN / inf or fails its digest (a damaged store) becomes
+    {index, error: message}:
     raised in a worker process it would reach the trainer as a multi-line traceback, not one line.
     """
 
@@ -235,11 +239,15 @@ class FeatureDataset(Dataset):
             embedding, early = self.namespace().read(image.entry)
         except RefineError as error:
             return {"index": index, "error": f"{error} (image id={image.image_id} {image.file_name!r})"}
+        where = f"{self.store_url}: entry {image.entry.key} (image id={image.image_id} {image.file_name!r})"
         if not (np.isfinite(embedding).all() and np.isfinite(early).all()):
+            return {"index": index, "error": f"{where} holds NaN or infinite features; run `refine store verify {self.store_url}`"}
+        # A missing shard reads as zeros and flipped bits still decode: only the digest tells.
+        if entry_digest(embedding, early) != image.entry.digest:
             return {
                 "index": index,
-                "error": f"{self.store_url}: entry {image.entry.key} (image id={image.image_id} "
-                f"{image.file_name!r}) holds NaN or infinite features; run `refine store verify {self.store_url}`",
+                "error": f"{where} does not match its recorded digest (damaged store); run `refine store verify "
+                f"{self.store_url}`, then `refine extract` recomputes it",
             }
         return {
             "index": index,

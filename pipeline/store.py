@@ -14,6 +14,11 @@ Why it is crash-safe and safe with several writers: a writer owns its segment an
 whole, fresh shards; only then does it replace its commit file (atomically). Readers see exactly the rows
 named in commit files, so a killed writer leaves at most unreferenced bytes behind, never a visible
 partial entry, and two writers never write the same file.
+
+One key, one entry: two writers that encode the same image at the same moment both commit it (there is
+no lock to prevent it). Every reader resolves a key to the copy in the *latest* segment (segment names
+are time-ordered), so all readers agree; `refine store gc` later drops the other copies. Latest-wins is
+also how a damaged entry is repaired: `extract` recomputes it into a fresh, later segment.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ EMBEDDING = "embedding"
 EARLY = "early"
 # Rows per segment: bounds the commit file a writer rewrites after every batch (~100 bytes a row).
 SEGMENT_ROWS = 2048
+# A writer that has not written for this long starts a fresh segment instead of appending: `store gc`
+# only touches segments idle for longer (its grace period, default an hour), so gc and a writer never
+# work on the same segment.
+SEGMENT_IDLE_S = 600.0
 # zstd at level 1 with byte shuffle: ~8% smaller float16 at the speed of an uncompressed write.
 COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)
 
@@ -103,27 +112,33 @@ class FeatureStore:
         data = json.dumps(value, indent=1, sort_keys=True).encode() + b"\n"
         target = self.path(relative)
         if not self.local:
-            if exclusive and self.fs.exists(target):
-                return False
-            self.fs.pipe_file(target, data)  # an object-store PUT is atomic
-            return True
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
+            try:
+                if exclusive and self.fs.exists(target):
+                    return False
+                self.fs.pipe_file(target, data)  # an object-store PUT is atomic
+                return True
+            except OSError as error:
+                raise RefineError(f"{self.url}: cannot write {relative} ({error.strerror or error})") from None
         temporary = f"{target}.{secrets.token_hex(6)}.partial"
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not exclusive:
-            os.replace(temporary, target)
-            return True
         try:
-            os.link(temporary, target)  # fails if the target exists: first creator wins
-            return True
-        except FileExistsError:
-            return False
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(temporary, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if not exclusive:
+                os.replace(temporary, target)
+                return True
+            try:
+                os.link(temporary, target)  # fails if the target exists: first creator wins
+                return True
+            except FileExistsError:
+                return False
+        except OSError as error:  # a full disk, a read-only store: the old content stays as it was
+            raise RefineError(f"{self.url}: cannot write {relative} ({error.strerror or error})") from None
         finally:
-            os.unlink(temporary)
+            if os.path.exists(temporary):
+                os.unlink(temporary)  # never leave a temporary behind, also when the write failed
 
     def list_names(self, relative: str) -> list[str]:
         try:
@@ -214,16 +229,40 @@ class Namespace:
     def read_commit(self, segment: str) -> dict:
         return self.store.read_json(f"{self.fingerprint}/commits/{segment}.json")
 
-    def entries(self) -> dict[str, Entry]:
-        """Every committed entry by key; where two writers committed one image, the first segment wins."""
+    def commit_entries(self, segment: str) -> list[Entry]:
+        """The committed rows of one segment; a damaged commit file is a RefineError naming it."""
+        relative = f"{self.fingerprint}/commits/{segment}.json"
+        commit = self.store.read_json(relative)
+        try:
+            return [
+                Entry(str(key), segment, int(row), (int(oh), int(ow)), (int(rh), int(rw)), str(digest))
+                for key, row, oh, ow, rh, rw, digest in commit["entries"]
+            ]
+        except (KeyError, TypeError, ValueError) as error:
+            raise RefineError(f"{self.store.url}: {relative} is damaged (bad entries: {error})") from None
+
+    def scan(self) -> tuple[dict[str, Entry], list[str]]:
+        """Every committed entry by key, and one message per damaged commit file (its entries left out).
+
+        Where one key was committed in several segments, the latest segment's copy wins (see the module).
+        """
         index: dict[str, Entry] = {}
-        for segment in self.commit_names():
+        damaged: list[str] = []
+        for segment in self.commit_names():  # time-ordered: a later copy replaces an earlier one
             try:
-                commit = self.read_commit(segment)
+                for entry in self.commit_entries(segment):
+                    index[entry.key] = entry
             except FileNotFoundError:
                 continue  # removed by `store gc` between listing and reading
-            for key, row, oh, ow, rh, rw, digest in commit["entries"]:
-                index.setdefault(key, Entry(key, segment, row, (oh, ow), (rh, rw), digest))
+            except RefineError as error:
+                damaged.append(str(error))
+        return index, damaged
+
+    def entries(self) -> dict[str, Entry]:
+        """Every committed entry by key; a damaged commit file is a RefineError naming it."""
+        index, damaged = self.scan()
+        if damaged:
+            raise RefineError(f"{damaged[0]}; run `refine store verify {self.store.url}`")
         return index
 
     def _array(self, segment: str, name: str) -> zarr.Array:
@@ -291,12 +330,18 @@ class SegmentWriter:
         self._arrays: dict[str, zarr.Array] = {}
         self._entries: list[list] = []
         self._next_shard = 0
+        self._last_write = 0.0  # time.monotonic() of the segment's last write
+
+    def new_segment(self) -> None:
+        """Put the next batch into a fresh segment (named later than every segment that exists now)."""
+        self._segment = None
 
     def _open_segment(self) -> None:
         # Time-ordered and random: unique across processes and machines without coordination.
         self._segment = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
         self._entries = []
         self._next_shard = 0
+        self._last_write = time.monotonic()
         base = f"{self.namespace.fingerprint}/segments/{self._segment}"
         zarr.open_group(self.namespace.store.zarr_store, path=base, mode="w-")
         for name, channels in ((EMBEDDING, 256), (EARLY, self.early_channels)):
@@ -325,7 +370,8 @@ class SegmentWriter:
             raise ValueError(f"a batch holds 1 to {self.shard_rows} entries, got {count}")
         if not (np.isfinite(embeddings).all() and np.isfinite(early).all()):
             raise RefineError("the encoder produced non-finite features (NaN or inf); nothing was written")
-        if self._segment is None or (self._next_shard + 1) * self.shard_rows > SEGMENT_ROWS:
+        full = (self._next_shard + 1) * self.shard_rows > SEGMENT_ROWS
+        if self._segment is None or full or time.monotonic() - self._last_write > SEGMENT_IDLE_S:
             self._open_segment()
         assert self._segment is not None
         start = self._next_shard * self.shard_rows
@@ -348,3 +394,4 @@ class SegmentWriter:
         self.namespace.store.write_json_atomic(
             f"{self.namespace.fingerprint}/commits/{self._segment}.json", commit
         )
+        self._last_write = time.monotonic()

@@ -20,7 +20,7 @@ def store_info(store: FeatureStore) -> dict:
                 "encoder": provenance.get("model_type", "unknown"),
                 "weights": provenance.get("weights_description", provenance.get("weights", "unknown")),
                 "random_init": provenance.get("random_init"),
-                "entries": len(namespace.entries()),
+                "entries": len(namespace.scan()[0]),
                 "datasets": namespace.dataset_names(),
                 "bytes": store.bytes_on_disk(fingerprint),
                 "created": provenance.get("created"),
@@ -38,10 +38,11 @@ def verify_store(store: FeatureStore) -> tuple[int, list[str]]:
         namespace = Namespace(store, fingerprint)
         try:
             channels = int(namespace.provenance["early_channels"])
-            entries = namespace.entries()
         except (RefineError, KeyError, TypeError, ValueError) as error:
-            problems.append(f"namespace {fingerprint}: unreadable metadata or commits ({error})")
+            problems.append(f"namespace {fingerprint}: unreadable metadata ({error})")
             continue
+        entries, damaged_commits = namespace.scan()
+        problems.extend(damaged_commits)  # their entries are unknown; every other commit is still checked
         for entry in entries.values():
             checked += 1
             try:

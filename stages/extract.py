@@ -72,6 +72,13 @@ def extract(
             "failing the run. Either way they never get an entry and everything else is committed."
         ),
     ] = False,
+    check_hits: Annotated[
+        bool,
+        typer.Option(
+            help="Read back every stored entry the dataset uses and check its digest; a damaged one is "
+            "recomputed. --no-check-hits makes a warm re-run hash-only (e.g. on a remote store)."
+        ),
+    ] = True,
 ) -> None:
     """Encode every image once with HQ-SAM into the feature store; a re-run only hashes.
 
@@ -95,6 +102,7 @@ def extract(
         skip_bad_images=skip_bad_images,
         fused_attention=fused_attention,
         compile=compile_encoder,
+        check_hits=check_hits,
     )
     if checkpoint is None:
         err_console.print(
@@ -107,6 +115,8 @@ def extract(
         with ExtractProgress() as report:
             summary = run_extract(config, report)
         _print_summary(summary)
+        for message in summary.repaired:
+            err_console.print(f"  damaged, recomputed: {message}", markup=False, highlight=False)
         if summary.failed and not skip_bad_images:
             for message in summary.failed:
                 err_console.print(f"  {message}", markup=False, highlight=False)
@@ -161,7 +171,8 @@ def _print_summary(summary: ExtractSummary) -> None:
     console.print(
         f"dataset {summary.dataset}: {summary.images} images ({summary.unique} unique), "
         f"{summary.hits} hits, {summary.computed} computed, {len(summary.failed)} failed, "
-        f"{summary.wall_s:.1f} s wall, {summary.bytes_written / 2**20:.1f} MiB written"
+        + (f"{len(summary.repaired)} damaged (recomputed), " if summary.repaired else "")
+        + f"{summary.wall_s:.1f} s wall, {summary.bytes_written / 2**20:.1f} MiB written"
         + (f", encoder {rate:.2f} img/s" if summary.computed else ""),
         markup=False,
         highlight=False,

@@ -1,4 +1,4 @@
-"""`refine store info` and `refine store verify`: look into a feature store."""
+"""`refine store info`, `verify` and `gc`: look into a feature store, check it, clean it up."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from typing import Annotated
 import typer
 
 from pipeline.errors import RefineError
-from pipeline.store_report import store_info, verify_store
 from pipeline.store import FeatureStore
+from pipeline.store_gc import DEFAULT_GRACE_S, collect_garbage
+from pipeline.store_report import store_info, verify_store
 from stages.common import console, domain_errors, err_console
 
-store_app = typer.Typer(help="Inspect and check a feature store.", no_args_is_help=True)
+store_app = typer.Typer(help="Inspect, check and clean up a feature store.", no_args_is_help=True)
 
 StorePath = Annotated[str, typer.Argument(help="Feature store: a local path or an fsspec URL.")]
 
@@ -49,3 +50,41 @@ def verify(store: StorePath) -> None:
                 err_console.print(f"  {problem}", markup=False, highlight=False)
             raise RefineError(f"{store}: {len(problems)} problem(s) found in {checked} entries (listed above)")
     console.print(f"{store}: {checked} entries verified, no problems", markup=False, highlight=False)
+
+
+@store_app.command("gc")
+def gc(
+    store: StorePath,
+    grace: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Touch only segments and temporary files with no write for this many seconds, so a running "
+            "`extract` is never disturbed. 0 is safe only when no extract runs on the store.",
+        ),
+    ] = DEFAULT_GRACE_S,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be removed; remove nothing.")] = False,
+    drop_damaged: Annotated[
+        bool,
+        typer.Option(
+            "--drop-damaged",
+            help="Also remove damaged (unparseable) commit files and their segments; `extract` recomputes "
+            "what a dataset needed from them. Without it they are reported and kept.",
+        ),
+    ] = False,
+) -> None:
+    """Remove segments and shards no commit references, duplicate copies of a key and stale temporary files."""
+    with domain_errors():
+        report = collect_garbage(FeatureStore(store), grace, dry_run, drop_damaged)
+    for message in report.left_alone:
+        err_console.print(f"  left alone (damaged; --drop-damaged removes it): {message}", markup=False, highlight=False)
+    for message in report.damaged_removed:
+        err_console.print(f"  removed (damaged): {message}", markup=False, highlight=False)
+    verb = "would remove" if dry_run else "removed"
+    console.print(
+        f"{store}: {verb} {report.segments_removed} segment(s), {report.shards_removed} shard file(s), "
+        f"{report.duplicates_removed} duplicate entr(ies), {report.temporaries_removed} temporary file(s): "
+        f"{report.bytes_freed / 2**20:.1f} MiB; {report.live_segments} segment(s) written within the grace period left alone",
+        markup=False,
+        highlight=False,
+    )

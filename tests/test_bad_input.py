@@ -1,9 +1,12 @@
-"""Bad input to `refine extract`: one clear line naming the file and entry, exit 1, nothing lost."""
+"""Bad input to every command: one clear line naming the file and entry, exit 1 (2 for a usage error),
+nothing lost. The corpus covers annotation files, image files, results files, encoder and refiner
+checkpoints, stores and command-line options."""
 
 from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -173,3 +176,189 @@ def test_annotated_size_that_does_not_match_the_image(cli, dataset):
     result = run(cli, dataset, annotations=edited)
     assert_clean_error(result, "1 image(s) failed")
     assert "image id=1" in result.stderr and "but the annotations say" in result.stderr
+
+
+# -- more of the corpus: COCO entries, images, results files, refiner checkpoints, options ----------------
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        (lambda c: c["annotations"][0].update(bbox=[1, 1, float("inf"), 4]), ["annotation id=100", "NaN or infinite"]),
+        (lambda c: c["annotations"][0].update(bbox=[1, 1, 4]), ["annotation id=100", "must be [x, y, w, h]"]),
+        (lambda c: c["annotations"][0].update(bbox=["1", "1", "4", "4"]), ["annotation id=100", "must hold numbers"]),
+        (lambda c: c["images"][0].update(file_name="/etc/passwd"), ["image id=1", "escapes the image root"]),
+        (lambda c: c["images"][0].update(file_name="..\\..\\secret.png"), ["image id=1", "escapes the image root"]),
+        (lambda c: c["images"][0].update(file_name="sub/../../x.png"), ["image id=1", "escapes the image root"]),
+        (lambda c: c["images"][0].update(width=0, height=0), ["image id=1", "size 0 x 0 must be at least 1 x 1"]),
+        (lambda c: c["images"][0].update(id="1"), ["images[0]", "'id' must be an integer"]),
+        (lambda c: c["annotations"][0].update(image_id=True), ["annotation id=100", "'image_id' must be an integer"]),
+        (lambda c: c.update(images={"1": "img0.png"}), ["not a COCO dataset"]),
+    ],
+    ids=["inf-box", "three-numbers", "string-numbers", "absolute-path", "backslash-escape", "nested-escape",
+         "zero-size-image", "string-image-id", "bool-image-id", "images-not-a-list"],
+)
+def test_more_invalid_annotations_stop_before_any_work(cli, dataset, change, fragments):
+    before = files_under(dataset["store"])
+    result = run(cli, dataset, annotations=edit_coco(dataset, change))
+    assert_clean_error(result, "edited.json", *fragments)
+    assert files_under(dataset["store"]) == before
+
+
+def test_huge_image_is_refused_before_decoding(cli, dataset):
+    from PIL import Image
+
+    huge = dataset["images"] / "huge.png"
+    Image.new("1", (20000, 20000)).save(huge)  # 1 bit per pixel: 50 MB in memory, a small file
+    coco = json.loads(dataset["annotations"].read_text())
+    coco["images"].append({"id": 60, "file_name": "huge.png", "width": 20000, "height": 20000})
+    annotations = dataset["root"] / "huge.json"
+    annotations.write_text(json.dumps(coco))
+    result = run(cli, dataset, annotations=annotations)
+    assert_clean_error(result, "1 image(s) failed")
+    assert "huge.png" in result.stderr and "image too large" in result.stderr and "400000000 pixels" in result.stderr and "image id=60" in result.stderr
+    assert cli("store", "verify", dataset["store"]).exit_code == 0
+
+
+def test_one_pixel_image_is_valid_input(cli, dataset):
+    """Not an error: a 1 x 1 image is encoded (resized to 1024 x 1024) and its box maps back exactly."""
+    from PIL import Image
+
+    Image.new("RGB", (1, 1), (9, 99, 199)).save(dataset["images"] / "dot.png")
+    coco = {"images": [{"id": 1, "file_name": "dot.png", "width": 1, "height": 1}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]}
+    annotations = dataset["root"] / "dot.json"
+    annotations.write_text(json.dumps(coco))
+    result = run(cli, dataset, annotations=annotations)
+    assert result.exit_code == 0, result.output
+    (manifest,) = dataset["store"].glob("*/datasets/dot.json")
+    assert json.loads(manifest.read_text())["images"][0]["resized_size"] == [1024, 1024]
+
+
+@pytest.fixture(scope="module")
+def trained_model(base_dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.train import TrainConfig, run_train
+
+    out = tmp_path_factory.mktemp("bad-input-refiner")
+    run_train(TrainConfig(store=str(base_dataset["store"]), annotations=base_dataset["annotations"], out=out, epochs=1, batch_size=2))
+    return out / "model.pt"
+
+
+def _detections(base_dataset: dict) -> list[dict]:
+    coco = json.loads(base_dataset["annotations"].read_text())
+    return [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.5} for a in coco["annotations"]]
+
+
+@pytest.mark.parametrize(
+    "content, fragments",
+    [
+        ({"not": "a list"}, ["neither a COCO results list nor a COCO dataset"]),
+        ([["not", "an", "object"]], ["detection [0]", "expected an object"]),
+        ([{"image_id": "1", "bbox": [1, 1, 5, 5]}], ["detection [0]", "'image_id' must be an integer"]),
+        ([{"image_id": 1, "bbox": [1, float("nan"), 5, 5]}], ["detection [0]", "NaN or infinite"]),
+        ([{"image_id": 1, "bbox": [1, 1, 5000, 5]}], ["detection [0]", "lies outside image 1"]),
+        ([{"image_id": 1, "bbox": [1, 1, -5, 5]}], ["detection [0]", "zero or negative size"]),
+        ([{"image_id": 424242, "bbox": [1, 1, 5, 5]}], ["have no features", "424242"]),
+    ],
+    ids=["results-not-a-list", "detection-not-object", "string-image-id", "nan-detection", "outside-detection",
+         "negative-detection", "unknown-image-id"],
+)
+def test_bad_results_files_for_apply_leave_earlier_output_intact(cli, base_dataset, trained_model, tmp_path, content, fragments):
+    boxes = tmp_path / "detections.json"
+    boxes.write_text(json.dumps(content))
+    out = tmp_path / "refined.json"
+    out.write_text("earlier output")
+    result = cli("apply", "--store", base_dataset["store"], "--boxes", boxes, "--model", trained_model, "--out", out)
+    assert_clean_error(result, "detections.json", *fragments)
+    assert out.read_text() == "earlier output"
+
+
+@pytest.mark.parametrize(
+    "content, fragments",
+    [
+        ({"not": "a list"}, ["not a COCO results file"]),
+        ([{"image_id": 1, "bbox": [1, 1, float("inf"), 5]}], ["detection [0]", "NaN or infinite"]),
+        ([{"image_id": 77, "bbox": [1, 1, 5, 5]}], ["detection [0]", "image_id 77 is not in"]),
+    ],
+    ids=["train-results-not-a-list", "train-inf-detection", "train-unknown-image"],
+)
+def test_bad_coarse_boxes_for_train_keep_the_earlier_model(cli, base_dataset, trained_model, tmp_path, content, fragments):
+    out = tmp_path / "refiner"
+    out.mkdir()
+    shutil.copy(trained_model, out / "model.pt")
+    before = (out / "model.pt").read_bytes()
+    coarse = tmp_path / "coarse.json"
+    coarse.write_text(json.dumps(content))
+    result = cli("train", "--store", base_dataset["store"], "--annotations", base_dataset["annotations"],
+                 "--out", out, "--coarse", coarse, "--epochs", "1")
+    assert_clean_error(result, "coarse.json", *fragments)
+    assert (out / "model.pt").read_bytes() == before
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"PK\x03\x04 not really a zip" * 20)
+
+
+def _encoder_state(path: Path) -> None:
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(64, 3, 4, 4)}, path)
+
+
+def _pickled_object(path: Path) -> None:
+    with path.open("wb") as f:
+        pickle.dump(Payload(), f)
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (_garbage, "not a readable refiner checkpoint"),
+        (_encoder_state, "not a refine refiner checkpoint"),
+        (_pickled_object, "not a readable refiner checkpoint"),
+        (None, "model checkpoint not found"),
+    ],
+    ids=["garbage-model", "encoder-checkpoint-as-model", "pickle-as-model", "missing-model"],
+)
+def test_bad_refiner_checkpoints_are_refused(cli, base_dataset, tmp_path, make, fragment):
+    model = tmp_path / "model.pt"
+    if make is not None:
+        make(model)
+    result = cli("apply", "--store", base_dataset["store"], "--boxes", base_dataset["annotations"],
+                 "--model", model, "--out", tmp_path / "out.json")
+    assert_clean_error(result, "model.pt", fragment)
+    assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("train", "--noise", "0.9"),
+        ("train", "--epochs", "0"),
+        ("train", "--batch-size", "0"),
+        ("train", "--amp", "fp8"),
+        ("extract", "--batch-size", "0"),
+        ("extract", "--device", "tpu"),
+        ("store", "gc", "--grace", "-1"),
+    ],
+    ids=["noise-too-big", "zero-epochs", "zero-batch", "unknown-amp", "extract-zero-batch", "unknown-device", "negative-grace"],
+)
+def test_out_of_range_options_are_usage_errors(cli, base_dataset, tmp_path, args):
+    common = {
+        "train": ["--store", base_dataset["store"], "--annotations", base_dataset["annotations"], "--out", tmp_path],
+        "extract": ["--images", base_dataset["images"], "--store", tmp_path / "s.zarr"],
+        "store": [base_dataset["store"]],
+    }[args[0]]
+    head = list(args[:2]) if args[0] == "store" else [args[0]]
+    result = cli(*head, *common, *args[len(head):])
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "model.pt").exists()
+
+
+def test_a_device_that_is_not_there(cli, dataset):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert_clean_error(run(cli, dataset, "--device", "cuda"), "--device cuda", "no CUDA device")
+
+
+def test_a_store_that_does_not_exist(cli, base_dataset, trained_model, tmp_path):
+    result = cli("evaluate", "--store", tmp_path / "nowhere.zarr", "--annotations", base_dataset["annotations"],
+                 "--model", trained_model, "--out", tmp_path / "eval")
+    assert_clean_error(result, "nowhere.zarr", "no feature store here")
+    assert not (tmp_path / "nowhere.zarr").exists()

@@ -10,10 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import zarr
 
-from pipeline.store import FeatureStore
+from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
+from pipeline.images import content_key, prepare
+from pipeline.store import FeatureStore, entry_digest
 from tests.conftest import write_coco, write_images
+from tests.test_faults import orphans, rows_by_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +34,26 @@ def committed_rows(store: Path) -> int:
         except (json.JSONDecodeError, FileNotFoundError):
             pass  # atomic replace means this cannot happen; verify below would catch it
     return rows
+
+
+def fresh_digests(files: list[Path]) -> dict[str, str]:
+    """Key -> digest of each image's features computed afresh, one image at a time as extract does here."""
+    encoder = FeatureEncoder(build_encoder(identity_for("vit_tiny", None), None))
+    digests = {}
+    for path in files:
+        pixels, _, resized = prepare(path)
+        with torch.inference_mode():
+            embedding, early = encoder(torch.from_numpy(pixels)[None], torch.tensor([resized]))
+        digests[content_key(path.read_bytes())] = entry_digest(
+            embedding[0].to(torch.float16).numpy(), early[0].to(torch.float16).numpy()
+        )
+    return digests
+
+
+def stored_digests(store: Path) -> dict[str, str]:
+    opened = FeatureStore(store)
+    (fingerprint,) = opened.fingerprints()
+    return {key: entry.digest for key, entry in opened.namespace(fingerprint).entries().items()}
 
 
 def test_info_json_lists_namespaces_with_entries_and_datasets(cli, base_dataset):
@@ -98,6 +122,10 @@ def test_sigkill_mid_run_then_resume_completes(tmp_path):
     assert f"{survived} hits, {5 - survived} computed" in resumed.stdout.replace("\n", " ")
     verify = subprocess.run(refine("store", "verify", store), cwd=REPO, capture_output=True, text=True)
     assert verify.returncode == 0 and "5 entries verified" in verify.stdout
+    gc = subprocess.run(refine("store", "gc", store, "--grace", "0"), cwd=REPO, capture_output=True, text=True)
+    assert gc.returncode == 0, gc.stderr
+    assert orphans(store) == [] and set(rows_by_key(store).values()) == {1}
+    assert stored_digests(store) == fresh_digests(files)  # every entry equals a fresh recompute
 
 
 def test_two_concurrent_writers_on_overlapping_images(tmp_path):
@@ -123,8 +151,13 @@ def test_two_concurrent_writers_on_overlapping_images(tmp_path):
     segments = namespace.commit_names()
     assert len(segments) == 2  # each writer committed into its own segment
     assert len(namespace.entries()) == 5
+    assert sum(rows_by_key(store).values()) in (5, 6)  # the shared image once, or twice if both encoded it at once
+    gc = subprocess.run(refine("store", "gc", store, "--grace", "0"), cwd=REPO, capture_output=True, text=True)
+    assert gc.returncode == 0, gc.stderr
+    assert rows_by_key(store) == dict.fromkeys(stored_digests(store), 1) and orphans(store) == []
     for name, expected in (("first", files[:3]), ("second", files[2:])):
         manifest = namespace.dataset(name)
         assert [image["file_name"] for image in manifest["images"]] == [f.name for f in expected]
     verify = subprocess.run(refine("store", "verify", store), cwd=REPO, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
+    assert stored_digests(store) == fresh_digests(files)  # nothing lost, nothing corrupt
