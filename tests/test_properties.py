@@ -136,7 +136,7 @@ def test_a_refiner_with_any_weights_returns_valid_boxes(base_dataset: dict, seed
     entry = data.draw(st.sampled_from(sorted(namespace.entries().values(), key=lambda e: e.key)))
     height, width = entry.original_size
     torch.manual_seed(seed)
-    model = build_refiner("roi_cascade", RefinerConfig(early_channels=160, width=16))
+    model = build_refiner("similarity_cascade", RefinerConfig(early_channels=160, width=8, pool=12))
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * spread)  # far from the identity it starts as
