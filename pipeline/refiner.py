@@ -137,21 +137,25 @@ def box_masks(current: Tensor, pool: int, interior: float) -> tuple[Tensor, Tens
     return inside, central
 
 
-def prototype_similarity(window: Tensor, weights: Tensor) -> Tensor:
-    """Cosine similarity of every position to the weighted mean of the window: K x D x P x P, K x P x P -> K x P x P."""
+def prototype_similarity(window: Tensor, unit: Tensor, weights: Tensor) -> Tensor:
+    """Cosine similarity of every position to the weighted mean of the window: K x D x P x P (the window and
+    its positions normalised to unit length), K x P x P weights -> K x P x P."""
     prototype = (window * weights[:, None]).sum(dim=(2, 3)) / weights.sum(dim=(1, 2)).clamp_min(1e-3)[:, None]
-    return (F.normalize(window, dim=1) * F.normalize(prototype, dim=1)[:, :, None, None]).sum(dim=1)
+    return (unit * F.normalize(prototype, dim=1)[:, :, None, None]).sum(dim=1)
 
 
 def window_cues(early: Tensor, embedding: Tensor, current: Tensor, interior: float) -> Tensor:
     """Cue maps of a window: early K x D x P x P, embedding K x 256 x P x P, box K x 4 -> K x FIXED_CUES x P x P."""
     inside, central = box_masks(current, early.shape[-1], interior)
     cues = [inside]
+    units = []
     for window in (early, embedding):
-        to_object = prototype_similarity(window, central)
-        to_background = prototype_similarity(window, 1 - inside)
+        unit = F.normalize(window, dim=1)  # once per window: both similarities (and the change) use it
+        units.append(unit)
+        to_object = prototype_similarity(window, unit, central)
+        to_background = prototype_similarity(window, unit, 1 - inside)
         cues += [to_object, to_background, to_object - to_background]
-    unit = F.normalize(early, dim=1)
+    unit = units[0]
     change = F.pad((unit[..., :, 1:] - unit[..., :, :-1]).pow(2).sum(dim=1), (0, 1)) + F.pad(
         (unit[..., 1:, :] - unit[..., :-1, :]).pow(2).sum(dim=1), (0, 0, 0, 1)
     )
