@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.boxes import coco_to_xyxy, jitter_boxes, match_to_ground_truth, seeded_generator, to_input
 from pipeline.coco import CocoDataset, check_box, load_coco, read_json
 from pipeline.errors import RefineError
-from pipeline.store import Entry, FeatureStore, Namespace, entry_digest
+from pipeline.store import Entry, FeatureStore, Namespace, all_finite, entry_digest
 
 # A detection counts as a coarse version of the ground-truth box it overlaps this much (IoU).
 MATCH_IOU = 0.5
@@ -240,7 +240,7 @@ class FeatureDataset(Dataset):
         except RefineError as error:
             return {"index": index, "error": f"{error} (image id={image.image_id} {image.file_name!r})"}
         where = f"{self.store_url}: entry {image.entry.key} (image id={image.image_id} {image.file_name!r})"
-        if not (np.isfinite(embedding).all() and np.isfinite(early).all()):
+        if not (all_finite(embedding) and all_finite(early)):
             return {"index": index, "error": f"{where} holds NaN or infinite features; run `refine store verify {self.store_url}`"}
         # A missing shard reads as zeros and flipped bits still decode: only the digest tells.
         if entry_digest(embedding, early) != image.entry.digest:

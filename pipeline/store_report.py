@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import RefineError
-from pipeline.store import FeatureStore, Namespace
+from pipeline.store import FeatureStore, Namespace, all_finite
 
 
 def store_info(store: FeatureStore) -> dict:
@@ -55,7 +55,7 @@ def verify_store(store: FeatureStore) -> tuple[int, list[str]]:
                 problems.append(f"{where}: shapes {embedding.shape} / {early.shape} are wrong")
             if embedding.dtype != np.float16 or early.dtype != np.float16:
                 problems.append(f"{where}: dtype is not float16")
-            if not (np.isfinite(embedding).all() and np.isfinite(early).all()):
+            if not (all_finite(embedding) and all_finite(early)):
                 problems.append(f"{where}: holds NaN or inf")
         for name in namespace.dataset_names():
             problems.extend(_check_dataset(namespace, name, entries))

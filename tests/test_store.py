@@ -10,12 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import zarr
 
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.images import content_key, prepare
-from pipeline.store import FeatureStore, entry_digest
+from pipeline.store import FeatureStore, all_finite, entry_digest
 from tests.conftest import write_coco, write_images
 from tests.test_faults import orphans, rows_by_key
 
@@ -161,3 +162,13 @@ def test_two_concurrent_writers_on_overlapping_images(tmp_path):
     verify = subprocess.run(refine("store", "verify", store), cwd=REPO, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
     assert stored_digests(store) == fresh_digests(files)  # nothing lost, nothing corrupt
+
+
+def test_all_finite_reads_the_float16_exponent_bits() -> None:
+    finite = np.array([0.0, -0.0, 65504.0, -65504.0, 6e-8, 1.0], dtype=np.float16)  # extremes and a subnormal
+    assert all_finite(finite) and all_finite(finite.astype(np.float32))
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = finite.copy()
+        broken[3] = bad
+        assert not all_finite(broken)
+        assert not all_finite(broken.astype(np.float32))
