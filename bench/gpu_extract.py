@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -93,7 +95,8 @@ def encoder_only(
 
 def prepared_inputs(data: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The demo's train images decoded and resized as `extract` does: N x 3 x 1024 x 1024 uint8, N x 2."""
-    prepared = [prepare(f) for f in sorted((data / "images").glob("train_*.jpg"))]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # Pillow decodes and resizes without the GIL
+        prepared = list(pool.map(prepare, sorted((data / "images").glob("train_*.jpg"))))
     return torch.stack([torch.from_numpy(p[0]) for p in prepared]), torch.tensor([p[2] for p in prepared])
 
 

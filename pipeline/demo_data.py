@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import re
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,8 @@ COLOUR_CANDIDATES = 16
 # Objects this close (in pixels) get distinct colours too, so a shared edge is never ambiguous.
 TOUCH_DISTANCE = 3
 TEXTURES = ("flat", "gradient", "stripes", "noise")
+# Splits this large are rendered by a process pool (one worker per this many images, up to one per core).
+IMAGES_PER_WORKER = 32
 _IMAGE_NAME = re.compile(r"(train|val)_\d{4,}\.jpg")
 
 
@@ -132,30 +137,44 @@ def make_demo_dataset(out_dir: Path, seed: int = 0, n_train: int = 160, n_val: i
 def _write_split(
     images_dir: Path, seed: int, split: str, count: int, first_image_id: int, first_annotation_id: int
 ) -> dict[str, Any]:
-    """Render and save one split's images; return its COCO dataset."""
+    """Render and save one split's images (in parallel for large splits); return its COCO dataset."""
+    jobs = [(images_dir, seed, split, index) for index in range(count)]
+    workers = min(os.cpu_count() or 1, count // IMAGES_PER_WORKER)
+    if workers > 1:
+        # forkserver: the caller may hold zarr's or torch's threads, which a plain fork would copy mid-lock.
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            rendered = list(pool.map(_render_and_save, jobs, chunksize=8))
+    else:
+        rendered = [_render_and_save(job) for job in jobs]
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for index in range(count):
-        scene = render_scene(seed, split, index)
+    for index, (height, width, objects) in enumerate(rendered):
         image_id = first_image_id + index
-        name = image_name(split, index)
-        height, width = scene.image.shape[:2]
-        # No EXIF, no timestamps: Pillow's JPEG writer is then a pure function of the pixels.
-        Image.fromarray(scene.image).save(images_dir / name, format="JPEG", quality=JPEG_QUALITY)
-        images.append({"id": image_id, "file_name": name, "width": width, "height": height})
-        for obj in scene.objects:
+        images.append({"id": image_id, "file_name": image_name(split, index), "width": width, "height": height})
+        for category_id, bbox, area in objects:
             annotations.append(
                 {
                     "id": first_annotation_id + len(annotations),
                     "image_id": image_id,
-                    "category_id": obj.category_id,
-                    "bbox": list(obj.bbox),
-                    "area": obj.area,
+                    "category_id": category_id,
+                    "bbox": bbox,
+                    "area": area,
                     "iscrowd": 0,
                 }
             )
     categories = [{"id": i + 1, "name": category} for i, category in enumerate(CATEGORIES)]
     return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _render_and_save(job: tuple[Path, int, str, int]) -> tuple[int, int, list[tuple[int, list[float], int]]]:
+    """Render one scene and save its JPEG; return its height, width and (category, bbox, area) per object."""
+    images_dir, seed, split, index = job
+    scene = render_scene(seed, split, index)
+    # No EXIF, no timestamps: Pillow's JPEG writer is then a pure function of the pixels.
+    Image.fromarray(scene.image).save(images_dir / image_name(split, index), format="JPEG", quality=JPEG_QUALITY)
+    height, width = scene.image.shape[:2]
+    return height, width, [(obj.category_id, list(obj.bbox), obj.area) for obj in scene.objects]
 
 
 def _remove_stale_images(images_dir: Path, keep: set[str]) -> None:
