@@ -1,14 +1,15 @@
 """Extraction at the speed of the GPU: encoder-only and end-to-end `extract` throughput, TFLOP/s, share of peak.
 
     python bench/gpu_extract.py [--encoders vit_tiny,vit_b,vit_l,vit_h] [--dtypes bf16,fp32]
-                                [--batch-sizes 16,64] [--images 256] [--device auto] [--out bench/results]
+                                [--batch-sizes 16,64] [--images 256] [--compile] [--device auto]
+                                [--out bench/results]
 
 For every encoder (random weights), dtype and batch size: the encoder alone on inputs already on the device,
 then a cold `extract` of the same demo images into a fresh store (reading, hashing, decoding, encoder build
 and writing included; it runs bf16 where the device has it, so fp32 rows have no end-to-end figure).
 FLOPs per image are counted once per encoder with `torch.utils.flop_counter` on the meta device, with the
 package's own attention: the nominal work, 2 FLOPs per multiply-add. The device's peak comes from its name.
-Writes `<out>/gpu_extract_<device>.json` after every configuration, so a run cut short keeps what it measured.
+Writes `<out>/gpu_extract_<device>[_compiled].json` after every configuration, so a run cut short keeps what it measured.
 On CPU it runs too (`--encoders vit_tiny --images 4`), to check the script, not for figures.
 """
 
@@ -109,9 +110,12 @@ def measure(
     scratch: Path,
     device: torch.device,
     fused: bool,
+    compile_encoder: bool,
 ) -> dict:
     pixels, resized = (t.to(device) for t in inputs)
     model = FeatureEncoder(build_encoder(identity_for(model_type, None), None, fused_attention=fused)).to(device)
+    if compile_encoder:  # as extract compiles: static shapes, so the batch size must divide the image count
+        model = torch.compile(model, dynamic=False)
     result = encoder_only(model, pixels, resized, batch_size, dtype, device)
     del model, pixels
     if device.type == "cuda":
@@ -120,7 +124,7 @@ def measure(
         store = scratch / f"{model_type}-{dtype}-{batch_size}-{time.time_ns()}.zarr"
         config = ExtractConfig(
             images=data / "images", store=str(store), encoder=model_type, annotations=data / "train.json",
-            device=device.type, batch_size=batch_size, fused_attention=fused,
+            device=device.type, batch_size=batch_size, fused_attention=fused, compile=compile_encoder,
         )
         summary = run_extract(config)
         result.update(
@@ -145,6 +149,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="default", help="comma-separated batch sizes, or 'default' (extract's)")
     parser.add_argument("--images", type=int, default=256, help="demo images per configuration (default 256)")
     parser.add_argument("--no-fused-attention", action="store_true", help="the package's own attention instead")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder, as `extract --compile`")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)")
     args = parser.parse_args()
@@ -157,12 +162,12 @@ def main() -> None:
     peaks = {dtype: peak_tflops(name, dtype) for dtype in dtypes}
     print(f"device {name}: peak dense TFLOP/s {peaks} (None: not in the table)")
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-    target = args.out / f"gpu_extract_{slug}.json"
+    target = args.out / f"gpu_extract_{slug}{'_compiled' if args.compile else ''}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "device": name, "peak_tflops": peaks, "images": args.images, "fused_attention": fused,
         "flops_convention": "2 FLOPs per multiply-add, package attention, one 1024 x 1024 image",
-        "torch": torch.__version__, "results": [],
+        "compiled": args.compile, "torch": torch.__version__, "results": [],
     }
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "demo"
@@ -179,7 +184,7 @@ def main() -> None:
                 for batch_size in sizes:
                     row = {"encoder": model_type, "dtype": dtype, "batch_size": batch_size, "tflop_per_image": round(flops / 1e12, 4)}
                     try:
-                        row.update(measure(model_type, dtype, batch_size, inputs, data, Path(scratch), device, fused))
+                        row.update(measure(model_type, dtype, batch_size, inputs, data, Path(scratch), device, fused, args.compile))
                     except torch.OutOfMemoryError:
                         row["error"] = "out of memory"
                         torch.cuda.empty_cache()
