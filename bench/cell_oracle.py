@@ -1,0 +1,68 @@
+"""How far localising each side to the nearest feature cell gets you: an upper bound for a cell-level refiner.
+
+    python bench/cell_oracle.py [--annotations data/demo/val.json] [--out bench/results]
+
+Each ground-truth box is mapped to the encoder-input frame (longest side 1024, as `extract` resizes), each
+side snapped to the nearest multiple of a grid step (16 px: one 64 x 64 feature cell; also 8 and 4 px), and
+compared with the unsnapped box. A refiner that finds every side's nearest cell boundary exactly reaches the
+16 px row; beating it needs position information from inside a cell. `share_worse` compares the snapped box
+with the coarse box `refine evaluate` draws by the noise protocol (--noise, --seed). Writes
+`<out>/cell_oracle.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torchvision.ops import box_iou
+
+from pipeline.boxes import coco_to_xyxy, jitter_boxes, to_input
+from pipeline.features import noise_generator
+from pipeline.encoder import IMAGE_SIZE
+from pipeline.images import resized_shape
+
+STEPS = (16, 8, 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--annotations", type=Path, default=Path("data/demo/val.json"), help="COCO dataset file")
+    parser.add_argument("--noise", type=float, default=0.2, help="noise level r of the coarse boxes (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the coarse boxes (default 0, as evaluate)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)")
+    args = parser.parse_args()
+
+    coco = json.loads(args.annotations.read_text())
+    sizes = {image["id"]: (image["height"], image["width"]) for image in coco["images"]}
+    truths, coarse = [], []
+    for image_id, original_hw in sizes.items():
+        resized_hw = resized_shape(*original_hw)
+        annotations = [a["bbox"] for a in coco["annotations"] if a["image_id"] == image_id]
+        truth = to_input(coco_to_xyxy(annotations), original_hw, resized_hw)
+        truths.append(truth)
+        coarse.append(jitter_boxes(truth, resized_hw, args.noise, noise_generator(args.seed, image_id, None)))
+    truth, coarse_iou = torch.cat(truths), box_iou(torch.cat(coarse), torch.cat(truths)).diagonal()
+    result: dict = {
+        "annotations": args.annotations.name, "boxes": len(truth), "input_size": IMAGE_SIZE,
+        "coarse_mean_iou": round(coarse_iou.mean().item(), 4), "steps": {},
+    }
+    for step in STEPS:
+        iou = box_iou((truth / step).round() * step, truth).diagonal()
+        result["steps"][f"{step}px"] = {
+            "mean_iou": round(iou.mean().item(), 4),
+            "share_below_0.8": round((iou < 0.8).float().mean().item(), 4),
+            "share_below_0.9": round((iou < 0.9).float().mean().item(), 4),
+            "share_worse": round((iou < coarse_iou).float().mean().item(), 4),
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / "cell_oracle.json"
+    target.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    print(f"written to {target}")
+
+
+if __name__ == "__main__":
+    main()
