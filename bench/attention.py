@@ -22,6 +22,8 @@ from torch import nn
 from pipeline.encoder import build_encoder, identity_for
 from pipeline.extract import resolve_device
 
+from results_file import write_result  # bench/, next to this script
+
 
 def randomise_biases(encoder: nn.Module, seed: int = 0) -> None:
     """Random rel-pos tables / TinyViT biases (std 0.5), the same for the same seed."""
@@ -83,9 +85,7 @@ def main() -> None:
         "max_abs_early": float(package_early.abs().max()),
         "torch": torch.__version__,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / f"attention_{args.encoder}_{device.type}.json"
-    target.write_text(json.dumps(result, indent=1) + "\n")
+    target = write_result(args.out, f"attention_{args.encoder}_{device.type}", result)
     print(json.dumps(result, indent=1))
     print(f"written to {target}")
 

@@ -20,9 +20,11 @@ import torch
 from torchvision.ops import box_iou
 
 from pipeline.boxes import coco_to_xyxy, jitter_boxes, to_input
-from pipeline.features import noise_generator
 from pipeline.encoder import IMAGE_SIZE
+from pipeline.features import noise_generator
 from pipeline.images import resized_shape
+
+from results_file import write_result  # bench/, next to this script
 
 STEPS = (16, 8, 4)
 
@@ -57,9 +59,7 @@ def main() -> None:
             "share_below_0.9": round((iou < 0.9).float().mean().item(), 4),
             "share_worse": round((iou < coarse_iou).float().mean().item(), 4),
         }
-    args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / "cell_oracle.json"
-    target.write_text(json.dumps(result, indent=1) + "\n")
+    target = write_result(args.out, "cell_oracle", result)
     print(json.dumps(result, indent=1))
     print(f"written to {target}")
 

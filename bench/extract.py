@@ -22,6 +22,8 @@ from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.extract import ExtractConfig, default_batch_size, resolve_device, run_extract
 from pipeline.images import prepare
 
+from results_file import write_result  # bench/, next to this script
+
 
 def bare_encoder_rate(files: list[Path], model_type: str, device: torch.device, batch_size: int) -> float:
     """Images per second of the encoder alone, inputs prepared beforehand, one warm-up batch."""
@@ -84,9 +86,7 @@ def main() -> None:
         "warm_wall_s": round(warm.wall_s, 4),
         "torch": torch.__version__,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / f"extract_{args.encoder}_{device.type}.json"
-    target.write_text(json.dumps(result, indent=1) + "\n")
+    target = write_result(args.out, f"extract_{args.encoder}_{device.type}", result)
     print(json.dumps(result, indent=1))
     print(f"written to {target}")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import tempfile
 import time
 import warnings
@@ -32,6 +31,8 @@ from pipeline.demo_data import make_demo_dataset
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.extract import ExtractConfig, default_batch_size, resolve_device, run_extract
 from pipeline.images import prepare
+
+from results_file import slug, write_result  # bench/, next to this script
 
 # Dense peak TFLOP/s (no sparsity) by device-name fragment, most specific first: bf16, and TF32 for fp32.
 PEAK_TFLOPS = [
@@ -161,9 +162,7 @@ def main() -> None:
     dtypes = args.dtypes.split(",") if device.type == "cuda" else ["fp32"]  # CPU runs fp32 whatever is asked
     peaks = {dtype: peak_tflops(name, dtype) for dtype in dtypes}
     print(f"device {name}: peak dense TFLOP/s {peaks} (None: not in the table)")
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-    target = args.out / f"gpu_extract_{slug}{'_compiled' if args.compile else ''}.json"
-    args.out.mkdir(parents=True, exist_ok=True)
+    result_name = f"gpu_extract_{slug(name)}{'_compiled' if args.compile else ''}"
     report = {
         "device": name, "peak_tflops": peaks, "images": args.images, "fused_attention": fused,
         "flops_convention": "2 FLOPs per multiply-add, package attention, one 1024 x 1024 image",
@@ -196,7 +195,7 @@ def main() -> None:
                                 row[f"{kind}_share_of_peak"] = round(rate * flops / 1e12 / peaks[dtype], 3)
                     report["results"].append(row)
                     print(json.dumps(row), flush=True)
-                    target.write_text(json.dumps(report, indent=1) + "\n")
+                    target = write_result(args.out, result_name, report)
     print(f"written to {target}")
 
 

@@ -32,6 +32,8 @@ from pipeline.refiner import build_refiner
 from pipeline.store import FeatureStore
 from pipeline.train import TrainConfig, TrainProgress, cosine_schedule, resolve_amp, train_one_epoch
 
+from results_file import write_result  # bench/, next to this script
+
 
 class EncoderInTheLoop(FeatureDataset):
     """The same items as FeatureDataset, but each image is decoded and encoded on every read."""
@@ -148,9 +150,7 @@ def main() -> None:
         "peak_memory_growth_mib": round(memory["large"]["peak_rss_mib"] - memory["small"]["peak_rss_mib"], 1),
         "torch": torch.__version__,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / "train_cpu.json"
-    target.write_text(json.dumps(result, indent=1) + "\n")
+    target = write_result(args.out, "train_cpu", result)
     print(json.dumps(result, indent=1))
     print(f"written to {target}")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from pipeline.features import EpochShuffle, FeatureDataset, feature_loader, feat
 from pipeline.refiner import build_refiner
 from pipeline.store import FeatureStore
 from pipeline.train import TrainConfig, TrainProgress, cosine_schedule, evaluate, resolve_amp, train_one_epoch
+
+from results_file import slug, write_result  # bench/, next to this script
 
 
 def train_with(amp: str, store: str, demo: Path, epochs: int, device_name: str) -> dict[str, Any]:
@@ -91,8 +92,6 @@ def main() -> None:
 
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    target = args.out / f"train_amp_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_').lower()}.json"
-    args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"device": name, "epochs": args.epochs, "torch": torch.__version__, "modes": []}
     with tempfile.TemporaryDirectory() as scratch:
         demo, store = Path(scratch) / "demo", str(Path(scratch) / "features.zarr")
@@ -105,7 +104,7 @@ def main() -> None:
             mode = train_with(amp, store, demo, args.epochs, args.device)
             result["modes"].append(mode)
             print(json.dumps({k: v for k, v in mode.items() if k != "losses"}), flush=True)
-            target.write_text(json.dumps(result, indent=1) + "\n")
+            target = write_result(args.out, f"train_amp_{slug(name)}", result)
     print(f"written to {target}")
 
 

@@ -1,0 +1,21 @@
+"""Where and how every bench script writes its figures: indented JSON under the `--out` folder."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+
+def slug(name: str) -> str:
+    """A device or setting name as a file-name part: "NVIDIA H200" -> "nvidia_h200"."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def write_result(out: Path, name: str, result: dict[str, Any]) -> Path:
+    """Write `result` to `<out>/<name>.json` (creating `out`); scripts call it again as figures come in."""
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{name}.json"
+    target.write_text(json.dumps(result, indent=1) + "\n")
+    return target
