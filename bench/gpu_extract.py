@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.demo_data import make_demo_dataset
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
-from pipeline.extract import ExtractConfig, default_batch_size, resolve_device, run_extract
+from pipeline.extract import ExtractConfig, default_batch_size, resolve_device, run_extract, writer_threads
 from pipeline.images import prepare
 
 from results_file import slug, write_result  # bench/, next to this script
@@ -166,7 +166,8 @@ def main() -> None:
     report = {
         "device": name, "peak_tflops": peaks, "images": args.images, "fused_attention": fused,
         "flops_convention": "2 FLOPs per multiply-add, package attention, one 1024 x 1024 image",
-        "compiled": args.compile, "torch": torch.__version__, "results": [],
+        "compiled": args.compile, "writer_threads": writer_threads(device), "torch": torch.__version__,
+        "results": [],
     }
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "demo"

@@ -252,16 +252,17 @@ def deadly(real):
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
     return wrapper
-if sys.argv[1] == "after-shards":
-    store.entry_digest = deadly(store.entry_digest)  # called between the shard writes and the commit
-else:
-    store.os.fsync = deadly(os.fsync)  # root, namespace, first commit, then the second commit's temporary
+# Both count the same small files: root, namespace, first commit, then the second commit.
+if sys.argv[1] == "after-shards":  # before the second commit starts: its batch's shards are on disk
+    store.FeatureStore.write_json_atomic = deadly(store.FeatureStore.write_json_atomic)
+else:  # on the fsync of the second commit's temporary
+    store.os.fsync = deadly(os.fsync)
 from stages.cli import app
 app(sys.argv[3:])
 """
 
 
-@pytest.mark.parametrize("moment, call", [("after-shards", 2), ("mid-commit", 4)])
+@pytest.mark.parametrize("moment, call", [("after-shards", 4), ("mid-commit", 4)])
 def test_kill_at_the_worst_moment_leaves_only_garbage_that_gc_removes(moment, call, tmp_path) -> None:
     files = write_images(tmp_path / "images", 2, seed=11)
     annotations = write_coco(tmp_path / "train.json", tmp_path / "images", files)
