@@ -53,6 +53,10 @@ SEGMENT_ROWS = 2048
 SEGMENT_IDLE_S = 600.0
 # zstd at level 1 with byte shuffle: ~8% smaller float16 at the speed of an uncompressed write.
 COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)
+# fsspec options of every store file system. Credentials and the endpoint come from the environment
+# (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for an S3-compatible
+# server: botocore reads them itself).
+STORAGE_OPTIONS: dict[str, Any] = {"use_listings_cache": False}
 
 
 @dataclass(frozen=True)
@@ -83,12 +87,16 @@ class FeatureStore:
 
     def __init__(self, url: str | Path, *, create: bool = False) -> None:
         self.url = str(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        # No cached listings: other processes and machines (the ranks of a distributed run) commit into the
+        # same store, and a cached listing would hide their commits from `scan` for the process's lifetime.
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **STORAGE_OPTIONS)
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
         self._check_or_create(create)
         self.zarr_store = (
-            zarr.storage.LocalStore(self.root) if self.local else zarr.storage.FsspecStore.from_url(self.url)
+            zarr.storage.LocalStore(self.root)
+            if self.local
+            else zarr.storage.FsspecStore.from_url(self.url, storage_options=STORAGE_OPTIONS)
         )
 
     # -- files -------------------------------------------------------------------------------------
@@ -113,10 +121,12 @@ class FeatureStore:
         target = self.path(relative)
         if not self.local:
             try:
-                if exclusive and self.fs.exists(target):
-                    return False
-                self.fs.pipe_file(target, data)  # an object-store PUT is atomic
+                # An object-store PUT is atomic; "create" is a conditional PUT (If-None-Match), so of two
+                # writers creating the same file at once exactly one succeeds.
+                self.fs.pipe_file(target, data, mode="create" if exclusive else "overwrite")
                 return True
+            except FileExistsError:
+                return False
             except OSError as error:
                 raise RefineError(f"{self.url}: cannot write {relative} ({error.strerror or error})") from None
         temporary = f"{target}.{secrets.token_hex(6)}.partial"
@@ -177,6 +187,10 @@ class FeatureStore:
                 self._check_format(self.read_json("zarr.json"))  # another writer created it first
         except OSError as error:
             raise RefineError(f"{self.url}: cannot open the feature store ({error.strerror or error})") from None
+        except RefineError:
+            raise
+        except Exception as error:  # a remote store's client raises its own errors (no endpoint, no credentials)
+            raise RefineError(f"{self.url}: cannot open the feature store ({type(error).__name__}: {error})") from None
 
     def _check_format(self, metadata: Any) -> None:
         refine = metadata.get("attributes", {}).get("refine") if isinstance(metadata, dict) else None
