@@ -176,7 +176,8 @@ class FeatureStore:
                 return
             if exists and (self.fs.exists(self.path(".zgroup")) or self.fs.exists(self.path(".zarray"))):
                 raise RefineError(f"{self.url}: is a Zarr v2 store, not a refine feature store (Zarr v3)")
-            if exists and self.fs.ls(self.root, detail=False):
+            # Another writer's temporary zarr.json (`*.partial`) means it is creating the store right now.
+            if exists and [p for p in self.fs.ls(self.root, detail=False) if not p.endswith(".partial")]:
                 raise RefineError(f"{self.url}: exists and is not a refine feature store (no zarr.json)")
             if not create:
                 raise RefineError(f"{self.url}: no feature store here; run `refine extract` first")
