@@ -166,18 +166,19 @@ class FeatureStore:
 
     # -- format ------------------------------------------------------------------------------------
     def _check_or_create(self, create: bool) -> None:
-        marker = self.path("zarr.json")
         try:
             exists = self.fs.exists(self.root)
             if exists and not self.fs.isdir(self.root):
                 raise RefineError(f"{self.url}: is a file, not a feature store")
-            if exists and self.fs.exists(marker):
+            # One listing decides: another writer may be creating the store right now (its zarr.json appears
+            # between two looks, and before that only its temporary `zarr.json.*.partial` is there).
+            names = set(self.list_names("")) if exists else set()
+            if "zarr.json" in names:
                 self._check_format(self.read_json("zarr.json"))
                 return
-            if exists and (self.fs.exists(self.path(".zgroup")) or self.fs.exists(self.path(".zarray"))):
+            if names & {".zgroup", ".zarray"}:
                 raise RefineError(f"{self.url}: is a Zarr v2 store, not a refine feature store (Zarr v3)")
-            # Another writer's temporary zarr.json (`*.partial`) means it is creating the store right now.
-            if exists and [p for p in self.fs.ls(self.root, detail=False) if not p.endswith(".partial")]:
+            if [name for name in names if not name.endswith(".partial")]:
                 raise RefineError(f"{self.url}: exists and is not a refine feature store (no zarr.json)")
             if not create:
                 raise RefineError(f"{self.url}: no feature store here; run `refine extract` first")
