@@ -8,7 +8,8 @@ Reproducibility: every random draw is keyed by what it is for (the seed plus the
 epoch k makes exactly the same draws as an uninterrupted run, whatever the number of workers.
 
 Under torchrun: DistributedDataParallel. `--batch-size` stays the images of one step over all ranks
-(each takes its part), so a step, the schedule and the noise draws are those of one process; each rank
+(each takes its part), so the noise draws are those of one process and the steps and schedule too (up
+to the padding that gives every rank the same number of steps); each rank
 reads its share of every epoch's permutation from the store, validation is split across the ranks and
 gathered, and only the main rank writes the checkpoint, the curves and the metrics.
 """

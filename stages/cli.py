@@ -39,7 +39,7 @@ app.add_typer(store_app, name="store")
 
 def main(args: list[str] | None = None) -> None:
     """The `refine` console script; `args` replace the command line (for `python -m stages.<stage>`)."""
-    app(args)
+    app(args, prog_name="refine")
 
 
 if __name__ == "__main__":
