@@ -105,8 +105,13 @@ def resolve_device(device: str) -> torch.device:
         raise RefineError("--device cuda was asked for, but no CUDA device is available")
     if device not in ("cpu", "cuda"):
         raise RefineError(f"unknown device {device!r}; choose auto, cuda or cpu")
-    if device == "cuda" and distributed.launched():
-        return torch.device("cuda", distributed.local_rank())  # under torchrun: one GPU per rank
+    if device == "cuda" and distributed.launched():  # under torchrun: one GPU per rank
+        if distributed.local_rank() >= torch.cuda.device_count():
+            raise RefineError(
+                f"rank {distributed.rank()} (local rank {distributed.local_rank()}) has no GPU of its own: this "
+                f"machine has {torch.cuda.device_count()}; start at most that many processes per machine"
+            )
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(device)
 
 
