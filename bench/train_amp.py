@@ -25,7 +25,15 @@ from pipeline.extract import ExtractConfig, resolve_device, run_extract
 from pipeline.features import EpochShuffle, FeatureDataset, feature_loader, feature_statistics, load_split
 from pipeline.refiner import build_refiner
 from pipeline.store import FeatureStore
-from pipeline.train import TrainConfig, TrainProgress, cosine_schedule, evaluate, resolve_amp, train_one_epoch
+from pipeline.train import (
+    CascadeStages,
+    TrainConfig,
+    TrainProgress,
+    cosine_schedule,
+    evaluate,
+    resolve_amp,
+    train_one_epoch,
+)
 
 from results_file import slug, write_result  # bench/, next to this script
 
@@ -62,7 +70,7 @@ def train_with(amp: str, store: str, demo: Path, epochs: int, device_name: str) 
         reports: list[TrainProgress] = []
         losses.append(
             train_one_epoch(
-                model, optimizer, scaler, train_loader, train_split.images, config, epoch, device, amp_dtype,
+                CascadeStages(model), optimizer, scaler, train_loader, train_split.images, config, epoch, device, amp_dtype,
                 schedule, reports.append,
             )
         )

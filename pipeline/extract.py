@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline import distributed
 from pipeline.coco import load_coco
 from pipeline.encoder import EncoderIdentity, FeatureEncoder, build_encoder, identity_for
 from pipeline.errors import RefineError
@@ -100,11 +101,18 @@ Progress = Callable[[str, int, int, ExtractSummary], None]  # (phase, done, tota
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RefineError("--device cuda was asked for, but no CUDA device is available")
     if device not in ("cpu", "cuda"):
         raise RefineError(f"unknown device {device!r}; choose auto, cuda or cpu")
+    if device == "cuda" and distributed.launched():  # under torchrun: one GPU per rank
+        if distributed.local_rank() >= torch.cuda.device_count():
+            raise RefineError(
+                f"rank {distributed.rank()} (local rank {distributed.local_rank()}) has no GPU of its own: this "
+                f"machine has {torch.cuda.device_count()}; start at most that many processes per machine"
+            )
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(device)
 
 
@@ -161,15 +169,17 @@ class _Sample:
 
 
 class _ImageDataset(Dataset):
-    """Reads each file once in a DataLoader worker: hashes it, and decodes it only if its key is new.
+    """Reads each file once in a DataLoader worker: hashes it, and decodes it only if its key is new and
+    this rank's to encode (`mine`; under torchrun every rank hashes every file, each encodes its share).
 
     A file that cannot be decoded comes back as its error message, never raised, so one bad image
     does not stop the batch.
     """
 
-    def __init__(self, items: list[ImageItem], committed: frozenset[str]) -> None:
+    def __init__(self, items: list[ImageItem], committed: frozenset[str], mine: Callable[[str], bool]) -> None:
         self.items = items
         self.committed = committed
+        self.mine = mine
 
     def __len__(self) -> int:
         return len(self.items)
@@ -179,7 +189,7 @@ class _ImageDataset(Dataset):
         try:
             data = read_file(item.path)
             key = content_key(data)
-            if key in self.committed:
+            if key in self.committed or not self.mine(key):
                 return _Sample(index, key)
             pixels, original, resized = prepare(item.path, data)
             return _Sample(index, key, True, pixels, original, resized)
@@ -325,14 +335,17 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
     namespace = store.ensure_namespace(identity.provenance())
     summary = ExtractSummary(dataset_name, identity.fingerprint, identity.describe_weights(), identity.random_init)
     summary.images = len(items)
-    bytes_before = store.bytes_on_disk(identity.fingerprint)
+    main = distributed.is_main()
+    bytes_before = store.bytes_on_disk(identity.fingerprint) if main else 0
+    distributed.barrier()  # under torchrun: no rank writes before the main rank has measured the store
     committed, damaged_commits = namespace.scan()
     summary.repaired.extend(damaged_commits)  # their entries are unknown, so they are misses: recomputed
 
     device = resolve_device(config.device)
     batch_size = config.batch_size or default_batch_size(identity.model_type, device, config.fused_attention)
     # Decoding and resizing cost a core several ms per image: a fast encoder on a GPU needs several workers.
-    workers = config.workers if config.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
+    cores = (os.cpu_count() or 2) // distributed.local_world_size()  # the ranks on one machine share its cores
+    workers = config.workers if config.workers is not None else min(8, max(1, cores - 1))
     run = _Run(config, identity, namespace, committed, summary, device, batch_size, progress)
     try:
         run.encode_misses(items, workers, "extract")
@@ -351,6 +364,8 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
     sizes = run.sizes
     if run.encoder is not None:
         summary.encoder_s = run.encoder.seconds()
+    if distributed.world_size() > 1:
+        _merge_ranks(summary, namespace, sizes)
 
     for item in items:
         if item.key in sizes and item.size is not None and sizes[item.key][0] != item.size:
@@ -361,15 +376,35 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
             )
             del sizes[item.key]  # left out of the manifest
     summary.unique = len(run.seen)
-    summary.bytes_written = store.bytes_on_disk(identity.fingerprint) - bytes_before
+    if main:
+        summary.bytes_written = store.bytes_on_disk(identity.fingerprint) - bytes_before
     summary.wall_s = time.perf_counter() - started
     if summary.failed and not config.skip_bad_images:
         return summary  # the caller reports the failures; no manifest for an incomplete dataset
+    if not main:
+        return summary  # the main rank writes the one manifest
     manifest = _manifest(dataset_name, identity, items, sizes)
     namespace.write_dataset(manifest)
     if config.manifest_out is not None:
         _write_manifest_copy(config.manifest_out, manifest)
     return summary
+
+
+def _merge_ranks(summary: ExtractSummary, namespace: Namespace, sizes: dict[str, Sizes]) -> None:
+    """Under torchrun, once every rank has committed its share: add up the ranks' counters and failures and
+    learn the sizes of the entries the other ranks computed, so that every rank knows the whole dataset's
+    outcome (and exits accordingly) and the main rank can write a complete manifest."""
+    parts = distributed.all_gather((summary.hits, summary.computed, summary.encoder_s, summary.failed, summary.repaired))
+    computed_here = summary.computed
+    summary.hits = sum(part[0] for part in parts)
+    summary.computed = sum(part[1] for part in parts)
+    summary.encoder_s = sum(part[2] for part in parts)
+    # A file that cannot be read fails on every rank (all hash it); list it once.
+    summary.failed = list(dict.fromkeys(message for part in parts for message in part[3]))
+    summary.repaired = list(dict.fromkeys(message for part in parts for message in part[4]))
+    if summary.computed > computed_here:
+        for key, entry in namespace.scan()[0].items():
+            sizes.setdefault(key, (entry.original_size, entry.resized_size))
 
 
 def _build(identity: EncoderIdentity, config: ExtractConfig, device: torch.device, batch_size: int) -> _Encoder:
@@ -419,6 +454,7 @@ class _Run:
         self.started = time.perf_counter()
         self.sizes: dict[str, Sizes] = {key: (e.original_size, e.resized_size) for key, e in committed.items()}
         self.seen: set[str] = set()
+        self.share = distributed.share()  # the keys this rank encodes (all of them without torchrun)
         self.encoder: _Encoder | None = None  # built on the first miss: a warm re-run never builds it
         self.writer: _BackgroundWriter | None = None
         # Reads decompress and hash outside the GIL: two threads keep up with the hashing workers.
@@ -428,7 +464,7 @@ class _Run:
     def encode_misses(self, items: list[ImageItem], workers: int, phase: str) -> None:
         """Hash every item; check hits in the background; encode and commit the misses."""
         loader = DataLoader(
-            _ImageDataset(items, frozenset(self.committed)),
+            _ImageDataset(items, frozenset(self.committed), self.share),
             batch_size=self.batch_size,
             num_workers=workers,
             collate_fn=_collate,
@@ -452,7 +488,7 @@ class _Run:
                     summary.failed.append(sample.error)
                 elif sample.key not in self.seen:
                     self.seen.add(sample.key)
-                    if sample.key in self.committed:
+                    if sample.key in self.committed and self.share(sample.key):  # each rank checks its share
                         summary.hits += 1
                         if self.checker is not None:
                             self.checks[sample.key] = self.checker.submit(

@@ -272,21 +272,31 @@ def collate_features(items: list[dict[str, Any]]) -> FeatureBatch:
 
 
 class EpochShuffle(Sampler[int]):
-    """A permutation drawn from (seed, epoch): the same order for an epoch whether or not the run resumed."""
+    """A permutation drawn from (seed, epoch): the same order for an epoch whether or not the run resumed.
 
-    def __init__(self, size: int, seed: int) -> None:
+    Under DistributedDataParallel each of `world_size` ranks takes every `world_size`-th image of the one
+    permutation (like torch's DistributedSampler), so together they see the same images as one process;
+    the permutation is padded by repeating its start so every rank has as many steps as the others.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.size = size
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        return iter(torch.randperm(self.size, generator=seeded_generator(self.seed, SHUFFLE_STREAM, self.epoch, 0)).tolist())
+        order = torch.randperm(self.size, generator=seeded_generator(self.seed, SHUFFLE_STREAM, self.epoch, 0)).tolist()
+        total = len(self) * self.world_size
+        padded = (order * math.ceil(total / max(self.size, 1)))[:total]
+        return iter(padded[self.rank :: self.world_size])
 
     def __len__(self) -> int:
-        return self.size
+        return math.ceil(self.size / self.world_size)
 
 
 def feature_loader(

@@ -56,6 +56,10 @@ SEGMENT_IDLE_S = 600.0
 # Threads of a writer that check and hash a batch (hashlib and numpy release the GIL on large buffers).
 WRITER_THREADS = min(8, os.cpu_count() or 1)
 COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)
+# fsspec options of every store file system. Credentials and the endpoint come from the environment
+# (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for an S3-compatible
+# server: botocore reads them itself).
+STORAGE_OPTIONS: dict[str, Any] = {"use_listings_cache": False}
 
 
 @dataclass(frozen=True)
@@ -94,12 +98,16 @@ class FeatureStore:
 
     def __init__(self, url: str | Path, *, create: bool = False) -> None:
         self.url = str(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        # No cached listings: other processes and machines (the ranks of a distributed run) commit into the
+        # same store, and a cached listing would hide their commits from `scan` for the process's lifetime.
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **STORAGE_OPTIONS)
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
         self._check_or_create(create)
         self.zarr_store = (
-            zarr.storage.LocalStore(self.root) if self.local else zarr.storage.FsspecStore.from_url(self.url)
+            zarr.storage.LocalStore(self.root)
+            if self.local
+            else zarr.storage.FsspecStore.from_url(self.url, storage_options=STORAGE_OPTIONS)
         )
 
     # -- files -------------------------------------------------------------------------------------
@@ -124,10 +132,12 @@ class FeatureStore:
         target = self.path(relative)
         if not self.local:
             try:
-                if exclusive and self.fs.exists(target):
-                    return False
-                self.fs.pipe_file(target, data)  # an object-store PUT is atomic
+                # An object-store PUT is atomic; "create" is a conditional PUT (If-None-Match), so of two
+                # writers creating the same file at once exactly one succeeds.
+                self.fs.pipe_file(target, data, mode="create" if exclusive else "overwrite")
                 return True
+            except FileExistsError:
+                return False
             except OSError as error:
                 raise RefineError(f"{self.url}: cannot write {relative} ({error.strerror or error})") from None
         temporary = f"{target}.{secrets.token_hex(6)}.partial"
@@ -167,17 +177,19 @@ class FeatureStore:
 
     # -- format ------------------------------------------------------------------------------------
     def _check_or_create(self, create: bool) -> None:
-        marker = self.path("zarr.json")
         try:
             exists = self.fs.exists(self.root)
             if exists and not self.fs.isdir(self.root):
                 raise RefineError(f"{self.url}: is a file, not a feature store")
-            if exists and self.fs.exists(marker):
+            # One listing decides: another writer may be creating the store right now (its zarr.json appears
+            # between two looks, and before that only its temporary `zarr.json.*.partial` is there).
+            names = set(self.list_names("")) if exists else set()
+            if "zarr.json" in names:
                 self._check_format(self.read_json("zarr.json"))
                 return
-            if exists and (self.fs.exists(self.path(".zgroup")) or self.fs.exists(self.path(".zarray"))):
+            if names & {".zgroup", ".zarray"}:
                 raise RefineError(f"{self.url}: is a Zarr v2 store, not a refine feature store (Zarr v3)")
-            if exists and self.fs.ls(self.root, detail=False):
+            if [name for name in names if not name.endswith(".partial")]:
                 raise RefineError(f"{self.url}: exists and is not a refine feature store (no zarr.json)")
             if not create:
                 raise RefineError(f"{self.url}: no feature store here; run `refine extract` first")
@@ -188,6 +200,10 @@ class FeatureStore:
                 self._check_format(self.read_json("zarr.json"))  # another writer created it first
         except OSError as error:
             raise RefineError(f"{self.url}: cannot open the feature store ({error.strerror or error})") from None
+        except RefineError:
+            raise
+        except Exception as error:  # a remote store's client raises its own errors (no endpoint, no credentials)
+            raise RefineError(f"{self.url}: cannot open the feature store ({type(error).__name__}: {error})") from None
 
     def _check_format(self, metadata: Any) -> None:
         refine = metadata.get("attributes", {}).get("refine") if isinstance(metadata, dict) else None

@@ -48,7 +48,8 @@ class GcReport:
 
 def _mtime(info: dict[str, Any], now: float) -> float:
     """A file's modification time from an fsspec listing; unknown counts as now (never deleted)."""
-    value = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    # Local files: mtime; S3: LastModified; GCS / Azure: last_modified; memory: created (objects are immutable)
+    value = next((info[k] for k in ("mtime", "LastModified", "last_modified", "created") if info.get(k) is not None), None)
     if isinstance(value, datetime):
         return value.timestamp()
     return float(value) if value is not None else now

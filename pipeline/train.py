@@ -6,10 +6,17 @@ In the style of torchvision's reference scripts: `train_one_epoch` and `evaluate
 Reproducibility: every random draw is keyed by what it is for (the seed plus the epoch and image id, see
 `pipeline.features.noise_generator`), never by draw order, so a run resumed from its checkpoint after
 epoch k makes exactly the same draws as an uninterrupted run, whatever the number of workers.
+
+Under torchrun: DistributedDataParallel. `--batch-size` stays the images of one step over all ranks
+(each takes its part), so the noise draws are those of one process and the steps and schedule too (up
+to the padding that gives every rank the same number of steps); each rank
+reads its share of every epoch's permutation from the store, validation is split across the ranks and
+gathered, and only the main rank writes the checkpoint, the curves and the metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,9 +28,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
+from pipeline import distributed
 from pipeline.encoder import IMAGE_SIZE
 from pipeline.errors import RefineError
 from pipeline.extract import resolve_device
@@ -228,8 +237,20 @@ def _boxes_of(
     return [coarse for coarse, _ in pairs], [targets for _, targets in pairs]
 
 
+class CascadeStages(torch.nn.Module):
+    """The refiner's training forward (every cascade stage's boxes) as `forward`: DistributedDataParallel
+    synchronises gradients only for what runs through the wrapped module's `forward`."""
+
+    def __init__(self, refiner: SimilarityCascadeRefiner) -> None:
+        super().__init__()
+        self.refiner = refiner
+
+    def forward(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> list[Tensor]:
+        return self.refiner.forward_stages(embedding, early, boxes)
+
+
 def train_one_epoch(
-    model: SimilarityCascadeRefiner,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     loader: DataLoader,
@@ -241,7 +262,10 @@ def train_one_epoch(
     learning_rate: Callable[[int], float],
     progress: Progress | None = None,
 ) -> float:
-    """One pass over the training images; returns the mean loss. `epoch` is 0-based."""
+    """One pass over the training images; returns the mean loss. `epoch` is 0-based.
+
+    `model` returns every cascade stage's boxes: a `CascadeStages`, or one wrapped in DistributedDataParallel.
+    """
     model.train()
     steps = len(loader)
     timer = _Timer()
@@ -253,11 +277,11 @@ def train_one_epoch(
         coarse = [boxes.to(device) for boxes in coarse]
         targets = torch.cat(per_image).to(device)
         with autocast(device, amp_dtype):
-            stages = model.forward_stages(
+            stages = model(
                 batch.embedding.to(device, non_blocking=True), batch.early.to(device, non_blocking=True), coarse
             )
         loss = box_loss([s.float() for s in stages], torch.cat(coarse), targets)
-        value = loss.item()
+        value = distributed.mean(loss)  # over the ranks: a NaN on one stops every rank at the same step
         if not math.isfinite(value):
             raise RefineError(
                 f"training loss is {value} at epoch {epoch + 1}, step {step + 1} of {steps}; training stopped "
@@ -306,7 +330,9 @@ def evaluate(
         if progress:
             boxes_per_s, waiting = timer.rates()
             progress(TrainProgress("val", epoch + 1, config.epochs, step + 1, steps, math.nan, boxes_per_s, waiting))
-    return box_metrics(torch.cat(coarse_iou), torch.cat(refined_iou))
+    # Under torchrun each rank evaluated its part of the images: every rank gets all the IoUs.
+    parts = distributed.all_gather((torch.cat(coarse_iou or [torch.empty(0)]), torch.cat(refined_iou or [torch.empty(0)])))
+    return box_metrics(torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]))
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -387,17 +413,27 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
     torch.manual_seed(config.seed)
     refiner_config = config.refiner_config(int(provenance["early_channels"]))
     model = build_refiner(config.model, refiner_config)
+    rank, world_size, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     train_data = FeatureDataset(store.url, namespace.fingerprint, train_split.images)
-    val_data = FeatureDataset(store.url, namespace.fingerprint, val_split.images)
-    config.out.mkdir(parents=True, exist_ok=True)
+    val_images = val_split.images[rank::world_size]  # under torchrun: each rank validates its part
+    val_data = FeatureDataset(store.url, namespace.fingerprint, val_images)
     checkpoint_path = config.out / CHECKPOINT
-    checkpoint = load_checkpoint(checkpoint_path) if config.resume else None
+    if main:
+        config.out.mkdir(parents=True, exist_ok=True)
+    # The main rank reads the checkpoint and hands it over: the other ranks' machines need no copy of <out>.
+    checkpoint = distributed.broadcast(load_checkpoint(checkpoint_path) if main else None) if config.resume else None
     if checkpoint is not None:
         _check_resume(checkpoint, config, namespace.fingerprint, checkpoint_path)
         model.load_state_dict(checkpoint["model"])
     else:
-        model.set_feature_statistics(feature_statistics(train_data))
+        model.set_feature_statistics(distributed.broadcast(feature_statistics(train_data) if main else None))
     model.to(device)  # before the optimizer: its state is created (or loaded) on the parameters' device
+    step_model: torch.nn.Module = CascadeStages(model)
+    if world_size > 1:
+        # The refiner's buffers are fixed feature statistics: synced once when wrapped, never again per step.
+        step_model = DistributedDataParallel(
+            step_model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if checkpoint is not None:
@@ -407,9 +443,10 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
     start_epoch = checkpoint["epoch"] if checkpoint is not None else 0
 
     workers = _workers(config, device)
-    sampler = EpochShuffle(len(train_data), config.seed)
-    train_loader = feature_loader(train_data, config.batch_size, workers, sampler, pin=device.type == "cuda")
-    val_loader = feature_loader(val_data, config.batch_size, workers, pin=device.type == "cuda")
+    sampler = EpochShuffle(len(train_data), config.seed, rank, world_size)
+    rank_batch = math.ceil(config.batch_size / world_size)  # --batch-size is one step over all ranks
+    train_loader = feature_loader(train_data, rank_batch, workers, sampler, pin=device.type == "cuda")
+    val_loader = feature_loader(val_data, rank_batch, workers, pin=device.type == "cuda")
     learning_rate = cosine_schedule(config.lr, config.warmup_steps, config.epochs * len(train_loader))
     summary = TrainSummary(
         config.out,
@@ -421,15 +458,19 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
         device=str(device),
     )
     metrics: dict[str, Any] = {}
-    with _live(config.out / LIVE_DIR, resume=config.resume) as live:
+    with _live(config.out / LIVE_DIR, resume=config.resume, enabled=main) as live:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch)
             loss = train_one_epoch(
-                model, optimizer, scaler, train_loader, train_split.images, config, epoch, device, amp_dtype,
+                step_model, optimizer, scaler, train_loader, train_split.images, config, epoch, device, amp_dtype,
                 learning_rate, progress,
             )
-            val = evaluate(model, val_loader, val_split.images, config, epoch, device, amp_dtype, progress)
+            # The bare refiner: DDP's forward expects every rank to take the same number of steps.
+            val = evaluate(model, val_loader, val_images, config, epoch, device, amp_dtype, progress)
             metrics = {"epoch": epoch + 1, "train_loss": loss, "val": val}
+            summary.epochs_run += 1
+            if not main:
+                continue
             live.log_metric("train/loss", loss)
             for name, value in val.items():
                 if name != "boxes":
@@ -451,17 +492,22 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
                     "metrics": metrics,
                 },
             )
-            summary.epochs_run += 1
     if checkpoint is not None and not metrics:  # resumed a finished run: report what it reached
         metrics = checkpoint["metrics"]
     summary.metrics = metrics
-    _write_json(config.out / METRICS, metrics)
+    if main:
+        _write_json(config.out / METRICS, metrics)
     summary.wall_s = time.perf_counter() - started
     return summary
 
 
-def _live(directory: Path, resume: bool) -> Any:
-    """dvclive logging into `directory`; DVC plots are declared in the project's own dvc.yaml."""
+def _live(directory: Path, resume: bool, enabled: bool) -> Any:
+    """dvclive logging into `directory`; DVC plots are declared in the project's own dvc.yaml.
+
+    Disabled (the other ranks under torchrun): a context that logs nothing and is never called.
+    """
+    if not enabled:
+        return contextlib.nullcontext()
     from dvclive import Live  # imported late: dvclive pulls in much of DVC
 
     return Live(dir=str(directory), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)

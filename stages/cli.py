@@ -37,8 +37,9 @@ app.command("apply")(apply)
 app.add_typer(store_app, name="store")
 
 
-def main() -> None:
-    app()
+def main(args: list[str] | None = None) -> None:
+    """The `refine` console script; `args` replace the command line (for `python -m stages.<stage>`)."""
+    app(args, prog_name="refine")
 
 
 if __name__ == "__main__":

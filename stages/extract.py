@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from datetime import timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -9,11 +11,15 @@ from typing import Annotated, Callable, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipeline import distributed
 from pipeline.encoder import ENCODERS
 from pipeline.errors import RefineError
 from pipeline.extract import ExtractConfig, ExtractSummary, run_extract
 from stages.common import console, domain_errors, err_console
 
+# Under torchrun the ranks wait for each other once, at the end, for the slowest share: after a rank died
+# and the run was re-launched, one rank may have hours of work left while the others only hash.
+RANK_WAIT = timedelta(days=1)
 EncoderName = Enum("EncoderName", {name: name for name in ENCODERS}, type=str)
 
 
@@ -86,6 +92,9 @@ def extract(
     (duplicate ids, boxes that are NaN, empty or outside the image), an image listed but missing, a bad
     checkpoint, a store of another format. Unreadable image files are reported at the end (exit 1) after
     everything else is committed, unless --skip-bad-images.
+
+    Under torchrun every rank hashes every file and encodes the images whose content key falls in its
+    share; the main rank writes the manifest once all ranks have committed (see README, Scale).
     """
     config = ExtractConfig(
         images=images,
@@ -104,16 +113,21 @@ def extract(
         compile=compile_encoder,
         check_hits=check_hits,
     )
-    if checkpoint is None:
+    if checkpoint is None and distributed.is_main():
         err_console.print(
             f"[bold yellow]WARNING: no --checkpoint: {encoder.value} runs with RANDOM weights (seed {seed}). "
             "These features are not pretrained; fine for tests and the demo only. "
             "The store records this in its provenance.[/]",
             soft_wrap=True,
         )
-    with domain_errors():
-        with ExtractProgress() as report:
+    with domain_errors(), distributed.process_group("gloo", RANK_WAIT):  # objects only: gloo even on CUDA
+        main = distributed.is_main()
+        with ExtractProgress(enabled=main) as report:
             summary = run_extract(config, report)
+        if not main:  # the main rank reports for all ranks; a failure fails every rank
+            if summary.failed and not skip_bad_images:
+                raise typer.Exit(code=1)
+            return
         _print_summary(summary)
         for message in summary.repaired:
             err_console.print(f"  damaged, recomputed: {message}", markup=False, highlight=False)
@@ -129,7 +143,12 @@ def extract(
 class ExtractProgress:
     """A rich progress bar per phase (hash, encode), fed by `run_extract`'s progress callback."""
 
-    def __enter__(self) -> Callable[[str, int, int, ExtractSummary], None]:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled  # under torchrun only the main rank draws (its own share's progress)
+
+    def __enter__(self) -> Callable[[str, int, int, ExtractSummary], None] | None:
+        if not self.enabled:
+            return None
         self.bar = Progress(
             TextColumn("{task.description:<8}"),
             BarColumn(),
@@ -163,7 +182,8 @@ class ExtractProgress:
         )
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
+        if self.enabled:
+            self.bar.__exit__(*exc)
 
 
 def _print_summary(summary: ExtractSummary) -> None:
@@ -178,3 +198,9 @@ def _print_summary(summary: ExtractSummary) -> None:
         highlight=False,
     )
     console.print(f"namespace {summary.fingerprint}: {summary.weights}", markup=False, highlight=False)
+
+
+if __name__ == "__main__":  # `torchrun ... -m stages.extract --images ...` (README, Scale)
+    from stages.cli import main as refine
+
+    refine(["extract", *sys.argv[1:]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,6 +11,8 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipeline import distributed
+from pipeline.extract import resolve_device
 from pipeline.refiner import REFINERS
 from pipeline.train import TrainConfig, TrainProgress, TrainSummary, run_train
 from stages.common import console, domain_errors, err_console
@@ -60,7 +63,9 @@ def train(
         int,
         typer.Option(min=1, help="Epochs in total, counting those a --resume continues (raising it with --resume stretches the schedule)."),
     ] = DEFAULTS.epochs,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step (each with all its boxes).")] = DEFAULTS.batch_size,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images per step (each with all its boxes); under torchrun over all ranks together.")
+    ] = DEFAULTS.batch_size,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, linear warm-up then cosine decay).")] = DEFAULTS.lr,
     weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")] = DEFAULTS.weight_decay,
     model: Annotated[RefinerName, typer.Option(help="Refiner architecture.")] = RefinerName(DEFAULTS.model),
@@ -80,6 +85,9 @@ def train(
     `refine extract` command to run), when the dataset was extracted by several encoders and no
     --fingerprint picks one, or when --resume meets a checkpoint of other settings or another encoder;
     and during training if the loss becomes NaN or infinite.
+
+    Under torchrun: DistributedDataParallel, each rank reading its share of the images from the store;
+    the main rank writes the checkpoint, curves and metrics (see README, Scale).
     """
     config = TrainConfig(
         store=store,
@@ -105,15 +113,24 @@ def train(
         device=device.value,
     )
     with domain_errors():
-        with TrainProgressBar() as report:
-            summary = run_train(config, report)
-    _print_summary(summary)
+        backend = "nccl" if resolve_device(device.value).type == "cuda" else "gloo"
+        with distributed.process_group(backend):
+            main = distributed.is_main()
+            with TrainProgressBar(enabled=main) as report:
+                summary = run_train(config, report)
+    if main:
+        _print_summary(summary)
 
 
 class TrainProgressBar:
     """One rich progress bar per phase, fed by `run_train`'s progress callback."""
 
-    def __enter__(self) -> TrainProgressBar:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled  # under torchrun only the main rank draws
+
+    def __enter__(self) -> TrainProgressBar | None:
+        if not self.enabled:
+            return None
         self.bar = Progress(
             TextColumn("{task.description:<14}"),
             BarColumn(),
@@ -136,7 +153,8 @@ class TrainProgressBar:
         self.bar.update(self.tasks[key], completed=event.step, stats=stats)
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
+        if self.enabled:
+            self.bar.__exit__(*exc)
 
 
 def _print_summary(summary: TrainSummary) -> None:
@@ -162,3 +180,9 @@ def _print_summary(summary: TrainSummary) -> None:
             )
     for line in lines:
         console.print(line, markup=False, highlight=False)
+
+
+if __name__ == "__main__":  # `torchrun ... -m stages.train --store ...` (README, Scale)
+    from stages.cli import main as refine
+
+    refine(["train", *sys.argv[1:]])
