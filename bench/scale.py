@@ -36,6 +36,8 @@ from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 from pipeline.train import TrainConfig, run_train  # noqa: E402
 
+from results_file import write_result  # noqa: E402  (bench/, next to this script)
+
 
 def run_command(command: list[str], cwd: Path) -> dict[str, float]:
     """Run an `extract` command; its wall time end to end and the run's own wall time from its summary."""
@@ -128,9 +130,9 @@ def main() -> None:
         finally:
             server.kill()
     result["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "scale.json").write_text(json.dumps(result, indent=1) + "\n")
+    target = write_result(options.out, "scale", result)
     print(json.dumps(result, indent=1))
+    print(f"written to {target}")
 
 
 if __name__ == "__main__":
