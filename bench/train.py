@@ -30,7 +30,9 @@ from pipeline.features import FeatureDataset, EpochShuffle, feature_loader, feat
 from pipeline.images import prepare
 from pipeline.refiner import build_refiner
 from pipeline.store import FeatureStore
-from pipeline.train import TrainConfig, TrainProgress, cosine_schedule, resolve_amp, train_one_epoch
+from pipeline.train import (
+    CascadeStages, TrainConfig, TrainProgress, cosine_schedule, resolve_amp, train_one_epoch,
+)
 
 from results_file import write_result  # bench/, next to this script
 
@@ -80,7 +82,7 @@ def one_epoch(
     reports: list[TrainProgress] = []
     started = time.perf_counter()
     train_one_epoch(
-        model, optimizer, scaler, loader, split.images, config, 0, device, resolve_amp("off", device),
+        CascadeStages(model), optimizer, scaler, loader, split.images, config, 0, device, resolve_amp("off", device),
         cosine_schedule(config.lr, config.warmup_steps, len(loader)), reports.append,
     )
     seconds = time.perf_counter() - started
