@@ -11,7 +11,6 @@ Writes `<out>/attention_<encoder>_<device>.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from torch import nn
 from pipeline.encoder import build_encoder, identity_for
 from pipeline.extract import resolve_device
 
-from results_file import write_result  # bench/, next to this script
+from results_file import write_and_show  # bench/, next to this script
 
 
 def randomise_biases(encoder: nn.Module, seed: int = 0) -> None:
@@ -85,9 +84,7 @@ def main() -> None:
         "max_abs_early": float(package_early.abs().max()),
         "torch": torch.__version__,
     }
-    target = write_result(args.out, f"attention_{args.encoder}_{device.type}", result)
-    print(json.dumps(result, indent=1))
-    print(f"written to {target}")
+    write_and_show(args.out, f"attention_{args.encoder}_{device.type}", result)
 
 
 if __name__ == "__main__":

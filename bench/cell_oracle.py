@@ -13,18 +13,18 @@ with the coarse box `refine evaluate` draws by the noise protocol (--noise, --se
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from torchvision.ops import box_iou
 
 from pipeline.boxes import coco_to_xyxy, jitter_boxes, to_input
+from pipeline.coco import load_coco
 from pipeline.encoder import IMAGE_SIZE
 from pipeline.features import noise_generator
 from pipeline.images import resized_shape
 
-from results_file import write_result  # bench/, next to this script
+from results_file import write_and_show  # bench/, next to this script
 
 STEPS = (16, 8, 4)
 
@@ -37,15 +37,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)")
     args = parser.parse_args()
 
-    coco = json.loads(args.annotations.read_text())
-    sizes = {image["id"]: (image["height"], image["width"]) for image in coco["images"]}
+    coco = load_coco(args.annotations)
+    boxes_of: dict[int, list] = {image.id: [] for image in coco.images}
+    for annotation in coco.annotations:
+        boxes_of[annotation.image_id].append(annotation.bbox)
     truths, coarse = [], []
-    for image_id, original_hw in sizes.items():
+    for image in coco.images:
+        original_hw = (image.height, image.width)
         resized_hw = resized_shape(*original_hw)
-        annotations = [a["bbox"] for a in coco["annotations"] if a["image_id"] == image_id]
-        truth = to_input(coco_to_xyxy(annotations), original_hw, resized_hw)
+        truth = to_input(coco_to_xyxy(boxes_of[image.id]), original_hw, resized_hw)
         truths.append(truth)
-        coarse.append(jitter_boxes(truth, resized_hw, args.noise, noise_generator(args.seed, image_id, None)))
+        coarse.append(jitter_boxes(truth, resized_hw, args.noise, noise_generator(args.seed, image.id, None)))
     truth, coarse_iou = torch.cat(truths), box_iou(torch.cat(coarse), torch.cat(truths)).diagonal()
     result: dict = {
         "annotations": args.annotations.name, "boxes": len(truth), "input_size": IMAGE_SIZE,
@@ -59,9 +61,7 @@ def main() -> None:
             "share_below_0.9": round((iou < 0.9).float().mean().item(), 4),
             "share_worse": round((iou < coarse_iou).float().mean().item(), 4),
         }
-    target = write_result(args.out, "cell_oracle", result)
-    print(json.dumps(result, indent=1))
-    print(f"written to {target}")
+    write_and_show(args.out, "cell_oracle", result)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ advance; `extract` pays for everything (hashing, decoding, encoder build, writin
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.extract import ExtractConfig, default_batch_size, resolve_device, run_extract
 from pipeline.images import prepare
 
-from results_file import write_result  # bench/, next to this script
+from results_file import write_and_show  # bench/, next to this script
 
 
 def bare_encoder_rate(files: list[Path], model_type: str, device: torch.device, batch_size: int) -> float:
@@ -86,9 +85,7 @@ def main() -> None:
         "warm_wall_s": round(warm.wall_s, 4),
         "torch": torch.__version__,
     }
-    target = write_result(args.out, f"extract_{args.encoder}_{device.type}", result)
-    print(json.dumps(result, indent=1))
-    print(f"written to {target}")
+    write_and_show(args.out, f"extract_{args.encoder}_{device.type}", result)
 
 
 if __name__ == "__main__":

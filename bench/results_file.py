@@ -19,3 +19,10 @@ def write_result(out: Path, name: str, result: dict[str, Any]) -> Path:
     target = out / f"{name}.json"
     target.write_text(json.dumps(result, indent=1) + "\n")
     return target
+
+
+def write_and_show(out: Path, name: str, result: dict[str, Any]) -> None:
+    """A bench's final figures: written as by `write_result`, then printed with where they went."""
+    target = write_result(out, name, result)
+    print(json.dumps(result, indent=1))
+    print(f"written to {target}")

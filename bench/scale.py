@@ -16,7 +16,6 @@ Writes `<out>/scale.json`. The load average is recorded: on a shared machine the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import socket
@@ -36,7 +35,7 @@ from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 from pipeline.train import TrainConfig, run_train  # noqa: E402
 
-from results_file import write_result  # noqa: E402  (bench/, next to this script)
+from results_file import write_and_show  # noqa: E402  (bench/, next to this script)
 
 
 def run_command(command: list[str], cwd: Path) -> dict[str, float]:
@@ -130,9 +129,7 @@ def main() -> None:
         finally:
             server.kill()
     result["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
-    target = write_result(options.out, "scale", result)
-    print(json.dumps(result, indent=1))
-    print(f"written to {target}")
+    write_and_show(options.out, "scale", result)
 
 
 if __name__ == "__main__":

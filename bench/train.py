@@ -34,7 +34,7 @@ from pipeline.train import (
     CascadeStages, TrainConfig, TrainProgress, cosine_schedule, resolve_amp, train_one_epoch,
 )
 
-from results_file import write_result  # bench/, next to this script
+from results_file import write_and_show  # bench/, next to this script
 
 
 class EncoderInTheLoop(FeatureDataset):
@@ -152,9 +152,7 @@ def main() -> None:
         "peak_memory_growth_mib": round(memory["large"]["peak_rss_mib"] - memory["small"]["peak_rss_mib"], 1),
         "torch": torch.__version__,
     }
-    target = write_result(args.out, "train_cpu", result)
-    print(json.dumps(result, indent=1))
-    print(f"written to {target}")
+    write_and_show(args.out, "train_cpu", result)
 
 
 if __name__ == "__main__":
