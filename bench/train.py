@@ -19,20 +19,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from pipeline.demo_data import make_demo_dataset
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
-from pipeline.extract import ExtractConfig, resolve_device, run_extract
-from pipeline.features import FeatureDataset, EpochShuffle, feature_loader, feature_statistics, load_split
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.features import FeatureDataset, feature_loader
 from pipeline.images import prepare
-from pipeline.refiner import build_refiner
-from pipeline.store import FeatureStore
-from pipeline.train import (
-    CascadeStages, TrainConfig, TrainProgress, cosine_schedule, resolve_amp, train_one_epoch,
-)
+from pipeline.train import TrainConfig, TrainProgress, prepare_training, train_one_epoch
 
 from results_file import write_and_show  # bench/, next to this script
 
@@ -64,33 +61,28 @@ def one_epoch(
 ) -> dict[str, float]:
     """Time one training epoch (default settings, CPU) and return seconds, boxes/s and data-wait share.
 
-    `wrap` turns the stored-feature dataset into the one to train from (the encoder in the loop).
+    The run is set up exactly as `refine train` sets it up; `wrap` turns its stored-feature dataset into
+    the one to train from (the encoder in the loop).
     """
-    config = TrainConfig(store=store, annotations=annotations, epochs=1, device="cpu", workers=0)
-    device = resolve_device(config.device)
-    namespace = FeatureStore(store).namespace(FeatureStore(store).fingerprints()[0])
-    split = load_split(namespace, annotations.stem, annotations)
-    stored = FeatureDataset(store, namespace.fingerprint, split.images)
-    data = wrap(stored) if wrap is not None else stored
-    torch.manual_seed(0)
-    model = build_refiner(config.model, config.refiner_config(int(namespace.provenance["early_channels"])))
-    model.set_feature_statistics(feature_statistics(stored))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    sampler = EpochShuffle(len(data), 0)
-    loader = feature_loader(data, config.batch_size, 0, sampler)
+    with tempfile.TemporaryDirectory() as out:
+        training = prepare_training(
+            TrainConfig(store=store, annotations=annotations, out=Path(out), epochs=1, device="cpu", workers=0)
+        )
+    if wrap is not None:
+        training.train_loader = feature_loader(wrap(training.train_loader.dataset), training.config.batch_size, 0, training.sampler)
+    t = training
     reports: list[TrainProgress] = []
     started = time.perf_counter()
     train_one_epoch(
-        CascadeStages(model), optimizer, scaler, loader, split.images, config, 0, device, resolve_amp("off", device),
-        cosine_schedule(config.lr, config.warmup_steps, len(loader)), reports.append,
+        t.step_model, t.optimizer, t.scaler, t.train_loader, t.train_split.images, t.config, 0, t.device, t.amp_dtype,
+        t.learning_rate, reports.append,
     )
     seconds = time.perf_counter() - started
     return {
         "seconds": round(seconds, 3),
         "boxes_per_s": round(reports[-1].boxes_per_s, 1),
         "data_wait_share": round(reports[-1].data_wait_share, 4),
-        "images": len(split.images),
+        "images": len(t.train_split.images),
     }
 
 

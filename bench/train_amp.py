@@ -22,66 +22,34 @@ import torch
 
 from pipeline.demo_data import make_demo_dataset
 from pipeline.extract import ExtractConfig, resolve_device, run_extract
-from pipeline.features import EpochShuffle, FeatureDataset, feature_loader, feature_statistics, load_split
-from pipeline.refiner import build_refiner
-from pipeline.store import FeatureStore
-from pipeline.train import (
-    CascadeStages,
-    TrainConfig,
-    TrainProgress,
-    cosine_schedule,
-    evaluate,
-    resolve_amp,
-    train_one_epoch,
-)
+from pipeline.train import TrainConfig, TrainProgress, prepare_training, run_epoch
 
 from results_file import slug, write_result  # bench/, next to this script
 
 
 def train_with(amp: str, store: str, demo: Path, epochs: int, device_name: str) -> dict[str, Any]:
     """Train one refiner with `amp`; its per-epoch losses, final val metrics and training boxes/s."""
-    config = TrainConfig(
-        store=store, annotations=demo / "train.json", val_annotations=demo / "val.json", epochs=epochs,
-        amp=amp, device=device_name, workers=2,
-    )
-    device = resolve_device(config.device)
-    amp_dtype = resolve_amp(config.amp, device)
-    namespace = FeatureStore(store).namespace(FeatureStore(store).fingerprints()[0])
-    train_split = load_split(namespace, "train", config.annotations)
-    val_split = load_split(namespace, "val", demo / "val.json")
-    train_data = FeatureDataset(store, namespace.fingerprint, train_split.images)
-    val_data = FeatureDataset(store, namespace.fingerprint, val_split.images)
-    torch.manual_seed(config.seed)
-    model = build_refiner(config.model, config.refiner_config(int(namespace.provenance["early_channels"])))
-    model.set_feature_statistics(feature_statistics(train_data))
-    model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    sampler = EpochShuffle(len(train_data), config.seed)
-    pin = device.type == "cuda"
-    train_loader = feature_loader(train_data, config.batch_size, config.workers, sampler, pin=pin)
-    val_loader = feature_loader(val_data, config.batch_size, config.workers, pin=pin)
-    schedule = cosine_schedule(config.lr, config.warmup_steps, epochs * len(train_loader))
-    losses, rates = [], []
-    val: dict[str, Any] = {}
-    started = time.perf_counter()
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        reports: list[TrainProgress] = []
-        losses.append(
-            train_one_epoch(
-                CascadeStages(model), optimizer, scaler, train_loader, train_split.images, config, epoch, device, amp_dtype,
-                schedule, reports.append,
+    with tempfile.TemporaryDirectory() as out:
+        training = prepare_training(
+            TrainConfig(
+                store=store, annotations=demo / "train.json", val_annotations=demo / "val.json", out=Path(out),
+                epochs=epochs, amp=amp, device=device_name, workers=2,
             )
         )
-        rates.append(reports[-1].boxes_per_s)
-        val = evaluate(model, val_loader, val_split.images, config, epoch, device, amp_dtype)
+    losses, rates = [], []
+    metrics: dict[str, Any] = {}
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        reports: list[TrainProgress] = []
+        metrics = run_epoch(training, epoch, reports.append)
+        losses.append(metrics["train_loss"])
+        rates.append([report for report in reports if report.phase == "train"][-1].boxes_per_s)
     return {
         "amp": amp,
-        "dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
+        "dtype": str(training.amp_dtype).removeprefix("torch.") if training.amp_dtype else "float32",
         "losses": [round(loss, 5) for loss in losses],
         "all_finite": all(math.isfinite(loss) for loss in losses),
-        "val": val,
+        "val": metrics["val"],
         # The first epoch pays for worker start-up and kernel selection: quote the later ones.
         "train_boxes_per_s": round(sum(rates[1:]) / max(len(rates) - 1, 1), 1),
         "wall_s": round(time.perf_counter() - started, 1),

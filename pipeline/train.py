@@ -394,9 +394,33 @@ def _workers(config: TrainConfig, device: torch.device) -> int:
     return 2 if device.type == "cuda" else 0
 
 
-def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSummary:
-    """Train (or resume) a refiner; writes `<out>/model.pt`, `<out>/live/` and `<out>/train_metrics.json`."""
-    started = time.perf_counter()
+@dataclass
+class Training:
+    """What a run trains with, built from its TrainConfig by `prepare_training`."""
+
+    config: TrainConfig
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    fingerprint: str
+    encoder: dict[str, Any]  # model type and early channels, for the checkpoint
+    train_split: Split
+    val_split: Split
+    val_images: list[ImageBoxes]  # this rank's part of the validation images
+    model: SimilarityCascadeRefiner
+    step_model: torch.nn.Module  # returns every cascade stage's boxes (DDP-wrapped under torchrun)
+    refiner_config: RefinerConfig
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: EpochShuffle
+    train_loader: DataLoader
+    val_loader: DataLoader
+    learning_rate: Callable[[int], float]
+    start_epoch: int
+    checkpoint: dict[str, Any] | None  # the one resumed from
+
+
+def prepare_training(config: TrainConfig) -> Training:
+    """Read the store's datasets, build (or resume) the refiner, its optimizer and its data loaders."""
     if not 0.0 <= config.noise <= 0.5:
         raise RefineError(f"--noise must lie in [0, 0.5], got {config.noise}")
     device = resolve_device(config.device)
@@ -418,8 +442,6 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
     val_images = val_split.images[rank::world_size]  # under torchrun: each rank validates its part
     val_data = FeatureDataset(store.url, namespace.fingerprint, val_images)
     checkpoint_path = config.out / CHECKPOINT
-    if main:
-        config.out.mkdir(parents=True, exist_ok=True)
     # The main rank reads the checkpoint and hands it over: the other ranks' machines need no copy of <out>.
     checkpoint = distributed.broadcast(load_checkpoint(checkpoint_path) if main else None) if config.resume else None
     if checkpoint is not None:
@@ -440,60 +462,97 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint["scaler"] is not None:
             scaler.load_state_dict(checkpoint["scaler"])
-    start_epoch = checkpoint["epoch"] if checkpoint is not None else 0
 
     workers = _workers(config, device)
     sampler = EpochShuffle(len(train_data), config.seed, rank, world_size)
     rank_batch = math.ceil(config.batch_size / world_size)  # --batch-size is one step over all ranks
     train_loader = feature_loader(train_data, rank_batch, workers, sampler, pin=device.type == "cuda")
     val_loader = feature_loader(val_data, rank_batch, workers, pin=device.type == "cuda")
-    learning_rate = cosine_schedule(config.lr, config.warmup_steps, config.epochs * len(train_loader))
+    return Training(
+        config=config,
+        device=device,
+        amp_dtype=amp_dtype,
+        fingerprint=namespace.fingerprint,
+        encoder={"model_type": provenance["model_type"], "early_channels": refiner_config.early_channels},
+        train_split=train_split,
+        val_split=val_split,
+        val_images=val_images,
+        model=model,
+        step_model=step_model,
+        refiner_config=refiner_config,
+        optimizer=optimizer,
+        scaler=scaler,
+        sampler=sampler,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        learning_rate=cosine_schedule(config.lr, config.warmup_steps, config.epochs * len(train_loader)),
+        start_epoch=checkpoint["epoch"] if checkpoint is not None else 0,
+        checkpoint=checkpoint,
+    )
+
+
+def run_epoch(training: Training, epoch: int, progress: Progress | None = None) -> dict[str, Any]:
+    """Train one epoch (0-based), then validate: {epoch (1-based), train_loss, val}."""
+    t = training
+    t.sampler.set_epoch(epoch)
+    loss = train_one_epoch(
+        t.step_model, t.optimizer, t.scaler, t.train_loader, t.train_split.images, t.config, epoch, t.device,
+        t.amp_dtype, t.learning_rate, progress,
+    )
+    # The bare refiner: DDP's forward expects every rank to take the same number of steps.
+    val = evaluate(t.model, t.val_loader, t.val_images, t.config, epoch, t.device, t.amp_dtype, progress)
+    return {"epoch": epoch + 1, "train_loss": loss, "val": val}
+
+
+def checkpoint_payload(training: Training, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Everything `--resume`, `evaluate` and `apply` need, after the epoch `metrics` reports."""
+    t = training
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": 1,
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
+        "epoch": metrics["epoch"],
+        "config": t.config.resolved(),
+        "refiner": {"name": t.config.model, "config": t.refiner_config.to_dict()},
+        "fingerprint": t.fingerprint,
+        "encoder": t.encoder,
+        "metrics": metrics,
+    }
+
+
+def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSummary:
+    """Train (or resume) a refiner; writes `<out>/model.pt`, `<out>/live/` and `<out>/train_metrics.json`."""
+    started = time.perf_counter()
+    training = prepare_training(config)
+    main = distributed.is_main()
+    if main:
+        config.out.mkdir(parents=True, exist_ok=True)
     summary = TrainSummary(
         config.out,
-        namespace.fingerprint,
-        train_split,
-        val_split,
-        start_epoch=start_epoch,
-        amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",
-        device=str(device),
+        training.fingerprint,
+        training.train_split,
+        training.val_split,
+        start_epoch=training.start_epoch,
+        amp=str(training.amp_dtype).removeprefix("torch.") if training.amp_dtype else "off",
+        device=str(training.device),
     )
     metrics: dict[str, Any] = {}
     with _live(config.out / LIVE_DIR, resume=config.resume, enabled=main) as live:
-        for epoch in range(start_epoch, config.epochs):
-            sampler.set_epoch(epoch)
-            loss = train_one_epoch(
-                step_model, optimizer, scaler, train_loader, train_split.images, config, epoch, device, amp_dtype,
-                learning_rate, progress,
-            )
-            # The bare refiner: DDP's forward expects every rank to take the same number of steps.
-            val = evaluate(model, val_loader, val_images, config, epoch, device, amp_dtype, progress)
-            metrics = {"epoch": epoch + 1, "train_loss": loss, "val": val}
+        for epoch in range(training.start_epoch, config.epochs):
+            metrics = run_epoch(training, epoch, progress)
             summary.epochs_run += 1
             if not main:
                 continue
-            live.log_metric("train/loss", loss)
-            for name, value in val.items():
+            live.log_metric("train/loss", metrics["train_loss"])
+            for name, value in metrics["val"].items():
                 if name != "boxes":
                     live.log_metric(f"val/{name}", value)
             live.next_step()
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "version": 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                    "epoch": epoch + 1,
-                    "config": config.resolved(),
-                    "refiner": {"name": config.model, "config": refiner_config.to_dict()},
-                    "fingerprint": namespace.fingerprint,
-                    "encoder": {"model_type": provenance["model_type"], "early_channels": refiner_config.early_channels},
-                    "metrics": metrics,
-                },
-            )
-    if checkpoint is not None and not metrics:  # resumed a finished run: report what it reached
-        metrics = checkpoint["metrics"]
+            save_checkpoint(config.out / CHECKPOINT, checkpoint_payload(training, metrics))
+    if training.checkpoint is not None and not metrics:  # resumed a finished run: report what it reached
+        metrics = training.checkpoint["metrics"]
     summary.metrics = metrics
     if main:
         _write_json(config.out / METRICS, metrics)
