@@ -64,13 +64,10 @@ def one_epoch(
     The run is set up exactly as `refine train` sets it up; `wrap` turns its stored-feature dataset into
     the one to train from (the encoder in the loop).
     """
-    with tempfile.TemporaryDirectory() as out:
-        training = prepare_training(
-            TrainConfig(store=store, annotations=annotations, out=Path(out), epochs=1, device="cpu", workers=0)
-        )
+    # prepare_training only reads: no output folder is needed, the epoch is run here.
+    t = prepare_training(TrainConfig(store=store, annotations=annotations, epochs=1, device="cpu", workers=0))
     if wrap is not None:
-        training.train_loader = feature_loader(wrap(training.train_loader.dataset), training.config.batch_size, 0, training.sampler)
-    t = training
+        t.train_loader = feature_loader(wrap(t.train_loader.dataset), t.config.batch_size, 0, t.sampler)
     reports: list[TrainProgress] = []
     started = time.perf_counter()
     train_one_epoch(

@@ -29,13 +29,13 @@ from results_file import slug, write_result  # bench/, next to this script
 
 def train_with(amp: str, store: str, demo: Path, epochs: int, device_name: str) -> dict[str, Any]:
     """Train one refiner with `amp`; its per-epoch losses, final val metrics and training boxes/s."""
-    with tempfile.TemporaryDirectory() as out:
-        training = prepare_training(
-            TrainConfig(
-                store=store, annotations=demo / "train.json", val_annotations=demo / "val.json", out=Path(out),
-                epochs=epochs, amp=amp, device=device_name, workers=2,
-            )
+    # prepare_training only reads: no output folder is needed, the epochs are run here.
+    training = prepare_training(
+        TrainConfig(
+            store=store, annotations=demo / "train.json", val_annotations=demo / "val.json", epochs=epochs,
+            amp=amp, device=device_name, workers=2,
         )
+    )
     losses, rates = [], []
     metrics: dict[str, Any] = {}
     started = time.perf_counter()
