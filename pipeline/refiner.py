@@ -11,8 +11,8 @@ context-enlarged window around the current box from both maps (RoIAlign, P x P) 
 maps that do not depend on what the training images look like: the similarity of every position to the
 box's own interior and to its surroundings, in each feature, and the strength of local feature change.
 Learnt weights see only these cues (and a few learnt channels of the early feature), which is what lets
-a refiner trained on 160 images generalise instead of memorising them. A small convolutional net reads
-the cue maps and each side is placed along the window from a 1-D profile (side-aware boundary
+a refiner trained on a few hundred images generalise instead of memorising them. A small convolutional
+net reads the cue maps and each side is placed along the window from a 1-D profile (side-aware boundary
 localisation: a distribution over positions, read out as its expectation, that starts at the box's own
 sides so an untrained stage is the identity).
 """
