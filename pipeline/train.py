@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from pipeline import distributed
+from pipeline.boxes import valid_boxes
 from pipeline.encoder import IMAGE_SIZE
 from pipeline.errors import RefineError
 from pipeline.extract import resolve_device
@@ -323,9 +324,11 @@ def evaluate(
         coarse, targets = _boxes_of(images, batch, config, None, 1)
         with autocast(device, amp_dtype):
             refined = model(batch.embedding.to(device), batch.early.to(device), [c.to(device) for c in coarse])
-        for before, after, target in zip(coarse, refined, targets):
+        for index, before, after, target in zip(batch.indices, coarse, refined, targets):
+            # The boxes `apply` would write (clipped to the image), so these figures match `refine evaluate`.
+            final = valid_boxes(after.float().cpu(), before, images[index].resized_hw)
             coarse_iou.append(box_iou(before, target).diagonal())
-            refined_iou.append(box_iou(after.float().cpu(), target).diagonal())
+            refined_iou.append(box_iou(final, target).diagonal())
             timer.boxes += len(target)
         if progress:
             boxes_per_s, waiting = timer.rates()

@@ -102,3 +102,16 @@ def test_store_of_another_encoder_is_refused(cli, base_dataset, trained, tmp_pat
         ("apply", "--store", other, "--boxes", base_dataset["annotations"], "--model", trained, "--out", tmp_path / "a.json"),
     ):
         assert_clean_error(cli(*command), "model.pt", "was trained on features of encoder", "holds none of them")
+
+
+def test_training_validation_matches_evaluate(cli, base_dataset, trained, tmp_path):
+    # Both score the boxes `apply` would write (clipped to the image) on the same fixed noise draw.
+    out = tmp_path / "eval"
+    result = cli("evaluate", "--store", base_dataset["store"], "--annotations", base_dataset["annotations"],
+                 "--model", trained, "--out", out)
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads((out / "metrics.json").read_text())
+    validated = json.loads((trained.parent / "train_metrics.json").read_text())["val"]
+    assert validated["mean_iou_coarse"] == pytest.approx(evaluated["mean_iou_coarse"], abs=1e-4)
+    assert validated["mean_iou_refined"] == pytest.approx(evaluated["mean_iou_refined"], abs=1e-4)
+    assert validated["worse"] == pytest.approx(evaluated["share_worse"])
