@@ -6,21 +6,22 @@ Boxes are in encoder-input pixels (the 1024 x 1024 frame; one feature cell is 16
 
 `similarity_cascade`: both features are whitened with statistics of the training set (kept as buffers):
 with random encoder weights the early feature is ~300x smaller than the embedding, and a few directions
-hold most of its variance while the fine detail lives in the weak ones. Each cascade stage samples a
-context-enlarged window around the current box from both maps (RoIAlign, P x P) and turns it into cue
-maps that do not depend on what the training images look like: the similarity of every position to the
-box's own interior and to its surroundings, in each feature, and the strength of local feature change.
-Learnt weights see only these cues (and a few learnt channels of the early feature), which is what lets
-a refiner trained on a few hundred images generalise instead of memorising them. A small convolutional
-net reads the cue maps and each side is placed along the window from a 1-D profile (side-aware boundary
+hold most of its variance while the fine detail lives in the weak ones. Each cascade stage turns them
+into cue maps that do not depend on what the training images look like, computed once per cell of the
+64 x 64 feature grid: the similarity of every cell to the box's own interior and to its surroundings, in
+each feature, and the strength of local feature change. Only these few maps are sampled (RoIAlign, P x P)
+over a context-enlarged window around the current box, which keeps a training step cheap next to pooling
+every feature channel into every window. Learnt weights see only these cues (and a few learnt channels
+of the early feature), which is what lets a refiner trained on a few hundred images generalise instead
+of memorising them. A small convolutional net reads the cue maps and each side is placed along the window from a 1-D profile (side-aware boundary
 localisation: a distribution over positions, read out as its expectation, that starts at the box's own
 sides so an untrained stage is the identity).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -119,11 +120,8 @@ def enlarge(boxes: Tensor, context: float, min_side: float) -> Tensor:
     return torch.cat([centre - half, centre + half], dim=1)
 
 
-def box_masks(current: Tensor, pool: int, interior: float) -> tuple[Tensor, Tensor]:
-    """Soft masks of the box and of its central part on the P x P window grid: (K x P x P, K x P x P).
-
-    current: K x 4 box sides (x0, y0, x1, y1) in window units [0, 1].
-    """
+def inside_mask(current: Tensor, pool: int) -> Tensor:
+    """Soft mask of the box on the P x P window grid: K x 4 sides (x0, y0, x1, y1) in window units -> K x P x P."""
     centres = (torch.arange(pool, dtype=current.dtype, device=current.device) + 0.5) / pool
     sharpness = 4.0 * pool  # a ramp about a quarter of a sample wide
 
@@ -131,35 +129,57 @@ def box_masks(current: Tensor, pool: int, interior: float) -> tuple[Tensor, Tens
         return torch.sigmoid((centres - low[:, None]) * sharpness) * torch.sigmoid((high[:, None] - centres) * sharpness)
 
     x0, y0, x1, y1 = current.unbind(dim=1)
-    inside = between(y0, y1)[:, :, None] * between(x0, x1)[:, None, :]
-    cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
-    central = between(cy - interior * h, cy + interior * h)[:, :, None] * between(cx - interior * w, cx + interior * w)[:, None, :]
-    return inside, central
+    return between(y0, y1)[:, :, None] * between(x0, x1)[:, None, :]
 
 
-def prototype_similarity(window: Tensor, unit: Tensor, weights: Tensor) -> Tensor:
-    """Cosine similarity of every position to the weighted mean of the window: K x D x P x P (the window and
-    its positions normalised to unit length), K x P x P weights -> K x P x P."""
-    prototype = (window * weights[:, None]).sum(dim=(2, 3)) / weights.sum(dim=(1, 2)).clamp_min(1e-3)[:, None]
-    return (unit * F.normalize(prototype, dim=1)[:, :, None, None]).sum(dim=1)
+def cell_cover(boxes: Tensor) -> Tensor:
+    """The share of each feature cell a box covers: K x 4 xyxy pixels -> K x (64 * 64), exact, so even a box
+    smaller than a cell gets weight on the cells it touches."""
+    cells = torch.arange(EMBEDDING_SHAPE[1], dtype=boxes.dtype, device=boxes.device)
+    x0, y0, x1, y1 = (boxes / FEATURE_STRIDE).unbind(dim=1)
+
+    def along(low: Tensor, high: Tensor) -> Tensor:  # K -> K x 64
+        return (torch.minimum(high[:, None], cells + 1) - torch.maximum(low[:, None], cells)).clamp(0, 1)
+
+    return (along(y0, y1)[:, :, None] * along(x0, x1)[:, None, :]).flatten(1)
 
 
-def window_cues(early: Tensor, embedding: Tensor, current: Tensor, interior: float) -> Tensor:
-    """Cue maps of a window: early K x D x P x P, embedding K x 256 x P x P, box K x 4 -> K x FIXED_CUES x P x P."""
-    inside, central = box_masks(current, early.shape[-1], interior)
-    cues = [inside]
-    units = []
-    for window in (early, embedding):
-        unit = F.normalize(window, dim=1)  # once per window: both similarities (and the change) use it
-        units.append(unit)
-        to_object = prototype_similarity(window, unit, central)
-        to_background = prototype_similarity(window, unit, 1 - inside)
-        cues += [to_object, to_background, to_object - to_background]
-    unit = units[0]
-    change = F.pad((unit[..., :, 1:] - unit[..., :, :-1]).pow(2).sum(dim=1), (0, 1)) + F.pad(
-        (unit[..., 1:, :] - unit[..., :-1, :]).pow(2).sum(dim=1), (0, 0, 0, 1)
-    )
-    return torch.stack([*cues, change], dim=1)
+def central_part(boxes: Tensor, share: float) -> Tensor:
+    """K x 4 boxes -> their central parts: the same centre, each side `share` times as long."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) * share / 2
+    return torch.cat([centre - half, centre + half], dim=1)
+
+
+def similarity_maps(feature: Tensor, unit: Tensor, regions: Tensor, counts: list[int]) -> Tensor:
+    """Cosine similarity of every cell to the mean feature of each box's regions.
+
+    feature: B x D x (64 * 64), unit: the same normalised per cell, regions: K x R x (64 * 64) cell weights
+    (the boxes of image 0 first, `counts` per image) -> K x R x 64 x 64.
+    """
+    maps = []
+    for image, weights in enumerate(regions.split(counts)):
+        mean = weights @ feature[image].T / weights.sum(dim=-1, keepdim=True).clamp_min(1e-3)  # N x R x D
+        maps.append(F.normalize(mean, dim=-1) @ unit[image])
+    side = EMBEDDING_SHAPE[1]
+    return torch.cat(maps).unflatten(-1, (side, side))
+
+
+def local_change(unit: Tensor) -> Tensor:
+    """How much a normalised feature map changes to the next cell right and below: B x D x H x W -> B x 1 x H x W."""
+    across = F.pad((unit[..., :, 1:] - unit[..., :, :-1]).pow(2).sum(dim=1), (0, 1))
+    down = F.pad((unit[..., 1:, :] - unit[..., :-1, :]).pow(2).sum(dim=1), (0, 0, 0, 1))
+    return (across + down)[:, None]
+
+
+@dataclass
+class CellMaps:
+    """What every cascade stage reads, computed once per batch on the 64 x 64 feature grid."""
+
+    early: Tensor  # B x dim x 64 x 64: the projected early feature
+    flat: tuple[Tensor, Tensor]  # early, whitened embedding: B x D x (64 * 64) each
+    unit: tuple[Tensor, Tensor]  # the same, normalised per cell
+    change: Tensor  # B x 1 x 64 x 64: local change of the early feature
 
 
 class SideHead(nn.Module):
@@ -207,8 +227,7 @@ class SideHead(nn.Module):
 
 
 class CascadeStage(nn.Module):
-    """One refinement step: projected early map B x dim x 64 x 64, whitened embedding B x 256 x 64 x 64 and
-    K boxes (pixels) -> K refined boxes (pixels)."""
+    """One refinement step: the batch's CellMaps and K boxes (pixels) -> K refined boxes (pixels)."""
 
     def __init__(self, config: RefinerConfig, context: float) -> None:
         super().__init__()
@@ -225,33 +244,52 @@ class CascadeStage(nn.Module):
         self.along_x = SideHead(config.width, config.pool, config.prior_width, axis=3)
         self.along_y = SideHead(config.width, config.pool, config.prior_width, axis=2)
 
-    def pool_windows(self, feature: Tensor, rois: Tensor) -> Tensor:
-        """B x D x 64 x 64 map, K x 5 RoIs (batch index, xyxy pixels) -> K x D x P x P."""
-        return roi_align(
-            feature, rois.to(feature.dtype), self.pool, spatial_scale=1 / FEATURE_STRIDE, sampling_ratio=2, aligned=True
-        )
+    def pool_windows(self, maps: Tensor, index: Tensor, windows: Tensor) -> Tensor:
+        """N x C x 64 x 64 maps, K map indices, K x 4 windows (pixels) -> K x C x P x P."""
+        rois = torch.cat([index[:, None].to(windows.dtype), windows], dim=1).to(maps.dtype)
+        return roi_align(maps, rois, self.pool, spatial_scale=1 / FEATURE_STRIDE, sampling_ratio=2, aligned=True)
 
-    def forward(self, early: Tensor, embedding: Tensor, boxes: Tensor, batch_index: Tensor) -> Tensor:
+    def forward(self, maps: CellMaps, boxes: Tensor, batch_index: Tensor, counts: list[int]) -> Tensor:
         windows = enlarge(boxes, self.context, self.min_window)
         # roi_align indexes memory with these coordinates and crashes the process on NaN or huge values
         # (a diverged model makes both); a bad box still shows up as NaN in this stage's output and loss.
-        safe = windows.nan_to_num(0.0, 0.0, 0.0).clamp(-IMAGE_SIZE, 2 * IMAGE_SIZE)
-        rois = torch.cat([batch_index[:, None].to(safe.dtype), safe], dim=1)
-        early_window = self.pool_windows(early, rois)
+        safe_windows, safe_boxes = (
+            b.nan_to_num(0.0, 0.0, 0.0).clamp(-IMAGE_SIZE, 2 * IMAGE_SIZE) for b in (windows, boxes)
+        )
+        # Similarities are computed once per cell of the feature grid; only these few maps are then sampled
+        # into each window (far cheaper than pooling every feature channel into every window).
+        inside = cell_cover(safe_boxes)
+        regions = torch.stack([cell_cover(central_part(safe_boxes, 2 * self.interior)), cell_cover(safe_windows) * (1 - inside)], 1)
+        similarity = torch.cat([similarity_maps(f, u, regions, counts) for f, u in zip(maps.flat, maps.unit)], dim=1)
+        own_map = torch.arange(len(boxes), device=boxes.device)
+        early_object, early_background, embedding_object, embedding_background = self.pool_windows(
+            similarity, own_map, safe_windows
+        ).unbind(dim=1)
+        image_maps = maps.change if self.learned is None else torch.cat([maps.change, self.learned(maps.early)], dim=1)
+        pooled = self.pool_windows(image_maps, batch_index, safe_windows)
         origin = windows[:, :2].repeat(1, 2)
         size = (windows[:, 2:] - windows[:, :2]).repeat(1, 2)
         current = (boxes - origin) / size  # x0, y0, x1, y1 in window units
-        cues = window_cues(early_window.float(), self.pool_windows(embedding, rois).float(), current, self.interior)
-        if self.learned is not None:
-            cues = torch.cat([cues, self.learned(early_window).to(cues.dtype)], dim=1)
-        x = self.net(cues)
+        cues = torch.stack(
+            [
+                inside_mask(current, self.pool),
+                early_object,
+                early_background,
+                early_object - early_background,
+                embedding_object,
+                embedding_background,
+                embedding_object - embedding_background,
+            ],
+            dim=1,
+        )
+        x = self.net(torch.cat([cues, pooled], dim=1))
         x0, x1 = self.along_x(x, current[:, 0::2]).unbind(dim=1)
         y0, y1 = self.along_y(x, current[:, 1::2]).unbind(dim=1)
         return origin + torch.stack([x0, y0, x1, y1], dim=1) * size
 
 
 class SimilarityCascadeRefiner(nn.Module):
-    """Whiten both features, then refine each box through a cascade of RoIAlign + cue-map + side-aware stages."""
+    """Whiten both features, then refine each box through a cascade of cue-map + side-aware stages."""
 
     def __init__(self, config: RefinerConfig) -> None:
         super().__init__()
@@ -265,21 +303,28 @@ class SimilarityCascadeRefiner(nn.Module):
         self.embedding_norm.set_statistics(stats["embedding_mean"], stats["embedding_cov"])
         self.early.norm.set_statistics(stats["early_mean"], stats["early_cov"])
 
+    def cell_maps(self, embedding: Tensor, early: Tensor) -> CellMaps:
+        """B x 256 x 64 x 64 embedding, B x C x 64 x 64 early feature -> what the stages read."""
+        projected = self.early(early)
+        flat = (projected.flatten(2), self.embedding_norm(embedding.float()).flatten(2))
+        unit = tuple(F.normalize(f, dim=1) for f in flat)
+        return CellMaps(projected, flat, unit, local_change(unit[0].unflatten(-1, projected.shape[-2:])))
+
     def forward_stages(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> list[Tensor]:
         """Every stage's boxes, K x 4 each (all images' boxes concatenated in order), last = final.
 
         Each stage starts from the previous stage's boxes without gradient through them (as in Cascade
         R-CNN), so every stage learns to refine the distribution of boxes it is actually given.
         """
-        projected = self.early(early)
-        whitened = self.embedding_norm(embedding.float())
+        maps = self.cell_maps(embedding, early)
+        counts = [len(b) for b in boxes]
         batch_index = torch.cat(
-            [torch.full((len(b),), i, dtype=torch.int64, device=projected.device) for i, b in enumerate(boxes)]
+            [torch.full((n,), i, dtype=torch.int64, device=maps.early.device) for i, n in enumerate(counts)]
         )
         current = torch.cat(boxes).float()
         outputs = []
         for stage in self.stages:
-            current = stage(projected, whitened, current.detach(), batch_index).float()
+            current = stage(maps, current.detach(), batch_index, counts).float()
             outputs.append(current)
         return outputs
 

@@ -54,6 +54,9 @@ from pipeline.store import FeatureStore
 
 CHECKPOINT = "model.pt"
 CHECKPOINT_FORMAT = "refine-refiner"
+# Raised whenever a refiner's computation changes: the weights of an older one would load and silently mean
+# something else. 2: similarity cues computed on the feature grid instead of in each window.
+CHECKPOINT_VERSION = 2
 METRICS = "train_metrics.json"
 LIVE_DIR = "live"
 # Options that may change between a run and its --resume. Workers and device do not change what is
@@ -356,6 +359,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise RefineError(f"{path}: not a readable refiner checkpoint ({type(error).__name__}: {str(error)[:160]})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise RefineError(f"{path}: not a refine refiner checkpoint")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise RefineError(
+            f"{path}: refiner checkpoint version {checkpoint.get('version')}, this refine reads version "
+            f"{CHECKPOINT_VERSION}; train the refiner again with `refine train`"
+        )
     return checkpoint
 
 
@@ -512,7 +520,7 @@ def checkpoint_payload(training: Training, metrics: dict[str, Any]) -> dict[str,
     t = training
     return {
         "format": CHECKPOINT_FORMAT,
-        "version": 1,
+        "version": CHECKPOINT_VERSION,
         "model": t.model.state_dict(),
         "optimizer": t.optimizer.state_dict(),
         "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,

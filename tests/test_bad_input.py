@@ -301,6 +301,10 @@ def _encoder_state(path: Path) -> None:
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(64, 3, 4, 4)}, path)
 
 
+def _older_version(path: Path) -> None:
+    torch.save({"format": "refine-refiner", "version": 1, "model": {}}, path)
+
+
 def _pickled_object(path: Path) -> None:
     with path.open("wb") as f:
         pickle.dump(Payload(), f)
@@ -312,9 +316,10 @@ def _pickled_object(path: Path) -> None:
         (_garbage, "not a readable refiner checkpoint"),
         (_encoder_state, "not a refine refiner checkpoint"),
         (_pickled_object, "not a readable refiner checkpoint"),
+        (_older_version, "refiner checkpoint version 1, this refine reads version 2; train the refiner again"),
         (None, "model checkpoint not found"),
     ],
-    ids=["garbage-model", "encoder-checkpoint-as-model", "pickle-as-model", "missing-model"],
+    ids=["garbage-model", "encoder-checkpoint-as-model", "pickle-as-model", "older-version-model", "missing-model"],
 )
 def test_bad_refiner_checkpoints_are_refused(cli, base_dataset, tmp_path, make, fragment):
     model = tmp_path / "model.pt"

@@ -1,0 +1,49 @@
+"""The refiner's building blocks: what an untrained refiner returns, and the cell weights its cues use."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.refiner import RefinerConfig, build_refiner, cell_cover, similarity_maps
+
+
+def test_an_untrained_refiner_returns_the_boxes_it_is_given() -> None:
+    """Each side starts at the current box (zero-initialised scores on the prior): training starts from
+    the identity, whatever the features and wherever the box lies, even half outside the image."""
+    torch.manual_seed(0)
+    model = build_refiner("similarity_cascade", RefinerConfig(early_channels=160)).eval()
+    boxes = [
+        torch.tensor([[100.0, 120.0, 400.0, 300.0], [5.0, 6.0, 20.0, 30.0]]),
+        torch.tensor([[900.0, 900.0, 1100.0, 1000.0]]),
+    ]
+    with torch.no_grad():
+        refined = model(torch.randn(2, 256, 64, 64), torch.randn(2, 160, 64, 64), boxes)
+    for before, after in zip(boxes, refined):
+        torch.testing.assert_close(after, before, atol=1e-3, rtol=0)
+
+
+def test_cell_cover_weighs_cells_by_the_share_a_box_covers() -> None:
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 16.0], [8.0, 8.0, 12.0, 24.0], [1000.0, 1000.0, 1100.0, 1100.0]])
+    cover = cell_cover(boxes).view(3, 64, 64)
+    assert cover[0, 0, :2].tolist() == [1.0, 1.0] and cover[0].sum() == 2.0  # two whole cells
+    # 4 x 16 pixels straddling two cell rows: a quarter of a cell's width, half of each row's height.
+    assert cover[1, 0, 0] == 0.125 and cover[1, 1, 0] == 0.125 and cover[1].sum() == 0.25
+    assert cover[2].sum() == 1.5**2  # only the part inside the 1024 x 1024 frame counts
+
+
+def test_similarity_maps_compare_every_cell_with_each_boxs_own_region() -> None:
+    """Cells that hold the region's feature score 1, others by their cosine to it; boxes use their own image."""
+    feature = torch.zeros(2, 3, 64 * 64)
+    feature[0, 0] = 1.0  # image 0: every cell is (1, 0, 0) ...
+    feature[0, :, :64] = torch.tensor([0.0, 2.0, 0.0])[:, None]  # ... except the top row, (0, 2, 0)
+    feature[1, 2] = 5.0  # image 1: every cell is (0, 0, 5)
+    regions = torch.zeros(3, 1, 64 * 64)
+    regions[0, 0, 64 * 10] = 1.0  # a cell of image 0 below the top row
+    regions[1, 0, 3] = 1.0  # a top-row cell of image 0
+    regions[2, 0, 100] = 1.0  # a cell of image 1
+    unit = torch.nn.functional.normalize(feature, dim=1)
+    maps = similarity_maps(feature, unit, regions, counts=[2, 1])
+    assert maps.shape == (3, 1, 64, 64)
+    assert maps[0, 0, 0].abs().max() < 1e-6 and (maps[0, 0, 1:] - 1).abs().max() < 1e-6
+    assert (maps[1, 0, 0] - 1).abs().max() < 1e-6 and maps[1, 0, 1:].abs().max() < 1e-6
+    assert (maps[2] - 1).abs().max() < 1e-6
