@@ -13,9 +13,9 @@ each feature, and the strength of local feature change. Only these few maps are 
 over a context-enlarged window around the current box, which keeps a training step cheap next to pooling
 every feature channel into every window. Learnt weights see only these cues (and a few learnt channels
 of the early feature), which is what lets a refiner trained on a few hundred images generalise instead
-of memorising them. A small convolutional net reads the cue maps and each side is placed along the window from a 1-D profile (side-aware boundary
-localisation: a distribution over positions, read out as its expectation, that starts at the box's own
-sides so an untrained stage is the identity).
+of memorising them. A small convolutional net reads the cue maps and each side is placed along the
+window from a 1-D profile (side-aware boundary localisation: a distribution over positions, read out as
+its expectation, that starts at the box's own sides so an untrained stage is the identity).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class EarlyProjection(nn.Module):
 
 
 def enlarge(boxes: Tensor, context: float, min_side: float) -> Tensor:
-    """K x 4 boxes -> K x 4 windows with the same centre, each side `context` times larger (at least min_side)."""
+    """K x 4 boxes -> K x 4 windows with the same centre, each side `context` times as long (at least min_side)."""
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = ((boxes[:, 2:] - boxes[:, :2]) * context).clamp_min(min_side) / 2
     return torch.cat([centre - half, centre + half], dim=1)
@@ -142,13 +142,6 @@ def cell_cover(boxes: Tensor) -> Tensor:
         return (torch.minimum(high[:, None], cells + 1) - torch.maximum(low[:, None], cells)).clamp(0, 1)
 
     return (along(y0, y1)[:, :, None] * along(x0, x1)[:, None, :]).flatten(1)
-
-
-def central_part(boxes: Tensor, share: float) -> Tensor:
-    """K x 4 boxes -> their central parts: the same centre, each side `share` times as long."""
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = (boxes[:, 2:] - boxes[:, :2]) * share / 2
-    return torch.cat([centre - half, centre + half], dim=1)
 
 
 def similarity_maps(feature: Tensor, unit: Tensor, regions: Tensor, counts: list[int]) -> Tensor:
@@ -259,7 +252,8 @@ class CascadeStage(nn.Module):
         # Similarities are computed once per cell of the feature grid; only these few maps are then sampled
         # into each window (far cheaper than pooling every feature channel into every window).
         inside = cell_cover(safe_boxes)
-        regions = torch.stack([cell_cover(central_part(safe_boxes, 2 * self.interior)), cell_cover(safe_windows) * (1 - inside)], 1)
+        central = cell_cover(enlarge(safe_boxes, 2 * self.interior, 0.0))
+        regions = torch.stack([central, cell_cover(safe_windows) * (1 - inside)], dim=1)  # K x 2 x (64 * 64)
         similarity = torch.cat([similarity_maps(f, u, regions, counts) for f, u in zip(maps.flat, maps.unit)], dim=1)
         own_map = torch.arange(len(boxes), device=boxes.device)
         early_object, early_background, embedding_object, embedding_background = self.pool_windows(
