@@ -88,11 +88,11 @@ def box_metrics(gt: Tensor, coarse: Tensor, refined: Tensor, areas: Tensor | Non
             raise RefineError("box_metrics: areas has a NaN or infinite value")
     iou_coarse = paired_iou(gt, coarse)
     iou_refined = paired_iou(gt, refined)
-    metrics = _summary(iou_coarse, iou_refined)
+    metrics = iou_summary(iou_coarse, iou_refined)
     metrics["by_size"] = {}
     for name, (low, high) in SIZE_BUCKETS.items():
         keep = (areas >= low) & (areas < high)
-        metrics["by_size"][name] = _summary(iou_coarse[keep], iou_refined[keep])
+        metrics["by_size"][name] = iou_summary(iou_coarse[keep], iou_refined[keep])
     return metrics
 
 
@@ -106,8 +106,9 @@ def _boxes(name: str, boxes: Tensor) -> Tensor:
     return boxes
 
 
-def _summary(iou_coarse: Tensor, iou_refined: Tensor) -> dict[str, Any]:
-    """Metrics of one group from its paired IoUs (N each); None everywhere when the group is empty."""
+def iou_summary(iou_coarse: Tensor, iou_refined: Tensor) -> dict[str, Any]:
+    """Metrics of one group of boxes from their paired IoUs with the ground truth (N each): the keys of
+    `box_metrics` without "by_size"; None for every value when the group is empty."""
     count = len(iou_coarse)
 
     def share(mask: Tensor) -> float | None:

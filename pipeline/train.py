@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torchvision.ops import box_iou, generalized_box_iou_loss
+from torchvision.ops import generalized_box_iou_loss
 
 from pipeline import distributed
 from pipeline.boxes import valid_boxes
@@ -49,6 +49,7 @@ from pipeline.features import (
     load_split,
     resolve_namespace,
 )
+from pipeline.metrics import iou_summary, paired_iou
 from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refiner
 from pipeline.store import FeatureStore
 
@@ -59,6 +60,8 @@ CHECKPOINT_FORMAT = "refine-refiner"
 CHECKPOINT_VERSION = 2
 METRICS = "train_metrics.json"
 LIVE_DIR = "live"
+# Validation values logged per epoch as DVC curves (the rest of the summary is in train_metrics.json).
+VAL_CURVES = ("mean_iou_coarse", "mean_iou_refined", "share_improved", "share_worse")
 # Options that may change between a run and its --resume. Workers and device do not change what is
 # computed; a larger --epochs trains longer (the learning-rate schedule then stretches to the new total).
 RESUMABLE = {"epochs", "workers", "device", "resume"}
@@ -193,17 +196,6 @@ def box_loss(stages: list[Tensor], coarse: Tensor, target: Tensor) -> Tensor:
     return total / len(stages)
 
 
-def box_metrics(coarse_iou: Tensor, refined_iou: Tensor) -> dict[str, Any]:
-    """Mean IoU before / after and the share of boxes improved / made worse (K each)."""
-    return {
-        "mean_iou_coarse": coarse_iou.mean().item(),
-        "mean_iou_refined": refined_iou.mean().item(),
-        "improved": (refined_iou > coarse_iou).float().mean().item(),
-        "worse": (refined_iou < coarse_iou).float().mean().item(),
-        "boxes": int(coarse_iou.numel()),
-    }
-
-
 # -- one epoch, evaluation ---------------------------------------------------------------------------
 @dataclass
 class _Timer:
@@ -330,15 +322,15 @@ def evaluate(
         for index, before, after, target in zip(batch.indices, coarse, refined, targets):
             # The boxes `apply` would write (clipped to the image), so these figures match `refine evaluate`.
             final = valid_boxes(after.float().cpu(), before, images[index].resized_hw)
-            coarse_iou.append(box_iou(before, target).diagonal())
-            refined_iou.append(box_iou(final, target).diagonal())
+            coarse_iou.append(paired_iou(before, target))
+            refined_iou.append(paired_iou(final, target))
             timer.boxes += len(target)
         if progress:
             boxes_per_s, waiting = timer.rates()
             progress(TrainProgress("val", epoch + 1, config.epochs, step + 1, steps, math.nan, boxes_per_s, waiting))
     # Under torchrun each rank evaluated its part of the images: every rank gets all the IoUs.
     parts = distributed.all_gather((torch.cat(coarse_iou or [torch.empty(0)]), torch.cat(refined_iou or [torch.empty(0)])))
-    return box_metrics(torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]))
+    return iou_summary(torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]))
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -557,9 +549,9 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
             if not main:
                 continue
             live.log_metric("train/loss", metrics["train_loss"])
-            for name, value in metrics["val"].items():
-                if name != "boxes":
-                    live.log_metric(f"val/{name}", value)
+            for name in VAL_CURVES:
+                if metrics["val"][name] is not None:  # None: no validation boxes
+                    live.log_metric(f"val/{name}", metrics["val"][name])
             live.next_step()
             save_checkpoint(config.out / CHECKPOINT, checkpoint_payload(training, metrics))
     if training.checkpoint is not None and not metrics:  # resumed a finished run: report what it reached

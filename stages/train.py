@@ -166,10 +166,12 @@ def _print_summary(summary: TrainSummary) -> None:
     )
     lines = [
         f"trained on {len(summary.train.images)} images ({summary.train.boxes} boxes), validated on "
-        f"{len(summary.val.images)} images ({val['boxes']} boxes); features of encoder {summary.fingerprint}",
+        f"{len(summary.val.images)} images ({val['count']} boxes); features of encoder {summary.fingerprint}",
         f"{ran}; train loss {summary.metrics['train_loss']:.4f}",
         f"val mean IoU {val['mean_iou_coarse']:.3f} -> {val['mean_iou_refined']:.3f}, "
-        f"improved {val['improved']:.1%}, worse {val['worse']:.1%}",
+        f"improved {val['share_improved']:.1%}, worse {val['share_worse']:.1%}"
+        if val["count"]
+        else "no validation boxes",
         f"wrote {summary.out / 'model.pt'} and {summary.out / 'train_metrics.json'}",
     ]
     for split in (summary.train, summary.val):

@@ -114,4 +114,7 @@ def test_training_validation_matches_evaluate(cli, base_dataset, trained, tmp_pa
     validated = json.loads((trained.parent / "train_metrics.json").read_text())["val"]
     assert validated["mean_iou_coarse"] == pytest.approx(evaluated["mean_iou_coarse"], abs=1e-4)
     assert validated["mean_iou_refined"] == pytest.approx(evaluated["mean_iou_refined"], abs=1e-4)
-    assert validated["worse"] == pytest.approx(evaluated["share_worse"])
+    # One summary function for both: the same keys, and the same rule for what counts as a change.
+    for key in ("share_improved", "share_worse"):
+        assert validated[key] == pytest.approx(evaluated[key], abs=1e-6)
+    assert validated["recall_at_iou"]["refined"] == pytest.approx(evaluated["recall_at_iou"]["refined"], abs=1e-6)

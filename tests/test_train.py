@@ -79,7 +79,7 @@ def test_train_writes_a_safe_checkpoint_metrics_and_curves(base_dataset: dict, t
 
     metrics = json.loads((out / METRICS).read_text())
     assert metrics["epoch"] == 2 and 0.0 < metrics["val"]["mean_iou_coarse"] < 1.0
-    assert metrics["val"]["improved"] + metrics["val"]["worse"] <= 1.0
+    assert metrics["val"]["share_improved"] + metrics["val"]["share_worse"] <= 1.0
     curve = (out / "live" / "plots" / "metrics" / "val" / "mean_iou_refined.tsv").read_text().splitlines()
     assert len(curve) == 1 + 2  # header and one row per epoch
     assert not (out / "live" / "dvc.yaml").exists()  # plots are declared in the project's dvc.yaml
@@ -133,7 +133,7 @@ def test_coarse_boxes_from_a_results_file(base_dataset: dict, tmp_path: Path) ->
     results = tmp_path / "detections.json"
     results.write_text(json.dumps(detections))
     summary = run_train(config(base_dataset, tmp_path / "out", epochs=1, coarse=results, val_coarse=results))
-    assert summary.train.boxes == len(coco["annotations"]) and summary.metrics["val"]["boxes"] == len(coco["annotations"])
+    assert summary.train.boxes == len(coco["annotations"]) and summary.metrics["val"]["count"] == len(coco["annotations"])
     gt = coco_to_xyxy([a["bbox"] for a in coco["annotations"]])
     expected = box_iou(coco_to_xyxy(shifted), gt).diagonal().mean().item()
     assert summary.metrics["val"]["mean_iou_coarse"] == pytest.approx(expected, abs=1e-4)
