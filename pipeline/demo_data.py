@@ -105,7 +105,7 @@ def render_scene(seed: int, split: str, index: int) -> Scene:
     return Scene(image, [SceneObject(p.category_id, p.visible) for p in placed])
 
 
-def make_demo_dataset(out_dir: Path, seed: int = 0, n_train: int = 640, n_val: int = 40) -> dict[str, dict[str, int]]:
+def make_demo_dataset(out_dir: Path, seed: int = 0, n_train: int = 1280, n_val: int = 40) -> dict[str, dict[str, int]]:
     """Write out_dir/images/*.jpg, train.json and val.json; return image and box counts per split."""
     if seed < 0:
         raise RefineError(f"seed must be a non-negative integer, got {seed}")
