@@ -86,7 +86,7 @@ class Whitening(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         centred = x - self.mean[:, None, None]
-        return torch.einsum("dc,bchw->bdhw", self.matrix, centred)
+        return (self.matrix @ centred.flatten(2)).view_as(x)  # a batched matmul without einsum's permute copy
 
 
 def conv_block(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
@@ -151,9 +151,10 @@ def similarity_maps(feature: Tensor, unit: Tensor, regions: Tensor, counts: list
     (the boxes of image 0 first, `counts` per image) -> K x R x 64 x 64.
     """
     maps = []
-    for image, weights in enumerate(regions.split(counts)):
-        mean = weights @ feature[image].T / weights.sum(dim=-1, keepdim=True).clamp_min(1e-3)  # N x R x D
-        maps.append(F.normalize(mean, dim=-1) @ unit[image])
+    # Iterating unbinds the batch in one op: indexing feature[image] would cost a full-size zero gradient each.
+    for weights, image_feature, image_unit in zip(regions.split(counts), feature, unit):
+        mean = weights @ image_feature.T / weights.sum(dim=-1, keepdim=True).clamp_min(1e-3)  # N x R x D
+        maps.append(F.normalize(mean, dim=-1) @ image_unit)
     side = EMBEDDING_SHAPE[1]
     return torch.cat(maps).unflatten(-1, (side, side))
 
