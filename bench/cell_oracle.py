@@ -16,13 +16,12 @@ import argparse
 from pathlib import Path
 
 import torch
-from torchvision.ops import box_iou
-
 from pipeline.boxes import coco_to_xyxy, jitter_boxes, to_input
 from pipeline.coco import load_coco
 from pipeline.encoder import IMAGE_SIZE
 from pipeline.features import noise_generator
 from pipeline.images import resized_shape
+from pipeline.metrics import iou_summary, paired_iou
 
 from results_file import write_and_show  # bench/, next to this script
 
@@ -48,18 +47,20 @@ def main() -> None:
         truth = to_input(coco_to_xyxy(boxes_of[image.id]), original_hw, resized_hw)
         truths.append(truth)
         coarse.append(jitter_boxes(truth, resized_hw, args.noise, noise_generator(args.seed, image.id, None)))
-    truth, coarse_iou = torch.cat(truths), box_iou(torch.cat(coarse), torch.cat(truths)).diagonal()
+    truth = torch.cat(truths)
+    coarse_iou = paired_iou(torch.cat(coarse), truth)
     result: dict = {
         "annotations": args.annotations.name, "boxes": len(truth), "input_size": IMAGE_SIZE,
         "coarse_mean_iou": round(coarse_iou.mean().item(), 4), "steps": {},
     }
     for step in STEPS:
-        iou = box_iou((truth / step).round() * step, truth).diagonal()
+        iou = paired_iou((truth / step).round() * step, truth)
+        summary = iou_summary(coarse_iou, iou)  # "worse" exactly as `refine evaluate` counts it
         result["steps"][f"{step}px"] = {
-            "mean_iou": round(iou.mean().item(), 4),
+            "mean_iou": round(summary["mean_iou_refined"], 4),
             "share_below_0.8": round((iou < 0.8).float().mean().item(), 4),
             "share_below_0.9": round((iou < 0.9).float().mean().item(), 4),
-            "share_worse": round((iou < coarse_iou).float().mean().item(), 4),
+            "share_worse": round(summary["share_worse"], 4),
         }
     write_and_show(args.out, "cell_oracle", result)
 
