@@ -15,6 +15,8 @@ demo: $(VENV)/.installed
 	dvc metrics show
 
 test: $(VENV)/.installed
+	ruff check .
+	ruff format --check .
 	python -m pytest -q
 
 bench: $(VENV)/.installed

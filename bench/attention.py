@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--encoder", default="vit_b", help="encoder variant (default vit_b)")
     parser.add_argument("--repeats", type=int, default=2, help="timed forwards each way, best kept (default 2)")
     parser.add_argument("--device", default="cpu", help="auto, cuda or cpu (default cpu)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)"
+    )
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -72,7 +74,9 @@ def main() -> None:
     (package_embedding, package_early), (sdpa_embedding, sdpa_early) = outputs["package"], outputs["sdpa"]
     result = {
         "encoder": args.encoder,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         "image": "1 x 3 x 1024 x 1024, fp32",
         "package_attention_s": round(min(seconds["package"]), 3),
         "sdpa_attention_s": round(min(seconds["sdpa"]), 3),

@@ -33,7 +33,9 @@ def main() -> None:
     parser.add_argument("--annotations", type=Path, default=Path("data/demo/val.json"), help="COCO dataset file")
     parser.add_argument("--noise", type=float, default=0.2, help="noise level r of the coarse boxes (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the coarse boxes (default 0, as evaluate)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)"
+    )
     args = parser.parse_args()
 
     coco = load_coco(args.annotations)
@@ -50,8 +52,11 @@ def main() -> None:
     truth = torch.cat(truths)
     coarse_iou = paired_iou(torch.cat(coarse), truth)
     result: dict = {
-        "annotations": args.annotations.name, "boxes": len(truth), "input_size": IMAGE_SIZE,
-        "coarse_mean_iou": round(coarse_iou.mean().item(), 4), "steps": {},
+        "annotations": args.annotations.name,
+        "boxes": len(truth),
+        "input_size": IMAGE_SIZE,
+        "coarse_mean_iou": round(coarse_iou.mean().item(), 4),
+        "steps": {},
     }
     for step in STEPS:
         iou = paired_iou((truth / step).round() * step, truth)

@@ -50,7 +50,9 @@ def main() -> None:
     parser.add_argument("--encoder", default="vit_tiny", help="encoder variant (default vit_tiny)")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto)")
     parser.add_argument("--workers", type=int, default=None, help="extract's DataLoader workers (default: extract's)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)"
+    )
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -61,8 +63,12 @@ def main() -> None:
         files = sorted((data / "images").glob("train_*.jpg"))
         bare = bare_encoder_rate(files, args.encoder, device, batch_size)
         config = ExtractConfig(
-            images=data / "images", store=str(Path(scratch) / "features.zarr"), encoder=args.encoder,
-            annotations=data / "train.json", device=args.device, workers=args.workers,
+            images=data / "images",
+            store=str(Path(scratch) / "features.zarr"),
+            encoder=args.encoder,
+            annotations=data / "train.json",
+            device=args.device,
+            workers=args.workers,
         )
         cold = run_extract(config)
         warm = run_extract(config)
@@ -70,7 +76,9 @@ def main() -> None:
     warm_rate = warm.images / warm.wall_s
     result = {
         "encoder": args.encoder,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "images": cold.images,
         "batch_size": batch_size,
         "bare_encoder_images_per_s": round(bare, 3),

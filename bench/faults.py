@@ -70,8 +70,19 @@ def write_coco(path: Path, files: list[Path]) -> Path:
 
 
 def extract_args(root: Path, annotations: Path, store: Path) -> list[object]:
-    return ["extract", "--images", root / "images", "--annotations", annotations, "--store", store,
-            "--batch-size", "1", "--workers", "0"]
+    return [
+        "extract",
+        "--images",
+        root / "images",
+        "--annotations",
+        annotations,
+        "--store",
+        store,
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+    ]
 
 
 def rows_by_key(store: Path) -> Counter:
@@ -140,8 +151,15 @@ def kills(root: Path, annotations: Path, count: int, want_kills: int, rng: rando
         if not blind and after - before > 1:
             per_image = (time.monotonic() - first_commit) / (after - before - 1)
         found = problems(store) if store.exists() else []
-        history.append({"blind": blind, "killed_after_s": round(time.monotonic() - started, 2),
-                        "committed_before": before, "committed_after": after, "verify_problems": len(found)})
+        history.append(
+            {
+                "blind": blind,
+                "killed_after_s": round(time.monotonic() - started, 2),
+                "committed_before": before,
+                "committed_after": after,
+                "verify_problems": len(found),
+            }
+        )
         assert not found, found
     orphans_before_gc = orphans(store)
     gc = run("store", "gc", store, "--grace", "0").stdout.strip()
@@ -180,7 +198,10 @@ def writers(root: Path, files: list[Path], processes: int, fresh: dict[str, str]
     running = [
         subprocess.Popen(
             refine(*extract_args(root, write_coco(root / f"w{processes}_{i}.json", chosen), store)),
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i, chosen in enumerate(sets)
     ]
@@ -222,8 +243,23 @@ def train_kills(root: Path, store: Path, annotations: Path, want_kills: int, rng
     """Kill `train` at a random moment of an epoch after each new checkpoint, `--resume`, repeat; the final
     metrics must equal those of an uninterrupted run."""
     epochs = 6
-    common = ["train", "--store", store, "--annotations", annotations, "--dataset", "all",
-              "--epochs", str(epochs), "--batch-size", "4", "--jitters", "2", "--seed", "3"]
+    common = [
+        "train",
+        "--store",
+        store,
+        "--annotations",
+        annotations,
+        "--dataset",
+        "all",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
+        "--jitters",
+        "2",
+        "--seed",
+        "3",
+    ]
     started = time.perf_counter()
     run(*common, "--out", root / "train-reference")
     reference_s = time.perf_counter() - started
@@ -234,8 +270,13 @@ def train_kills(root: Path, store: Path, annotations: Path, want_kills: int, rng
     while True:
         resume = ["--resume"] if checkpoint.exists() else []
         stamp = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
-        process = subprocess.Popen(refine(*common, "--out", out, *resume), cwd=REPO,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            refine(*common, "--out", out, *resume),
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         if len(history) >= want_kills:
             assert process.wait() == 0, process.communicate()[1]
             break
@@ -253,8 +294,12 @@ def train_kills(root: Path, store: Path, annotations: Path, want_kills: int, rng
             process.wait()
         import torch
 
-        history.append({"killed_after_checkpoint_s": round(delay, 2),
-                        "checkpoint_epoch": torch.load(checkpoint, weights_only=True)["epoch"]})
+        history.append(
+            {
+                "killed_after_checkpoint_s": round(delay, 2),
+                "checkpoint_epoch": torch.load(checkpoint, weights_only=True)["epoch"],
+            }
+        )
     final = json.loads((out / "train_metrics.json").read_text())
     figures = {
         "epochs": epochs,
@@ -287,30 +332,48 @@ def damage(root: Path, clean: Path, annotations: Path, fresh: dict[str, str]) ->
         shutil.copytree(clean, store)
         hurt(store)
         verify = run("store", "verify", store, check=False)
-        train = run("train", "--store", store, "--annotations", annotations, "--dataset", "all", "--epochs", "1",
-                    "--out", root / f"damaged-train-{len(results)}", check=False)
+        train = run(
+            "train",
+            "--store",
+            store,
+            "--annotations",
+            annotations,
+            "--dataset",
+            "all",
+            "--epochs",
+            "1",
+            "--out",
+            root / f"damaged-train-{len(results)}",
+            check=False,
+        )
         extract = run(*extract_args(root, annotations, store), check=False)
         after = run("store", "verify", store, check=False)
         run("store", "gc", store, "--grace", "0", check=False)
         got = digests(store) if after.returncode == 0 else {}
-        results.append({
-            "damage": name,
-            "verify_exit": verify.returncode,
-            "verify_names": _last_error(verify.stderr, first=True),
-            "train_exit": train.returncode,
-            "train_error": _last_error(train.stderr),
-            "extract_exit": extract.returncode,
-            "extract_recomputed": extract.stdout.split("computed")[0].split(",")[-1].strip() + " computed",
-            "extract_reported": next((l.strip() for l in extract.stderr.splitlines() if "damaged, recomputed" in l), "")[:300],
-            "verify_after_extract_exit": after.returncode,
-            "entries_equal_fresh_after_extract": got == fresh,
-        })
+        results.append(
+            {
+                "damage": name,
+                "verify_exit": verify.returncode,
+                "verify_names": _last_error(verify.stderr, first=True),
+                "train_exit": train.returncode,
+                "train_error": _last_error(train.stderr),
+                "extract_exit": extract.returncode,
+                "extract_recomputed": extract.stdout.split("computed")[0].split(",")[-1].strip() + " computed",
+                "extract_reported": next(
+                    (line.strip() for line in extract.stderr.splitlines() if "damaged, recomputed" in line), ""
+                )[:300],
+                "verify_after_extract_exit": after.returncode,
+                "entries_equal_fresh_after_extract": got == fresh,
+            }
+        )
     return results
 
 
 def _last_error(stderr: str, first: bool = False) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
-    return (lines[0] if first else next((l for l in lines if l.startswith("error:")), lines[-1] if lines else ""))[:300]
+    return (
+        lines[0] if first else next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "")
+    )[:300]
 
 
 def disk_full(root: Path, annotations: Path) -> dict[str, Any]:
@@ -362,8 +425,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for reliability.json")
     parser.add_argument("--work", type=Path, default=None, help="keep the data here (default: a temporary folder)")
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset; later stages reuse "
-                        "the kill run's stores in --work (default: all)")
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="comma-separated subset; later stages reuse the kill run's stores in --work (default: all)",
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ then a cold `extract` of the same demo images into a fresh store (reading, hashi
 and writing included; it runs bf16 where the device has it, so fp32 rows have no end-to-end figure).
 FLOPs per image are counted once per encoder with `torch.utils.flop_counter` on the meta device, with the
 package's own attention: the nominal work, 2 FLOPs per multiply-add. The device's peak comes from its name.
-Writes `<out>/gpu_extract_<device>[_compiled].json` after every configuration, so a run cut short keeps what it measured.
+Writes `<out>/gpu_extract_<device>[_compiled].json` after every configuration, so a run cut short keeps
+what it measured.
 On CPU it runs too (`--encoders vit_tiny --images 4`), to check the script, not for figures.
 """
 
@@ -71,7 +72,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def encoder_only(
-    model: FeatureEncoder, pixels: torch.Tensor, resized: torch.Tensor, batch_size: int, dtype: str, device: torch.device
+    model: FeatureEncoder,
+    pixels: torch.Tensor,
+    resized: torch.Tensor,
+    batch_size: int,
+    dtype: str,
+    device: torch.device,
 ) -> dict:
     """Images/s of the encoder on inputs already on the device (one warm-up batch), and its peak memory."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16" and device.type == "cuda")
@@ -124,8 +130,14 @@ def measure(
     if dtype == "bf16" or device.type == "cpu":  # extract's own precision
         store = scratch / f"{model_type}-{dtype}-{batch_size}-{time.time_ns()}.zarr"
         config = ExtractConfig(
-            images=data / "images", store=str(store), encoder=model_type, annotations=data / "train.json",
-            device=device.type, batch_size=batch_size, fused_attention=fused, compile=compile_encoder,
+            images=data / "images",
+            store=str(store),
+            encoder=model_type,
+            annotations=data / "train.json",
+            device=device.type,
+            batch_size=batch_size,
+            fused_attention=fused,
+            compile=compile_encoder,
         )
         summary = run_extract(config)
         result.update(
@@ -147,12 +159,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoders", default="vit_tiny,vit_b,vit_l,vit_h", help="comma-separated encoder variants")
     parser.add_argument("--dtypes", default="bf16", help="comma-separated: bf16, fp32 (default bf16)")
-    parser.add_argument("--batch-sizes", default="default", help="comma-separated batch sizes, or 'default' (extract's)")
+    parser.add_argument(
+        "--batch-sizes", default="default", help="comma-separated batch sizes, or 'default' (extract's)"
+    )
     parser.add_argument("--images", type=int, default=256, help="demo images per configuration (default 256)")
     parser.add_argument("--no-fused-attention", action="store_true", help="the package's own attention instead")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder, as `extract --compile`")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)"
+    )
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -164,9 +180,14 @@ def main() -> None:
     print(f"device {name}: peak dense TFLOP/s {peaks} (None: not in the table)")
     result_name = f"gpu_extract_{slug(name)}{'_compiled' if args.compile else ''}"
     report = {
-        "device": name, "peak_tflops": peaks, "images": args.images, "fused_attention": fused,
+        "device": name,
+        "peak_tflops": peaks,
+        "images": args.images,
+        "fused_attention": fused,
         "flops_convention": "2 FLOPs per multiply-add, package attention, one 1024 x 1024 image",
-        "compiled": args.compile, "writer_threads": writer_threads(device), "torch": torch.__version__,
+        "compiled": args.compile,
+        "writer_threads": writer_threads(device),
+        "torch": torch.__version__,
         "results": [],
     }
     with tempfile.TemporaryDirectory() as scratch:
@@ -182,9 +203,18 @@ def main() -> None:
             )
             for dtype in dtypes:
                 for batch_size in sizes:
-                    row = {"encoder": model_type, "dtype": dtype, "batch_size": batch_size, "tflop_per_image": round(flops / 1e12, 4)}
+                    row = {
+                        "encoder": model_type,
+                        "dtype": dtype,
+                        "batch_size": batch_size,
+                        "tflop_per_image": round(flops / 1e12, 4),
+                    }
                     try:
-                        row.update(measure(model_type, dtype, batch_size, inputs, data, Path(scratch), device, fused, args.compile))
+                        row.update(
+                            measure(
+                                model_type, dtype, batch_size, inputs, data, Path(scratch), device, fused, args.compile
+                            )
+                        )
                     except torch.OutOfMemoryError:
                         row["error"] = "out of memory"
                         torch.cuda.empty_cache()

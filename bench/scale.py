@@ -56,12 +56,27 @@ def processes(images: Path, annotations: Path, work: Path) -> dict[str, Any]:
     args = ["--images", str(images), "--annotations", str(annotations), "--workers", "1"]
     one = run_command([sys.executable, "-m", "stages.extract", *args, "--store", str(work / "one.zarr")], work)
     two = run_command(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "stages.extract", *args, "--store", str(work / "two.zarr")],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "stages.extract",
+            *args,
+            "--store",
+            str(work / "two.zarr"),
+        ],
         work,
     )
-    return {"one_process": one, "two_processes": two, "speedup_extract": round(one["extract_s"] / two["extract_s"], 3),
-            "speedup_command": round(one["command_s"] / two["command_s"], 3)}
+    return {
+        "one_process": one,
+        "two_processes": two,
+        "speedup_extract": round(one["extract_s"] / two["extract_s"], 3),
+        "speedup_command": round(one["command_s"] / two["command_s"], 3),
+    }
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -71,7 +86,8 @@ def start_moto() -> tuple[subprocess.Popen, str]:
         port = probe.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
@@ -87,7 +103,10 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 def stores(images: Path, annotations: Path, work: Path, endpoint: str) -> dict[str, Any]:
     """Extract and one training epoch, local store vs S3 store, in this process."""
     os.environ.update(
-        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
     )
     results: dict[str, Any] = {}
     for name, store in (("local", str(work / "local.zarr")), ("s3", "s3://bench/features.zarr")):
@@ -121,7 +140,11 @@ def main() -> None:
         work = Path(folder)
         make_demo_dataset(work / "demo", seed=0, n_train=options.images, n_val=1)
         images, annotations = work / "demo" / "images", work / "demo" / "train.json"
-        result: dict[str, Any] = {"images": options.images, "encoder": "vit_tiny (random weights)", "cpu_cores": os.cpu_count()}
+        result: dict[str, Any] = {
+            "images": options.images,
+            "encoder": "vit_tiny (random weights)",
+            "cpu_cores": os.cpu_count(),
+        }
         result["processes"] = processes(images, annotations, work)
         server, endpoint = start_moto()
         try:

@@ -71,8 +71,17 @@ def one_epoch(
     reports: list[TrainProgress] = []
     started = time.perf_counter()
     train_one_epoch(
-        t.step_model, t.optimizer, t.scaler, t.train_loader, t.train_split.images, t.config, 0, t.device, t.amp_dtype,
-        t.learning_rate, reports.append,
+        t.step_model,
+        t.optimizer,
+        t.scaler,
+        t.train_loader,
+        t.train_split.images,
+        t.config,
+        0,
+        t.device,
+        t.amp_dtype,
+        t.learning_rate,
+        reports.append,
     )
     seconds = time.perf_counter() - started
     return {
@@ -97,8 +106,12 @@ def extract(images: Path, annotations: Path, store: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=16, help="training images for the epoch comparison (default 16)")
-    parser.add_argument("--large", type=int, default=32, help="images of the larger store for the memory check (default 32)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)")
+    parser.add_argument(
+        "--large", type=int, default=32, help="images of the larger store for the memory check (default 32)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)"
+    )
     parser.add_argument("--memory-run", nargs=2, metavar=("STORE", "ANNOTATIONS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_run:
@@ -120,13 +133,20 @@ def main() -> None:
         from_store = one_epoch(str(small_store), small_annotations)
         encoder = FeatureEncoder(build_encoder(identity_for("vit_tiny", None), None))
         in_loop = one_epoch(
-            str(small_store), small_annotations, lambda stored: EncoderInTheLoop(stored, root / "demo" / "images", encoder)
+            str(small_store),
+            small_annotations,
+            lambda stored: EncoderInTheLoop(stored, root / "demo" / "images", encoder),
         )
         memory = {}
-        for name, store, annotations in (("small", small_store, small_annotations), ("large", large_store, root / "demo" / "train.json")):
+        for name, store, annotations in (
+            ("small", small_store, small_annotations),
+            ("large", large_store, root / "demo" / "train.json"),
+        ):
             run = subprocess.run(
                 [sys.executable, __file__, "--memory-run", str(store), str(annotations)],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             memory[name] = json.loads(run.stdout.strip().splitlines()[-1])
 

@@ -32,8 +32,13 @@ def train_with(amp: str, store: str, demo: Path, epochs: int, device_name: str) 
     # prepare_training only reads: no output folder is needed, the epochs are run here.
     training = prepare_training(
         TrainConfig(
-            store=store, annotations=demo / "train.json", val_annotations=demo / "val.json", epochs=epochs,
-            amp=amp, device=device_name, workers=2,
+            store=store,
+            annotations=demo / "train.json",
+            val_annotations=demo / "val.json",
+            epochs=epochs,
+            amp=amp,
+            device=device_name,
+            workers=2,
         )
     )
     losses, rates = [], []
@@ -63,7 +68,9 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=160, help="demo training images (default 160)")
     parser.add_argument("--n-val", type=int, default=40, help="demo validation images (default 40)")
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu (default auto)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results"), help="folder for the JSON (default bench/results)"
+    )
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -74,7 +81,9 @@ def main() -> None:
         make_demo_dataset(demo, seed=0, n_train=args.n_train, n_val=args.n_val)
         for split in ("train", "val"):
             run_extract(
-                ExtractConfig(images=demo / "images", store=store, annotations=demo / f"{split}.json", device=args.device)
+                ExtractConfig(
+                    images=demo / "images", store=store, annotations=demo / f"{split}.json", device=args.device
+                )
             )
         for amp in args.amps.split(","):
             mode = train_with(amp, store, demo, args.epochs, args.device)

@@ -122,7 +122,7 @@ def apply_to_file(
     for image_id, indices in by_image.items():
         coarse = coco_to_xyxy([records[i]["bbox"] for i in indices])
         refined = xyxy_to_coco(refine_boxes(model, namespace, known[image_id][1], coarse, device))
-        for index, box in zip(indices, refined):
+        for index, box in zip(indices, refined, strict=True):
             out_records[index]["bbox"] = [round(v, 2) for v in box]
     return output, sum(len(i) for i in by_image.values())
 

@@ -131,7 +131,12 @@ def check_box(raw: Any, image: ImageRecord, where: str) -> tuple[float, float, f
         raise RefineError(f"{where}: 'bbox' has a NaN or infinite value {_short(raw)}")
     if w <= 0 or h <= 0:
         raise RefineError(f"{where}: 'bbox' has zero or negative size {_short(raw)}")
-    if x < -BORDER_SLACK or y < -BORDER_SLACK or x + w > image.width + BORDER_SLACK or y + h > image.height + BORDER_SLACK:
+    if (
+        x < -BORDER_SLACK
+        or y < -BORDER_SLACK
+        or x + w > image.width + BORDER_SLACK
+        or y + h > image.height + BORDER_SLACK
+    ):
         raise RefineError(
             f"{where}: 'bbox' {_short(raw)} lies outside image {image.id} ({image.width} x {image.height})"
         )

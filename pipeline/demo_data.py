@@ -127,7 +127,9 @@ def make_demo_dataset(out_dir: Path, seed: int = 0, n_train: int = 1280, n_val: 
         _remove_stale_images(images_dir, {image_name(split, i) for split, n in counts.items() for i in range(n)})
         # The JSON files go last: they only ever name images that are already on disk.
         for split, dataset in datasets.items():
-            (out_dir / f"{split}.json").write_text(json.dumps(dataset, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            (out_dir / f"{split}.json").write_text(
+                json.dumps(dataset, indent=1, sort_keys=True) + "\n", encoding="utf-8"
+            )
     except OSError as error:
         where = error.filename or out_dir
         raise RefineError(f"{where}: cannot write the demo dataset ({error.strerror or error})") from None
@@ -249,7 +251,7 @@ def _try_place(rng: np.random.Generator, canvas: np.ndarray, placed: list[_Place
     if own_area < MIN_VISIBLE_PIXELS:
         return
     still_visible = [p.visible & ~mask for p in placed]
-    for p, visible in zip(placed, still_visible):
+    for p, visible in zip(placed, still_visible, strict=True):
         area = int(visible.sum())
         if area < MIN_VISIBLE_PIXELS or area < MIN_VISIBLE_FRACTION * p.own_area:
             return
@@ -259,7 +261,7 @@ def _try_place(rng: np.random.Generator, canvas: np.ndarray, placed: list[_Place
     references = [canvas[mask].mean(axis=0)] + [p.colour for p in placed if (p.visible[window] & near).any()]
     colour = _distinct_colour(rng, references)
     _paint(rng, canvas, mask, colour, float(min(np.linalg.norm(colour - r) for r in references)))
-    for p, visible in zip(placed, still_visible):
+    for p, visible in zip(placed, still_visible, strict=True):
         p.visible = visible
     placed.append(_Placed(category + 1, own_area, mask, colour))
 

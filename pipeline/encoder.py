@@ -176,7 +176,7 @@ def load_encoder_state(checkpoint: Path, model_type: str, encoder: nn.Module) ->
         raise RefineError(f"{checkpoint}: expected a state dict of tensors, found {type(raw).__name__}")
     prefix = "image_encoder."
     if any(key.startswith(prefix) for key in state):
-        state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     expected = encoder.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -199,8 +199,10 @@ def _unwrap_state_dict(raw: object) -> dict[str, torch.Tensor] | None:
     for wrapper in ("model", "state_dict"):
         if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
             raw = raw[wrapper]
-    if isinstance(raw, dict) and raw and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()
+    if (
+        isinstance(raw, dict)
+        and raw
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items())
     ):
         return raw
     return None

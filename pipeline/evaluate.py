@@ -61,7 +61,10 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         ground_truth = read_json(config.annotations)
         detections = read_json(config.coarse)
         refined_detections, _ = apply_to_file(model, namespace, config.coarse, config.dataset, device)
-        metrics["coco_ap"] = {"coarse": coco_ap(ground_truth, detections), "refined": coco_ap(ground_truth, refined_detections)}
+        metrics["coco_ap"] = {
+            "coarse": coco_ap(ground_truth, detections),
+            "refined": coco_ap(ground_truth, refined_detections),
+        }
     write_metrics(config.out / "metrics.json", metrics)
     if config.images is not None and config.overlays > 0:
         save_overlays(config.out / "overlays", _overlay_items(config.images, per_image), config.overlays)

@@ -146,11 +146,12 @@ def list_images(config: ExtractConfig) -> tuple[str, list[ImageItem]]:
         ]
         for item in items:
             if not item.path.is_file():
-                raise RefineError(f"{config.annotations}: image id={item.id}: file {item.file_name!r} not found under the image directory")
+                raise RefineError(
+                    f"{config.annotations}: image id={item.id}: file {item.file_name!r} "
+                    "not found under the image directory"
+                )
         return config.dataset or config.annotations.stem, items
-    files = sorted(
-        p for p in config.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    files = sorted(p for p in config.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     items = [ImageItem(i, p.relative_to(config.images).as_posix(), p) for i, p in enumerate(files)]
     return config.dataset or config.images.name, items
 
@@ -394,7 +395,9 @@ def _merge_ranks(summary: ExtractSummary, namespace: Namespace, sizes: dict[str,
     """Under torchrun, once every rank has committed its share: add up the ranks' counters and failures and
     learn the sizes of the entries the other ranks computed, so that every rank knows the whole dataset's
     outcome (and exits accordingly) and the main rank can write a complete manifest."""
-    parts = distributed.all_gather((summary.hits, summary.computed, summary.encoder_s, summary.failed, summary.repaired))
+    parts = distributed.all_gather(
+        (summary.hits, summary.computed, summary.encoder_s, summary.failed, summary.repaired)
+    )
     computed_here = summary.computed
     summary.hits = sum(part[0] for part in parts)
     summary.computed = sum(part[1] for part in parts)
@@ -440,8 +443,15 @@ class _Run:
     the background checks of the hits (each committed entry the dataset uses is read back once)."""
 
     def __init__(
-        self, config: ExtractConfig, identity: EncoderIdentity, namespace: Namespace, committed: dict[str, Entry],
-        summary: ExtractSummary, device: torch.device, batch_size: int, progress: Progress | None,
+        self,
+        config: ExtractConfig,
+        identity: EncoderIdentity,
+        namespace: Namespace,
+        committed: dict[str, Entry],
+        summary: ExtractSummary,
+        device: torch.device,
+        batch_size: int,
+        progress: Progress | None,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -458,7 +468,9 @@ class _Run:
         self.encoder: _Encoder | None = None  # built on the first miss: a warm re-run never builds it
         self.writer: _BackgroundWriter | None = None
         # Reads decompress and hash outside the GIL: two threads keep up with the hashing workers.
-        self.checker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="refine-check") if config.check_hits else None
+        self.checker = (
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="refine-check") if config.check_hits else None
+        )
         self.checks: dict[str, Future[str | None]] = {}
 
     def encode_misses(self, items: list[ImageItem], workers: int, phase: str) -> None:
@@ -479,7 +491,9 @@ class _Run:
             decoded = [s for s in samples if s.decoded]  # the order of `pixels`
             new: list[int] = []
             for i, sample in enumerate(decoded):
-                if sample.key not in self.sizes:  # neither committed nor encoded earlier: a file repeated is encoded once
+                if (
+                    sample.key not in self.sizes
+                ):  # neither committed nor encoded earlier: a file repeated is encoded once
                     self.sizes[sample.key] = (sample.original, sample.resized)
                     new.append(i)
             for sample in samples:
@@ -536,9 +550,7 @@ class _Run:
             self.writer.close()
 
 
-def _manifest(
-    name: str, identity: EncoderIdentity, items: list[ImageItem], sizes: dict[str, Sizes]
-) -> dict:
+def _manifest(name: str, identity: EncoderIdentity, items: list[ImageItem], sizes: dict[str, Sizes]) -> dict:
     """The dataset's manifest: content-determined (no times), sorted by image id."""
     images = [
         {

@@ -92,9 +92,7 @@ def resolve_namespace(store: FeatureStore, dataset: str, fingerprint: str | None
     return Namespace(store, holders[0])
 
 
-def load_split(
-    namespace: Namespace, dataset: str, annotations: Path, coarse: Path | None = None
-) -> Split:
+def load_split(namespace: Namespace, dataset: str, annotations: Path, coarse: Path | None = None) -> Split:
     """Join an annotation file with the store's manifest of `dataset` (and optional coarse detections).
 
     Every image of the annotation file must be in the manifest with the same id, file name and size;
@@ -112,8 +110,7 @@ def load_split(
     missing = [
         image
         for image in coco.images
-        if image.file_name not in skipped
-        and (image.id not in by_id or by_id[image.id]["file_name"] != image.file_name)
+        if image.file_name not in skipped and (image.id not in by_id or by_id[image.id]["file_name"] != image.file_name)
     ]
     if missing:
         examples = ", ".join(f"id={i.id} {i.file_name!r}" for i in missing[:3])
@@ -241,7 +238,10 @@ class FeatureDataset(Dataset):
             return {"index": index, "error": f"{error} (image id={image.image_id} {image.file_name!r})"}
         where = f"{self.store_url}: entry {image.entry.key} (image id={image.image_id} {image.file_name!r})"
         if not (all_finite(embedding) and all_finite(early)):
-            return {"index": index, "error": f"{where} holds NaN or infinite features; run `refine store verify {self.store_url}`"}
+            return {
+                "index": index,
+                "error": f"{where} holds NaN or infinite features; run `refine store verify {self.store_url}`",
+            }
         # A missing shard reads as zeros and flipped bits still decode: only the digest tells.
         if entry_digest(embedding, early) != image.entry.digest:
             return {

@@ -148,9 +148,7 @@ def coco_ap(gt_coco: dict[str, Any], detections: list[dict[str, Any]]) -> dict[s
     gt = _coco_index({"images": images, "annotations": annotations, "categories": categories})
     # The same fields COCO.loadRes sets for box results, built here because loadRes fails on an empty list
     # and writes ids into the caller's dicts.
-    results = [
-        {**d, "area": _xywh_area(d["bbox"]), "id": i, "iscrowd": 0} for i, d in enumerate(detections, start=1)
-    ]
+    results = [{**d, "area": _xywh_area(d["bbox"]), "id": i, "iscrowd": 0} for i, d in enumerate(detections, start=1)]
     dt = _coco_index({"images": images, "annotations": results, "categories": categories})
     evaluator = COCOeval(gt, dt, iouType="bbox")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools reports progress on stdout

@@ -107,7 +107,7 @@ def _with_legend(canvas: Image.Image) -> Image.Image:
     ImageDraw.Draw(strip).rectangle((0, 0, canvas.width, bottom), fill=LEGEND_BACKGROUND)
     canvas = Image.alpha_composite(canvas.convert("RGBA"), strip).convert("RGB")
     draw = ImageDraw.Draw(canvas)
-    for (label, colour), (swatch_x, text_x, y) in zip(LEGEND, positions):
+    for (label, colour), (swatch_x, text_x, y) in zip(LEGEND, positions, strict=True):
         draw.rectangle((swatch_x, y, swatch_x + size - 1, y + size - 1), fill=colour)
         draw.text((text_x, y), label, fill=colour, font=font)
     return canvas

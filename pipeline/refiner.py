@@ -126,7 +126,9 @@ def inside_mask(current: Tensor, pool: int) -> Tensor:
     sharpness = 4.0 * pool  # a ramp about a quarter of a sample wide
 
     def between(low: Tensor, high: Tensor) -> Tensor:  # K -> K x P
-        return torch.sigmoid((centres - low[:, None]) * sharpness) * torch.sigmoid((high[:, None] - centres) * sharpness)
+        return torch.sigmoid((centres - low[:, None]) * sharpness) * torch.sigmoid(
+            (high[:, None] - centres) * sharpness
+        )
 
     x0, y0, x1, y1 = current.unbind(dim=1)
     return between(y0, y1)[:, :, None] * between(x0, x1)[:, None, :]
@@ -152,7 +154,7 @@ def similarity_maps(feature: Tensor, unit: Tensor, regions: Tensor, counts: list
     """
     maps = []
     # Iterating unbinds the batch in one op: indexing feature[image] would cost a full-size zero gradient each.
-    for weights, image_feature, image_unit in zip(regions.split(counts), feature, unit):
+    for weights, image_feature, image_unit in zip(regions.split(counts), feature, unit, strict=True):
         mean = weights @ image_feature.T / weights.sum(dim=-1, keepdim=True).clamp_min(1e-3)  # N x R x D
         maps.append(F.normalize(mean, dim=-1) @ image_unit)
     side = EMBEDDING_SHAPE[1]
@@ -255,7 +257,9 @@ class CascadeStage(nn.Module):
         inside = cell_cover(safe_boxes)
         central = cell_cover(enlarge(safe_boxes, 2 * self.interior, 0.0))
         regions = torch.stack([central, cell_cover(safe_windows) * (1 - inside)], dim=1)  # K x 2 x (64 * 64)
-        similarity = torch.cat([similarity_maps(f, u, regions, counts) for f, u in zip(maps.flat, maps.unit)], dim=1)
+        similarity = torch.cat(
+            [similarity_maps(f, u, regions, counts) for f, u in zip(maps.flat, maps.unit, strict=True)], dim=1
+        )
         own_map = torch.arange(len(boxes), device=boxes.device)
         early_object, early_background, embedding_object, embedding_background = self.pool_windows(
             similarity, own_map, safe_windows

@@ -422,7 +422,5 @@ class SegmentWriter:
             "computed_with": self.computed_with,
             "entries": self._entries,
         }
-        self.namespace.store.write_json_atomic(
-            f"{self.namespace.fingerprint}/commits/{self._segment}.json", commit
-        )
+        self.namespace.store.write_json_atomic(f"{self.namespace.fingerprint}/commits/{self._segment}.json", commit)
         self._last_write = time.monotonic()

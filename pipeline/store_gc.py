@@ -49,7 +49,9 @@ class GcReport:
 def _mtime(info: dict[str, Any], now: float) -> float:
     """A file's modification time from an fsspec listing; unknown counts as now (never deleted)."""
     # Local files: mtime; S3: LastModified; GCS / Azure: last_modified; memory: created (objects are immutable)
-    value = next((info[k] for k in ("mtime", "LastModified", "last_modified", "created") if info.get(k) is not None), None)
+    value = next(
+        (info[k] for k in ("mtime", "LastModified", "last_modified", "created") if info.get(k) is not None), None
+    )
     if isinstance(value, datetime):
         return value.timestamp()
     return float(value) if value is not None else now
@@ -64,7 +66,7 @@ class _Collector:
         self.cutoff = self.now - grace_s
         self.report = GcReport()
         self.files = {
-            path[len(store.root) + 1:]: info for path, info in store.fs.find(store.root, detail=True).items()
+            path[len(store.root) + 1 :]: info for path, info in store.fs.find(store.root, detail=True).items()
         }
 
     def remove(self, relative: str) -> None:
@@ -116,8 +118,12 @@ class _Collector:
                 self.segment(namespace, segment, commits.get(segment), winners, segment_files.get(segment, {}))
 
     def segment(
-        self, namespace: Namespace, segment: str, entries: list[Entry] | None,
-        winners: dict[str, Entry], files: dict[str, dict],
+        self,
+        namespace: Namespace,
+        segment: str,
+        entries: list[Entry] | None,
+        winners: dict[str, Entry],
+        files: dict[str, dict],
     ) -> None:
         fingerprint = namespace.fingerprint
         commit_file = f"{fingerprint}/commits/{segment}.json"

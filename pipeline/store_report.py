@@ -73,9 +73,13 @@ def _check_dataset(namespace: Namespace, name: str, entries: dict) -> list[str]:
         problems.append(f"namespace {namespace.fingerprint}: dataset {name}: manifest names another fingerprint")
     for image in images:
         entry = entries.get(image.get("key"))
-        where = f"namespace {namespace.fingerprint}: dataset {name}: image id={image.get('id')} ({image.get('file_name')})"
+        where = (
+            f"namespace {namespace.fingerprint}: dataset {name}: image id={image.get('id')} ({image.get('file_name')})"
+        )
         if entry is None:
             problems.append(f"{where}: no committed entry for key {image.get('key')}")
-        elif list(entry.original_size) != image.get("original_size") or list(entry.resized_size) != image.get("resized_size"):
+        elif list(entry.original_size) != image.get("original_size") or list(entry.resized_size) != image.get(
+            "resized_size"
+        ):
             problems.append(f"{where}: sizes differ from the committed entry")
     return problems

@@ -291,7 +291,11 @@ def train_one_epoch(
         timer.boxes += len(targets)
         if progress:
             boxes_per_s, waiting = timer.rates()
-            progress(TrainProgress("train", epoch + 1, config.epochs, step + 1, steps, sum(losses) / len(losses), boxes_per_s, waiting))
+            progress(
+                TrainProgress(
+                    "train", epoch + 1, config.epochs, step + 1, steps, sum(losses) / len(losses), boxes_per_s, waiting
+                )
+            )
     return sum(losses) / max(len(losses), 1)
 
 
@@ -319,7 +323,7 @@ def evaluate(
         coarse, targets = _boxes_of(images, batch, config, None, 1)
         with autocast(device, amp_dtype):
             refined = model(batch.embedding.to(device), batch.early.to(device), [c.to(device) for c in coarse])
-        for index, before, after, target in zip(batch.indices, coarse, refined, targets):
+        for index, before, after, target in zip(batch.indices, coarse, refined, targets, strict=True):
             # The boxes `apply` would write (clipped to the image), so these figures match `refine evaluate`.
             final = valid_boxes(after.float().cpu(), before, images[index].resized_hw)
             coarse_iou.append(paired_iou(before, target))
@@ -329,7 +333,9 @@ def evaluate(
             boxes_per_s, waiting = timer.rates()
             progress(TrainProgress("val", epoch + 1, config.epochs, step + 1, steps, math.nan, boxes_per_s, waiting))
     # Under torchrun each rank evaluated its part of the images: every rank gets all the IoUs.
-    parts = distributed.all_gather((torch.cat(coarse_iou or [torch.empty(0)]), torch.cat(refined_iou or [torch.empty(0)])))
+    parts = distributed.all_gather(
+        (torch.cat(coarse_iou or [torch.empty(0)]), torch.cat(refined_iou or [torch.empty(0)]))
+    )
     return iou_summary(torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]))
 
 
@@ -348,7 +354,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise RefineError(f"{path}: no checkpoint to resume from") from None
     except Exception as error:  # torch raises unpickling, zip and runtime errors alike on damaged files
-        raise RefineError(f"{path}: not a readable refiner checkpoint ({type(error).__name__}: {str(error)[:160]})") from None
+        raise RefineError(
+            f"{path}: not a readable refiner checkpoint ({type(error).__name__}: {str(error)[:160]})"
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise RefineError(f"{path}: not a refine refiner checkpoint")
     if checkpoint.get("version") != CHECKPOINT_VERSION:
@@ -499,8 +507,17 @@ def run_epoch(training: Training, epoch: int, progress: Progress | None = None) 
     t = training
     t.sampler.set_epoch(epoch)
     loss = train_one_epoch(
-        t.step_model, t.optimizer, t.scaler, t.train_loader, t.train_split.images, t.config, epoch, t.device,
-        t.amp_dtype, t.learning_rate, progress,
+        t.step_model,
+        t.optimizer,
+        t.scaler,
+        t.train_loader,
+        t.train_split.images,
+        t.config,
+        epoch,
+        t.device,
+        t.amp_dtype,
+        t.learning_rate,
+        progress,
     )
     # The bare refiner: DDP's forward expects every rank to take the same number of steps.
     val = evaluate(t.model, t.val_loader, t.val_images, t.config, epoch, t.device, t.amp_dtype, progress)

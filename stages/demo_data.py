@@ -12,7 +12,9 @@ from stages.common import console, domain_errors
 
 
 def demo_data(
-    out: Annotated[Path, typer.Option(help="Folder to write images/, train.json and val.json into.")] = Path("data/demo"),
+    out: Annotated[Path, typer.Option(help="Folder to write images/, train.json and val.json into.")] = Path(
+        "data/demo"
+    ),
     seed: Annotated[int, typer.Option(min=0, help="Random seed; the same seed gives byte-identical files.")] = 0,
     n_train: Annotated[int, typer.Option(min=1, help="Number of training images.")] = 1280,
     n_val: Annotated[int, typer.Option(min=1, help="Number of validation images.")] = 40,

@@ -17,7 +17,11 @@ from stages.extract import Device
 StoreOption = Annotated[str, typer.Option(help="Feature store: a local path or an fsspec URL.")]
 ModelOption = Annotated[Path, typer.Option(help="Refiner checkpoint written by `refine train`.")]
 DatasetOption = Annotated[
-    Optional[str], typer.Option(help="Dataset name in the store. Default: evaluate uses the annotation file's stem; apply searches every dataset.")
+    Optional[str],
+    typer.Option(
+        help="Dataset name in the store. Default: evaluate uses the annotation file's stem; "
+        "apply searches every dataset."
+    ),
 ]
 DeviceOption = Annotated[Device, typer.Option(help="Where the refiner runs; auto picks CUDA when available.")]
 
@@ -29,22 +33,34 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Folder for metrics.json and overlays/.")] = Path("data/eval"),
     coarse: Annotated[
         Optional[Path],
-        typer.Option(help="COCO results file of coarse detections (scored): adds COCO AP before/after. Default: the noise protocol."),
+        typer.Option(
+            help="COCO results file of coarse detections (scored): adds COCO AP before/after. "
+            "Default: the noise protocol."
+        ),
     ] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Image root, only to draw overlays. Without it: no overlays.")] = None,
+    images: Annotated[
+        Optional[Path], typer.Option(help="Image root, only to draw overlays. Without it: no overlays.")
+    ] = None,
     dataset: DatasetOption = None,
-    noise: Annotated[Optional[float], typer.Option(help="Noise r of the coarse boxes. Default: the one the model was trained with.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the fixed noise draw. Default: the training seed.")] = None,
+    noise: Annotated[
+        Optional[float], typer.Option(help="Noise r of the coarse boxes. Default: the one the model was trained with.")
+    ] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(help="Seed of the fixed noise draw. Default: the training seed.")
+    ] = None,
     overlays: Annotated[int, typer.Option(min=0, help="How many overlay PNGs to draw.")] = 8,
     device: DeviceOption = Device.auto,
 ) -> None:
     """Mean IoU, improved/worse shares and recall at IoU 0.5/0.75/0.9 (by object size) of coarse vs refined boxes."""
-    config = EvaluateConfig(store, annotations, model, out, coarse, images, dataset, noise, seed, overlays, device.value)
+    config = EvaluateConfig(
+        store, annotations, model, out, coarse, images, dataset, noise, seed, overlays, device.value
+    )
     with domain_errors():
         metrics = run_evaluate(config)
     console.print(
         f"{metrics['count']} boxes on {metrics['images']} images: mean IoU {metrics['mean_iou_coarse']:.3f} -> "
-        f"{metrics['mean_iou_refined']:.3f}, improved {metrics['share_improved']:.1%}, worse {metrics['share_worse']:.1%}; "
+        f"{metrics['mean_iou_refined']:.3f}, improved {metrics['share_improved']:.1%}, "
+        f"worse {metrics['share_worse']:.1%}; "
         f"written to {out / 'metrics.json'}",
         markup=False,
         highlight=False,

@@ -30,11 +30,15 @@ class Device(str, Enum):
 
 
 def extract(
-    images: Annotated[Path, typer.Option(help="Image directory (the root that annotation file names are relative to).")],
+    images: Annotated[
+        Path, typer.Option(help="Image directory (the root that annotation file names are relative to).")
+    ],
     store: Annotated[str, typer.Option(help="Feature store: a local path or an fsspec URL (s3://..., memory://...).")],
     annotations: Annotated[
         Optional[Path],
-        typer.Option(help="COCO JSON: extract exactly the images it lists. Without it: every image file under --images."),
+        typer.Option(
+            help="COCO JSON: extract exactly the images it lists. Without it: every image file under --images."
+        ),
     ] = None,
     encoder: Annotated[EncoderName, typer.Option(help="HQ-SAM encoder variant.")] = EncoderName.vit_tiny,
     checkpoint: Annotated[
@@ -42,7 +46,9 @@ def extract(
         typer.Option(help="HQ-SAM checkpoint (sam_hq_vit_*.pth). Without it: seeded random weights (loud warning)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random weights when no --checkpoint is given.")] = 0,
-    device: Annotated[Device, typer.Option(help="Where the encoder runs; auto picks CUDA when available.")] = Device.auto,
+    device: Annotated[
+        Device, typer.Option(help="Where the encoder runs; auto picks CUDA when available.")
+    ] = Device.auto,
     batch_size: Annotated[
         Optional[int],
         typer.Option(
@@ -52,10 +58,12 @@ def extract(
         ),
     ] = None,
     workers: Annotated[
-        Optional[int], typer.Option(min=0, help="DataLoader workers decoding images. Default: CPU cores - 1, at most 8.")
+        Optional[int],
+        typer.Option(min=0, help="DataLoader workers decoding images. Default: CPU cores - 1, at most 8."),
     ] = None,
     dataset: Annotated[
-        Optional[str], typer.Option(help="Dataset name in the store. Default: the annotation file's stem (or the folder name).")
+        Optional[str],
+        typer.Option(help="Dataset name in the store. Default: the annotation file's stem (or the folder name)."),
     ] = None,
     manifest: Annotated[
         Optional[Path], typer.Option(help="Also write the dataset manifest (keys, sizes, fingerprint) here, for DVC.")

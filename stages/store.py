@@ -29,11 +29,16 @@ def info(
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
-    console.print(f"store {report['store']}: {len(report['namespaces'])} namespace(s), {report['bytes'] / 2**20:.1f} MiB", markup=False, highlight=False)
+    console.print(
+        f"store {report['store']}: {len(report['namespaces'])} namespace(s), {report['bytes'] / 2**20:.1f} MiB",
+        markup=False,
+        highlight=False,
+    )
     for namespace in report["namespaces"]:
         console.print(
             f"  {namespace['fingerprint']}  {namespace['encoder']}  {namespace['weights']}\n"
-            f"    {namespace['entries']} entries, {namespace['bytes'] / 2**20:.1f} MiB, created {namespace['created']}\n"
+            f"    {namespace['entries']} entries, {namespace['bytes'] / 2**20:.1f} MiB, "
+            f"created {namespace['created']}\n"
             f"    datasets: {', '.join(namespace['datasets']) or '(none)'}",
             markup=False,
             highlight=False,
@@ -77,14 +82,17 @@ def gc(
     with domain_errors():
         report = collect_garbage(FeatureStore(store), grace, dry_run, drop_damaged)
     for message in report.left_alone:
-        err_console.print(f"  left alone (damaged; --drop-damaged removes it): {message}", markup=False, highlight=False)
+        err_console.print(
+            f"  left alone (damaged; --drop-damaged removes it): {message}", markup=False, highlight=False
+        )
     for message in report.damaged_removed:
         err_console.print(f"  removed (damaged): {message}", markup=False, highlight=False)
     verb = "would remove" if dry_run else "removed"
     console.print(
         f"{store}: {verb} {report.segments_removed} segment(s), {report.shards_removed} shard file(s), "
         f"{report.duplicates_removed} duplicate entr(ies), {report.temporaries_removed} temporary file(s): "
-        f"{report.bytes_freed / 2**20:.1f} MiB; {report.live_segments} segment(s) written within the grace period left alone",
+        f"{report.bytes_freed / 2**20:.1f} MiB; {report.live_segments} segment(s) written within the grace period "
+        "left alone",
         markup=False,
         highlight=False,
     )

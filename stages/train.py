@@ -32,41 +32,62 @@ class Amp(str, Enum):
 def train(
     store: Annotated[str, typer.Option(help="Feature store written by `refine extract` (local path or fsspec URL).")],
     annotations: Annotated[Path, typer.Option(help="COCO JSON of the training images and their ground-truth boxes.")],
-    out: Annotated[Path, typer.Option(help="Output directory: model.pt, train_metrics.json, live/ (dvclive).")] = DEFAULTS.out,
+    out: Annotated[
+        Path, typer.Option(help="Output directory: model.pt, train_metrics.json, live/ (dvclive).")
+    ] = DEFAULTS.out,
     val_annotations: Annotated[
-        Optional[Path], typer.Option(help="COCO JSON of the validation images. Default: validate on the training images.")
+        Optional[Path],
+        typer.Option(help="COCO JSON of the validation images. Default: validate on the training images."),
     ] = None,
     dataset: Annotated[
         Optional[str], typer.Option(help="Dataset name in the store. Default: the stem of --annotations.")
     ] = None,
     val_dataset: Annotated[
-        Optional[str], typer.Option(help="Validation dataset name in the store. Default: the stem of --val-annotations.")
+        Optional[str],
+        typer.Option(help="Validation dataset name in the store. Default: the stem of --val-annotations."),
     ] = None,
     fingerprint: Annotated[
-        Optional[str], typer.Option(help="Encoder namespace to read; needed only when several encoders extracted the dataset.")
+        Optional[str],
+        typer.Option(help="Encoder namespace to read; needed only when several encoders extracted the dataset."),
     ] = None,
     coarse: Annotated[
         Optional[Path],
-        typer.Option(help="COCO results file of coarse training boxes (matched to ground truth at IoU >= 0.5). Default: --noise."),
+        typer.Option(
+            help="COCO results file of coarse training boxes (matched to ground truth at IoU >= 0.5). Default: --noise."
+        ),
     ] = None,
     val_coarse: Annotated[
         Optional[Path], typer.Option(help="COCO results file of coarse validation boxes. Default: --noise.")
     ] = None,
     noise: Annotated[
         float,
-        typer.Option(min=0.0, max=0.5, help="OA-MIL noise level r for coarse boxes made from the ground truth (centre +-r, size x(1+-r))."),
+        typer.Option(
+            min=0.0,
+            max=0.5,
+            help="OA-MIL noise level r for coarse boxes made from the ground truth (centre +-r, size x(1+-r)).",
+        ),
     ] = DEFAULTS.noise,
     jitters: Annotated[
-        int, typer.Option(min=1, help="Noisy copies of each ground-truth box per epoch, all trained from one read of the image.")
+        int,
+        typer.Option(
+            min=1, help="Noisy copies of each ground-truth box per epoch, all trained from one read of the image."
+        ),
     ] = DEFAULTS.jitters,
     epochs: Annotated[
         int,
-        typer.Option(min=1, help="Epochs in total, counting those a --resume continues (raising it with --resume stretches the schedule)."),
+        typer.Option(
+            min=1,
+            help="Epochs in total, counting those a --resume continues "
+            "(raising it with --resume stretches the schedule).",
+        ),
     ] = DEFAULTS.epochs,
     batch_size: Annotated[
-        int, typer.Option(min=1, help="Images per step (each with all its boxes); under torchrun over all ranks together.")
+        int,
+        typer.Option(min=1, help="Images per step (each with all its boxes); under torchrun over all ranks together."),
     ] = DEFAULTS.batch_size,
-    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW, linear warm-up then cosine decay).")] = DEFAULTS.lr,
+    lr: Annotated[
+        float, typer.Option(min=0.0, help="Peak learning rate (AdamW, linear warm-up then cosine decay).")
+    ] = DEFAULTS.lr,
     weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")] = DEFAULTS.weight_decay,
     model: Annotated[RefinerName, typer.Option(help="Refiner architecture.")] = RefinerName(DEFAULTS.model),
     amp: Annotated[
@@ -160,7 +181,8 @@ class TrainProgressBar:
 def _print_summary(summary: TrainSummary) -> None:
     val = summary.metrics["val"]
     ran = (
-        f"epochs {summary.start_epoch + 1}-{summary.metrics['epoch']} on {summary.device} (amp {summary.amp}) in {summary.wall_s:.1f} s"
+        f"epochs {summary.start_epoch + 1}-{summary.metrics['epoch']} on {summary.device} (amp {summary.amp}) "
+        f"in {summary.wall_s:.1f} s"
         if summary.epochs_run
         else f"nothing to do: the checkpoint already holds {summary.metrics['epoch']} epochs"
     )

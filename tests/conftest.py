@@ -38,9 +38,16 @@ def write_coco(path: Path, image_root: Path, files: list[Path], boxes_per_image:
         images.append({"id": i, "file_name": file.relative_to(image_root).as_posix(), "width": width, "height": height})
         for j in range(boxes_per_image):
             annotations.append(
-                {"id": i * 100 + j, "image_id": i, "category_id": 1, "bbox": [width / 4, height / 4, width / 2, height / 2]}
+                {
+                    "id": i * 100 + j,
+                    "image_id": i,
+                    "category_id": 1,
+                    "bbox": [width / 4, height / 4, width / 2, height / 2],
+                }
             )
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}))
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]})
+    )
     return path
 
 

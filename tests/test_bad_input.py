@@ -18,8 +18,16 @@ from tests.test_extract_cache import files_under
 
 def run(cli, data: dict, *extra: str, annotations: Path | None = None):
     return cli(
-        "extract", "--images", data["images"], "--store", data["store"],
-        "--annotations", annotations or data["annotations"], "--workers", "0", *extra,
+        "extract",
+        "--images",
+        data["images"],
+        "--store",
+        data["store"],
+        "--annotations",
+        annotations or data["annotations"],
+        "--workers",
+        "0",
+        *extra,
     )
 
 
@@ -52,10 +60,23 @@ def edit_coco(data: dict, change) -> Path:
         (lambda c: c["annotations"][0].update(image_id=77), ["annotation id=100", "image_id 77 is not in 'images'"]),
         (lambda c: c["images"][0].update(file_name="../outside.png"), ["image id=1", "escapes the image root"]),
         (lambda c: c["images"][0].update(file_name="gone.png"), ["image id=1", "'gone.png' not found"]),
-        (lambda c: c["annotations"][0].update(category_id="cat"), ["annotation id=100", "'category_id' must be an integer"]),
+        (
+            lambda c: c["annotations"][0].update(category_id="cat"),
+            ["annotation id=100", "'category_id' must be an integer"],
+        ),
     ],
-    ids=["nan-box", "zero-size", "negative-size", "outside", "dup-image", "dup-annotation", "unknown-image",
-         "escapes-root", "missing-image", "category-type"],
+    ids=[
+        "nan-box",
+        "zero-size",
+        "negative-size",
+        "outside",
+        "dup-image",
+        "dup-annotation",
+        "unknown-image",
+        "escapes-root",
+        "missing-image",
+        "category-type",
+    ],
 )
 def test_invalid_annotations_stop_before_any_work(cli, dataset, change, fragments):
     before = files_under(dataset["store"])
@@ -124,8 +145,13 @@ def test_unwritable_store_path(cli, dataset):
 @pytest.mark.parametrize(
     "prepare, fragment",
     [
-        (lambda p: p.mkdir() or (p / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})),
-         "of another format"),
+        (
+            lambda p: (
+                p.mkdir()
+                or (p / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+            ),
+            "of another format",
+        ),
         (lambda p: p.mkdir() or (p / ".zgroup").write_text("{}"), "Zarr v2"),
         (lambda p: p.mkdir() or (p / "notes.txt").write_text("hello"), "not a refine feature store"),
         (lambda p: p.write_text("file"), "is a file"),
@@ -193,8 +219,18 @@ def test_annotated_size_that_does_not_match_the_image(cli, dataset):
         (lambda c: c["annotations"][0].update(image_id=True), ["annotation id=100", "'image_id' must be an integer"]),
         (lambda c: c.update(images={"1": "img0.png"}), ["not a COCO dataset"]),
     ],
-    ids=["inf-box", "three-numbers", "string-numbers", "absolute-path", "backslash-escape", "nested-escape",
-         "zero-size-image", "string-image-id", "bool-image-id", "images-not-a-list"],
+    ids=[
+        "inf-box",
+        "three-numbers",
+        "string-numbers",
+        "absolute-path",
+        "backslash-escape",
+        "nested-escape",
+        "zero-size-image",
+        "string-image-id",
+        "bool-image-id",
+        "images-not-a-list",
+    ],
 )
 def test_more_invalid_annotations_stop_before_any_work(cli, dataset, change, fragments):
     before = files_under(dataset["store"])
@@ -214,7 +250,12 @@ def test_huge_image_is_refused_before_decoding(cli, dataset):
     annotations.write_text(json.dumps(coco))
     result = run(cli, dataset, annotations=annotations)
     assert_clean_error(result, "1 image(s) failed")
-    assert "huge.png" in result.stderr and "image too large" in result.stderr and "400000000 pixels" in result.stderr and "image id=60" in result.stderr
+    assert (
+        "huge.png" in result.stderr
+        and "image too large" in result.stderr
+        and "400000000 pixels" in result.stderr
+        and "image id=60" in result.stderr
+    )
     assert cli("store", "verify", dataset["store"]).exit_code == 0
 
 
@@ -223,8 +264,10 @@ def test_one_pixel_image_is_valid_input(cli, dataset):
     from PIL import Image
 
     Image.new("RGB", (1, 1), (9, 99, 199)).save(dataset["images"] / "dot.png")
-    coco = {"images": [{"id": 1, "file_name": "dot.png", "width": 1, "height": 1}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}]}
+    coco = {
+        "images": [{"id": 1, "file_name": "dot.png", "width": 1, "height": 1}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]}],
+    }
     annotations = dataset["root"] / "dot.json"
     annotations.write_text(json.dumps(coco))
     result = run(cli, dataset, annotations=annotations)
@@ -238,7 +281,11 @@ def trained_model(base_dataset: dict, tmp_path_factory: pytest.TempPathFactory) 
     from pipeline.train import TrainConfig, run_train
 
     out = tmp_path_factory.mktemp("bad-input-refiner")
-    run_train(TrainConfig(store=str(base_dataset["store"]), annotations=base_dataset["annotations"], out=out, epochs=1, batch_size=2))
+    run_train(
+        TrainConfig(
+            store=str(base_dataset["store"]), annotations=base_dataset["annotations"], out=out, epochs=1, batch_size=2
+        )
+    )
     return out / "model.pt"
 
 
@@ -258,10 +305,19 @@ def _detections(base_dataset: dict) -> list[dict]:
         ([{"image_id": 1, "bbox": [1, 1, -5, 5]}], ["detection [0]", "zero or negative size"]),
         ([{"image_id": 424242, "bbox": [1, 1, 5, 5]}], ["have no features", "424242"]),
     ],
-    ids=["results-not-a-list", "detection-not-object", "string-image-id", "nan-detection", "outside-detection",
-         "negative-detection", "unknown-image-id"],
+    ids=[
+        "results-not-a-list",
+        "detection-not-object",
+        "string-image-id",
+        "nan-detection",
+        "outside-detection",
+        "negative-detection",
+        "unknown-image-id",
+    ],
 )
-def test_bad_results_files_for_apply_leave_earlier_output_intact(cli, base_dataset, trained_model, tmp_path, content, fragments):
+def test_bad_results_files_for_apply_leave_earlier_output_intact(
+    cli, base_dataset, trained_model, tmp_path, content, fragments
+):
     boxes = tmp_path / "detections.json"
     boxes.write_text(json.dumps(content))
     out = tmp_path / "refined.json"
@@ -280,15 +336,28 @@ def test_bad_results_files_for_apply_leave_earlier_output_intact(cli, base_datas
     ],
     ids=["train-results-not-a-list", "train-inf-detection", "train-unknown-image"],
 )
-def test_bad_coarse_boxes_for_train_keep_the_earlier_model(cli, base_dataset, trained_model, tmp_path, content, fragments):
+def test_bad_coarse_boxes_for_train_keep_the_earlier_model(
+    cli, base_dataset, trained_model, tmp_path, content, fragments
+):
     out = tmp_path / "refiner"
     out.mkdir()
     shutil.copy(trained_model, out / "model.pt")
     before = (out / "model.pt").read_bytes()
     coarse = tmp_path / "coarse.json"
     coarse.write_text(json.dumps(content))
-    result = cli("train", "--store", base_dataset["store"], "--annotations", base_dataset["annotations"],
-                 "--out", out, "--coarse", coarse, "--epochs", "1")
+    result = cli(
+        "train",
+        "--store",
+        base_dataset["store"],
+        "--annotations",
+        base_dataset["annotations"],
+        "--out",
+        out,
+        "--coarse",
+        coarse,
+        "--epochs",
+        "1",
+    )
     assert_clean_error(result, "coarse.json", *fragments)
     assert (out / "model.pt").read_bytes() == before
 
@@ -325,8 +394,17 @@ def test_bad_refiner_checkpoints_are_refused(cli, base_dataset, tmp_path, make, 
     model = tmp_path / "model.pt"
     if make is not None:
         make(model)
-    result = cli("apply", "--store", base_dataset["store"], "--boxes", base_dataset["annotations"],
-                 "--model", model, "--out", tmp_path / "out.json")
+    result = cli(
+        "apply",
+        "--store",
+        base_dataset["store"],
+        "--boxes",
+        base_dataset["annotations"],
+        "--model",
+        model,
+        "--out",
+        tmp_path / "out.json",
+    )
     assert_clean_error(result, "model.pt", fragment)
     assert not (tmp_path / "out.json").exists()
 
@@ -342,7 +420,15 @@ def test_bad_refiner_checkpoints_are_refused(cli, base_dataset, tmp_path, make, 
         ("extract", "--device", "tpu"),
         ("store", "gc", "--grace", "-1"),
     ],
-    ids=["noise-too-big", "zero-epochs", "zero-batch", "unknown-amp", "extract-zero-batch", "unknown-device", "negative-grace"],
+    ids=[
+        "noise-too-big",
+        "zero-epochs",
+        "zero-batch",
+        "unknown-amp",
+        "extract-zero-batch",
+        "unknown-device",
+        "negative-grace",
+    ],
 )
 def test_out_of_range_options_are_usage_errors(cli, base_dataset, tmp_path, args):
     common = {
@@ -351,7 +437,7 @@ def test_out_of_range_options_are_usage_errors(cli, base_dataset, tmp_path, args
         "store": [base_dataset["store"]],
     }[args[0]]
     head = list(args[:2]) if args[0] == "store" else [args[0]]
-    result = cli(*head, *common, *args[len(head):])
+    result = cli(*head, *common, *args[len(head) :])
     assert result.exit_code == 2, result.output
     assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "model.pt").exists()
 
@@ -363,7 +449,16 @@ def test_a_device_that_is_not_there(cli, dataset):
 
 
 def test_a_store_that_does_not_exist(cli, base_dataset, trained_model, tmp_path):
-    result = cli("evaluate", "--store", tmp_path / "nowhere.zarr", "--annotations", base_dataset["annotations"],
-                 "--model", trained_model, "--out", tmp_path / "eval")
+    result = cli(
+        "evaluate",
+        "--store",
+        tmp_path / "nowhere.zarr",
+        "--annotations",
+        base_dataset["annotations"],
+        "--model",
+        trained_model,
+        "--out",
+        tmp_path / "eval",
+    )
     assert_clean_error(result, "nowhere.zarr", "no feature store here")
     assert not (tmp_path / "nowhere.zarr").exists()

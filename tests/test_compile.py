@@ -21,8 +21,8 @@ def test_compiled_extract_stores_the_eager_features(base_dataset, tmp_path):
 
     eager = FeatureStore(base_dataset["store"]).namespace(summary.fingerprint)  # the same namespace: same identity
     compiled = FeatureStore(store).namespace(summary.fingerprint)
-    (key, entry), = compiled.entries().items()
-    for stored, expected in zip(compiled.read(entry), eager.read(eager.entries()[key])):
+    ((key, entry),) = compiled.entries().items()
+    for stored, expected in zip(compiled.read(entry), eager.read(eager.entries()[key]), strict=True):
         np.testing.assert_allclose(stored.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=2e-3)
     # How the features were computed is recorded with the segment, not in the fingerprint.
     (segment,) = compiled.commit_names()

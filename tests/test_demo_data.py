@@ -89,7 +89,7 @@ def test_boxes_are_the_tight_boxes_of_the_visible_masks(demo: Path) -> None:
         scene = render_scene(0, "train", index)
         rows = [a for a in data["annotations"] if a["image_id"] == image["id"]]
         assert len(rows) == len(scene.objects)
-        for row, obj in zip(rows, scene.objects):
+        for row, obj in zip(rows, scene.objects, strict=True):
             x, y, w, h = (int(v) for v in row["bbox"])
             assert row["bbox"] == [float(v) for v in (x, y, w, h)]
             assert w >= 1 and h >= 1 and x + w <= image["width"] and y + h <= image["height"]

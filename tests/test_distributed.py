@@ -29,9 +29,7 @@ def torchrun(module: str, *args: object, cwd: Path) -> subprocess.CompletedProce
     """`torchrun --standalone --nproc-per-node 2 -m <module> <args>` with this checkout's code, as the README says."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", module]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @contextmanager
@@ -106,16 +104,22 @@ def test_distributed_extract_equals_single_process(tmp_path: Path) -> None:
     # One process, one thread like each rank (float sums depend on the thread count, not on the batch).
     single = tmp_path / "single.zarr"
     with one_thread():
-        run_extract(ExtractConfig(tmp_path / "images", str(single), annotations=annotations, workers=0, skip_bad_images=True))
+        run_extract(
+            ExtractConfig(tmp_path / "images", str(single), annotations=annotations, workers=0, skip_bad_images=True)
+        )
     reference = only_namespace(single)
     assert written == reference.dataset("train")  # the same manifest, byte for byte
     entries, expected = namespace.entries(), reference.entries()
     assert entries.keys() == expected.keys()
     for key, entry in entries.items():
         assert (entry.digest, entry.original_size, entry.resized_size) == (
-            expected[key].digest, expected[key].original_size, expected[key].resized_size
+            expected[key].digest,
+            expected[key].original_size,
+            expected[key].resized_size,
         )
-        for mine, theirs in zip(namespace.read(entry, check=True), reference.read(expected[key], check=True)):
+        for mine, theirs in zip(
+            namespace.read(entry, check=True), reference.read(expected[key], check=True), strict=True
+        ):
             assert np.array_equal(mine.view(np.uint16), theirs.view(np.uint16))
 
 
@@ -137,7 +141,13 @@ def test_distributed_train_checkpoints_and_resumes(dataset: dict, tmp_path: Path
     # The same seed in one process: the same steps and draws, so the same numbers up to float sums.
     with one_thread():
         alone = run_train(
-            TrainConfig(store=str(dataset["store"]), annotations=dataset["annotations"], out=tmp_path / "alone", epochs=2, batch_size=4)
+            TrainConfig(
+                store=str(dataset["store"]),
+                annotations=dataset["annotations"],
+                out=tmp_path / "alone",
+                epochs=2,
+                batch_size=4,
+            )
         ).metrics
     assert checkpoint["metrics"]["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-3)
     for name in ("mean_iou_coarse", "mean_iou_refined"):

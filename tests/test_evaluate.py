@@ -15,7 +15,11 @@ from tests.test_bad_input import assert_clean_error
 @pytest.fixture(scope="module")
 def trained(base_dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("refiner")
-    run_train(TrainConfig(store=str(base_dataset["store"]), annotations=base_dataset["annotations"], out=out, epochs=1, batch_size=2))
+    run_train(
+        TrainConfig(
+            store=str(base_dataset["store"]), annotations=base_dataset["annotations"], out=out, epochs=1, batch_size=2
+        )
+    )
     return out / "model.pt"
 
 
@@ -24,15 +28,35 @@ def detections(base_dataset: dict) -> list[dict]:
     rows = []
     for i, annotation in enumerate(coco["annotations"]):
         x, y, w, h = annotation["bbox"]
-        rows.append({"image_id": annotation["image_id"], "category_id": 1, "bbox": [x + 1, y + 1, w * 0.8, h * 0.8],
-                     "score": 0.9 - 0.1 * i, "note": f"det{i}"})
+        rows.append(
+            {
+                "image_id": annotation["image_id"],
+                "category_id": 1,
+                "bbox": [x + 1, y + 1, w * 0.8, h * 0.8],
+                "score": 0.9 - 0.1 * i,
+                "note": f"det{i}",
+            }
+        )
     return rows
 
 
 def test_evaluate_writes_metrics_and_overlays(cli, base_dataset, trained, tmp_path):
     out = tmp_path / "eval"
-    result = cli("evaluate", "--store", base_dataset["store"], "--annotations", base_dataset["annotations"],
-                 "--model", trained, "--out", out, "--images", base_dataset["images"], "--overlays", "2")
+    result = cli(
+        "evaluate",
+        "--store",
+        base_dataset["store"],
+        "--annotations",
+        base_dataset["annotations"],
+        "--model",
+        trained,
+        "--out",
+        out,
+        "--images",
+        base_dataset["images"],
+        "--overlays",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("mean_iou_coarse", "mean_iou_refined", "share_improved", "share_worse"):
@@ -47,8 +71,19 @@ def test_evaluate_with_scored_detections_reports_coco_ap(cli, base_dataset, trai
     coarse = tmp_path / "detections.json"
     coarse.write_text(json.dumps(detections(base_dataset)))
     out = tmp_path / "eval"
-    result = cli("evaluate", "--store", base_dataset["store"], "--annotations", base_dataset["annotations"],
-                 "--model", trained, "--out", out, "--coarse", coarse)
+    result = cli(
+        "evaluate",
+        "--store",
+        base_dataset["store"],
+        "--annotations",
+        base_dataset["annotations"],
+        "--model",
+        trained,
+        "--out",
+        out,
+        "--coarse",
+        coarse,
+    )
     assert result.exit_code == 0, result.output
     ap = json.loads((out / "metrics.json").read_text())["coco_ap"]
     assert set(ap) == {"coarse", "refined"} and 0.0 <= ap["refined"]["AP"] <= 1.0
@@ -73,7 +108,17 @@ def test_apply_keeps_every_field_and_the_order(cli, base_dataset, trained, tmp_p
 
 def test_apply_to_a_coco_dataset_file(cli, base_dataset, trained, tmp_path):
     out = tmp_path / "refined.json"
-    result = cli("apply", "--store", base_dataset["store"], "--boxes", base_dataset["annotations"], "--model", trained, "--out", out)
+    result = cli(
+        "apply",
+        "--store",
+        base_dataset["store"],
+        "--boxes",
+        base_dataset["annotations"],
+        "--model",
+        trained,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     before = json.loads(base_dataset["annotations"].read_text())
     after = json.loads(out.read_text())
@@ -98,8 +143,28 @@ def test_store_of_another_encoder_is_refused(cli, base_dataset, trained, tmp_pat
     (fingerprint,) = [p for p in other.iterdir() if p.is_dir()]
     fingerprint.rename(other / "0123456789abcdef")
     for command in (
-        ("evaluate", "--store", other, "--annotations", base_dataset["annotations"], "--model", trained, "--out", tmp_path / "e"),
-        ("apply", "--store", other, "--boxes", base_dataset["annotations"], "--model", trained, "--out", tmp_path / "a.json"),
+        (
+            "evaluate",
+            "--store",
+            other,
+            "--annotations",
+            base_dataset["annotations"],
+            "--model",
+            trained,
+            "--out",
+            tmp_path / "e",
+        ),
+        (
+            "apply",
+            "--store",
+            other,
+            "--boxes",
+            base_dataset["annotations"],
+            "--model",
+            trained,
+            "--out",
+            tmp_path / "a.json",
+        ),
     ):
         assert_clean_error(cli(*command), "model.pt", "was trained on features of encoder", "holds none of them")
 
@@ -107,8 +172,17 @@ def test_store_of_another_encoder_is_refused(cli, base_dataset, trained, tmp_pat
 def test_training_validation_matches_evaluate(cli, base_dataset, trained, tmp_path):
     # Both score the boxes `apply` would write (clipped to the image) on the same fixed noise draw.
     out = tmp_path / "eval"
-    result = cli("evaluate", "--store", base_dataset["store"], "--annotations", base_dataset["annotations"],
-                 "--model", trained, "--out", out)
+    result = cli(
+        "evaluate",
+        "--store",
+        base_dataset["store"],
+        "--annotations",
+        base_dataset["annotations"],
+        "--model",
+        trained,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     evaluated = json.loads((out / "metrics.json").read_text())
     validated = json.loads((trained.parent / "train_metrics.json").read_text())["val"]

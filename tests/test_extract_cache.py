@@ -127,7 +127,7 @@ def test_entries_hold_float16_features_and_sizes(base_dataset):
     namespace = store.namespace(fingerprint)
     manifest = namespace.dataset("train")
     entries = namespace.entries()
-    for image, file in zip(manifest["images"], base_dataset["files"]):
+    for image, file in zip(manifest["images"], base_dataset["files"], strict=True):
         with Image.open(file) as opened:
             width, height = opened.size
         entry = entries[image["key"]]

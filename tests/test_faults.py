@@ -56,8 +56,10 @@ def orphans(store: Path) -> list[str]:
 
 def features(seed: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((rows, 256, 64, 64)).astype(np.float16),
-            rng.standard_normal((rows, EARLY, 64, 64)).astype(np.float16))
+    return (
+        rng.standard_normal((rows, 256, 64, 64)).astype(np.float16),
+        rng.standard_normal((rows, EARLY, 64, 64)).astype(np.float16),
+    )
 
 
 def write(namespace: Namespace, keys: list[str], seed: int, shard_rows: int = 2):
@@ -102,7 +104,12 @@ def test_gc_leaves_fresh_segments_alone_then_removes_every_orphan_and_duplicate(
     dry = collect_garbage(FeatureStore(path), grace_s=0, dry_run=True)
     assert sorted(p for p in path.rglob("*") if p.is_file()) == files
     report = collect_garbage(FeatureStore(path), grace_s=0)
-    assert (report.segments_removed, report.shards_removed, report.duplicates_removed, report.temporaries_removed) == (1, 2, 1, 1)  # one orphan shard in each of the two arrays
+    assert (report.segments_removed, report.shards_removed, report.duplicates_removed, report.temporaries_removed) == (
+        1,
+        2,
+        1,
+        1,
+    )  # one orphan shard in each of the two arrays
     assert report.bytes_freed == dry.bytes_freed > 0
     assert rows_by_key(path) == {"k1": 1, "k2": 1} and orphans(path) == []
     reopened = Namespace(FeatureStore(path), namespace.fingerprint)
@@ -140,7 +147,10 @@ DAMAGE = {
 @pytest.mark.parametrize("kind", DAMAGE)
 def test_damage_is_named_refused_by_train_and_recomputed_by_extract(kind, cli, dataset, tmp_path) -> None:
     store = dataset["store"]
-    before = {key: entry.digest for key, entry in Namespace(FeatureStore(store), FeatureStore(store).fingerprints()[0]).entries().items()}
+    before = {
+        key: entry.digest
+        for key, entry in Namespace(FeatureStore(store), FeatureStore(store).fingerprints()[0]).entries().items()
+    }
     hurt, fragment = DAMAGE[kind]
     hurt(store)
 
@@ -150,15 +160,35 @@ def test_damage_is_named_refused_by_train_and_recomputed_by_extract(kind, cli, d
     if kind in ("truncated-shard", "deleted-shard"):
         assert all(f"entry {key}" in verify.stderr for key in before)  # each damaged entry is named
 
-    train = cli("train", "--store", store, "--annotations", dataset["annotations"], "--out", tmp_path / "out",
-                "--epochs", "1", "--batch-size", "2")
+    train = cli(
+        "train",
+        "--store",
+        store,
+        "--annotations",
+        dataset["annotations"],
+        "--out",
+        tmp_path / "out",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+    )
     assert_clean_error(train, fragment)
     assert not (tmp_path / "out" / "model.pt").exists()  # nothing trained on garbage
 
     if kind == "deleted-shard":
         return  # extract repairs it exactly as a truncated shard (the digest check); bench/faults.py runs it
-    extract = cli("extract", "--images", dataset["images"], "--annotations", dataset["annotations"],
-                  "--store", store, "--workers", "0")
+    extract = cli(
+        "extract",
+        "--images",
+        dataset["images"],
+        "--annotations",
+        dataset["annotations"],
+        "--store",
+        store,
+        "--workers",
+        "0",
+    )
     assert extract.exit_code == 0, extract.output
     recomputed = 0 if kind == "corrupt-manifest" else 4  # one shard (one commit) holds all four entries
     assert f"{4 - recomputed} hits, {recomputed} computed" in extract.stdout
@@ -183,17 +213,30 @@ def test_full_disk_stops_clearly_and_keeps_the_committed_part(limit, tmp_path) -
     mount = tmp_path / "disk"
     mount.mkdir()
     store = mount / "store.zarr"
-    extract = refine("extract", "--images", tmp_path / "images", "--annotations", annotations, "--store", store,
-                     "--batch-size", "1", "--workers", "0")
+    extract = refine(
+        "extract",
+        "--images",
+        tmp_path / "images",
+        "--annotations",
+        annotations,
+        "--store",
+        store,
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+    )
     verify = refine("store", "verify", store)
     if limit == "tmpfs":
         if not _tmpfs_available():
             pytest.skip("no tmpfs in a user namespace on this machine")
         # 6 MiB: room for two entries (~2.5 MB each), a real ENOSPC on the third.
         quoted = " ".join(f"'{a}'" for a in extract)
-        script = (f"mount -t tmpfs -o size=6m tmpfs '{mount}' && {quoted} 2> '{tmp_path}/err'; echo $? > '{tmp_path}/rc'; "
-                  f"{' '.join(repr(a) for a in verify)} > '{tmp_path}/verify' 2>&1; echo $? >> '{tmp_path}/rc'; "
-                  f"find '{mount}' -name '*.partial' | wc -l >> '{tmp_path}/rc'")
+        script = (
+            f"mount -t tmpfs -o size=6m tmpfs '{mount}' && {quoted} 2> '{tmp_path}/err'; echo $? > '{tmp_path}/rc'; "
+            f"{' '.join(repr(a) for a in verify)} > '{tmp_path}/verify' 2>&1; echo $? >> '{tmp_path}/rc'; "
+            f"find '{mount}' -name '*.partial' | wc -l >> '{tmp_path}/rc'"
+        )
         subprocess.run(["unshare", "-Urm", "sh", "-c", script], cwd=REPO, timeout=300)
         extract_rc, verify_rc, partials = (int(v) for v in (tmp_path / "rc").read_text().split())
         stderr, verified = (tmp_path / "err").read_text(), (tmp_path / "verify").read_text()
@@ -205,7 +248,9 @@ def test_full_disk_stops_clearly_and_keeps_the_committed_part(limit, tmp_path) -
         def limit_file_size() -> None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
-        result = subprocess.run(extract, cwd=REPO, capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300)
+        result = subprocess.run(
+            extract, cwd=REPO, capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300
+        )
         extract_rc, stderr = result.returncode, result.stderr
         assert "File too large" in stderr
         checked = subprocess.run(verify, cwd=REPO, capture_output=True, text=True)
@@ -219,12 +264,27 @@ def test_full_disk_stops_clearly_and_keeps_the_committed_part(limit, tmp_path) -
 
 # -- train killed mid-epoch --------------------------------------------------------------------------------
 def test_train_killed_mid_epoch_resumes_to_the_same_metrics(dataset, tmp_path) -> None:
-    common = ["train", "--store", dataset["store"], "--annotations", dataset["annotations"],
-              "--epochs", "3", "--batch-size", "1", "--jitters", "2"]
-    reference = subprocess.run(refine(*common, "--out", tmp_path / "reference"), cwd=REPO, capture_output=True, text=True)
+    common = [
+        "train",
+        "--store",
+        dataset["store"],
+        "--annotations",
+        dataset["annotations"],
+        "--epochs",
+        "3",
+        "--batch-size",
+        "1",
+        "--jitters",
+        "2",
+    ]
+    reference = subprocess.run(
+        refine(*common, "--out", tmp_path / "reference"), cwd=REPO, capture_output=True, text=True
+    )
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "killed"
-    process = subprocess.Popen(refine(*common, "--out", out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        refine(*common, "--out", out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while not (out / "model.pt").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -267,10 +327,25 @@ def test_kill_at_the_worst_moment_leaves_only_garbage_that_gc_removes(moment, ca
     files = write_images(tmp_path / "images", 2, seed=11)
     annotations = write_coco(tmp_path / "train.json", tmp_path / "images", files)
     store = tmp_path / "store.zarr"
-    args = ["extract", "--images", tmp_path / "images", "--annotations", annotations, "--store", store,
-            "--batch-size", "1", "--workers", "0"]
-    killed = subprocess.run([sys.executable, "-c", KILL_ON_CALL, moment, str(call), *map(str, args)], cwd=REPO,
-                            capture_output=True, timeout=300)
+    args = [
+        "extract",
+        "--images",
+        tmp_path / "images",
+        "--annotations",
+        annotations,
+        "--store",
+        store,
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+    ]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_ON_CALL, moment, str(call), *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL
     assert rows_by_key(store) and sum(rows_by_key(store).values()) == 1  # the first batch, committed
     assert orphans(store)  # the second batch's shards (and the commit's temporary) are garbage...

@@ -31,7 +31,9 @@ def test_exif_orientation_is_applied(tmp_path: Path):
     [
         lambda: Image.fromarray(np.full((8, 8), 128, np.uint8), mode="L"),
         lambda: Image.fromarray(np.full((8, 8, 4), (10, 200, 30, 0), np.uint8), mode="RGBA"),
-        lambda: Image.fromarray(np.full((8, 8, 3), (10, 200, 30), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE),
+        lambda: Image.fromarray(np.full((8, 8, 3), (10, 200, 30), np.uint8)).convert(
+            "P", palette=Image.Palette.ADAPTIVE
+        ),
         lambda: Image.fromarray(np.full((8, 8), 1, np.uint8), mode="L").convert("1"),
     ],
     ids=["grayscale", "rgba", "palette", "bilevel"],

@@ -86,9 +86,20 @@ def test_coco_reader_accepts_valid_files_and_refuses_the_rest_cleanly(value: Any
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.one_of(st.lists(st.one_of(st.fixed_dictionaries({"image_id": maybe(st.integers(1, 3)),
-                                                            "bbox": maybe(st.lists(numbers, min_size=4, max_size=4))}),
-                                   junk), max_size=6), junk))
+@given(
+    st.one_of(
+        st.lists(
+            st.one_of(
+                st.fixed_dictionaries(
+                    {"image_id": maybe(st.integers(1, 3)), "bbox": maybe(st.lists(numbers, min_size=4, max_size=4))}
+                ),
+                junk,
+            ),
+            max_size=6,
+        ),
+        junk,
+    )
+)
 def test_results_reader_accepts_valid_detections_and_refuses_the_rest_cleanly(value: Any) -> None:
     coco_path = _write({"images": [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 80} for i in (1, 2, 3)]})
     results = _write(value)
@@ -114,13 +125,22 @@ coordinates = st.floats(-5000, 5000) | st.sampled_from([math.nan, math.inf, -mat
     st.tuples(st.integers(1, 3000), st.integers(1, 3000)),
     st.data(),
 )
-def test_refined_boxes_are_always_valid_boxes_inside_the_image(raw: list, image_hw: tuple[int, int], data: st.DataObject) -> None:
+def test_refined_boxes_are_always_valid_boxes_inside_the_image(
+    raw: list, image_hw: tuple[int, int], data: st.DataObject
+) -> None:
     height, width = image_hw
     fallback = []
     for _ in raw:  # coarse boxes as the readers let them through: inside the image up to the border slack
         x0 = data.draw(st.floats(-BORDER_SLACK, width - 0.01))
         y0 = data.draw(st.floats(-BORDER_SLACK, height - 0.01))
-        fallback.append([x0, y0, data.draw(st.floats(x0 + 0.01, width + BORDER_SLACK)), data.draw(st.floats(y0 + 0.01, height + BORDER_SLACK))])
+        fallback.append(
+            [
+                x0,
+                y0,
+                data.draw(st.floats(x0 + 0.01, width + BORDER_SLACK)),
+                data.draw(st.floats(y0 + 0.01, height + BORDER_SLACK)),
+            ]
+        )
     boxes = valid_boxes(torch.tensor(raw, dtype=torch.float32), torch.tensor(fallback), image_hw)
     assert torch.isfinite(boxes).all()
     assert (boxes[:, 2:] > boxes[:, :2]).all()
@@ -129,7 +149,9 @@ def test_refined_boxes_are_always_valid_boxes_inside_the_image(raw: list, image_
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(0, 2**31), st.floats(0.0, 30.0), st.data())
-def test_a_refiner_with_any_weights_returns_valid_boxes(base_dataset: dict, seed: int, spread: float, data: st.DataObject) -> None:
+def test_a_refiner_with_any_weights_returns_valid_boxes(
+    base_dataset: dict, seed: int, spread: float, data: st.DataObject
+) -> None:
     """However wrong its weights, what `apply` writes is a valid box inside the image."""
     store = FeatureStore(base_dataset["store"])
     namespace = store.namespace(store.fingerprints()[0])

@@ -18,7 +18,7 @@ def test_an_untrained_refiner_returns_the_boxes_it_is_given() -> None:
     ]
     with torch.no_grad():
         refined = model(torch.randn(2, 256, 64, 64), torch.randn(2, 160, 64, 64), boxes)
-    for before, after in zip(boxes, refined):
+    for before, after in zip(boxes, refined, strict=True):
         torch.testing.assert_close(after, before, atol=1e-3, rtol=0)
 
 

@@ -53,7 +53,9 @@ def test_s3_workflow_extract_verify_train_evaluate_apply(s3_bucket: str, cli, tm
     annotations = write_coco(tmp_path / "train.json", tmp_path / "images", files)
     store = f"s3://{s3_bucket}/features.zarr"
 
-    extracted = cli("extract", "--images", tmp_path / "images", "--annotations", annotations, "--store", store, "--workers", 0)
+    extracted = cli(
+        "extract", "--images", tmp_path / "images", "--annotations", annotations, "--store", store, "--workers", 0
+    )
     assert extracted.exit_code == 0, extracted.output
     info = json.loads(cli("store", "info", store, "--json").stdout)
     assert info["namespaces"][0]["entries"] == 2 and info["namespaces"][0]["datasets"] == ["train"]
@@ -65,21 +67,44 @@ def test_s3_workflow_extract_verify_train_evaluate_apply(s3_bucket: str, cli, tm
     # environment alone says where S3 is.
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     trained = subprocess.run(
-        [sys.executable, "-m", "stages.train", "--store", store, "--annotations", annotations, "--out", "refiner",
-         "--epochs", "1", "--workers", "1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "stages.train",
+            "--store",
+            store,
+            "--annotations",
+            annotations,
+            "--out",
+            "refiner",
+            "--epochs",
+            "1",
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert trained.returncode == 0, trained.stderr
     assert load_checkpoint(tmp_path / "refiner" / "model.pt")["epoch"] == 1
 
-    evaluated = cli("evaluate", "--store", store, "--annotations", annotations, "--model", "refiner/model.pt", "--out", "eval")
+    evaluated = cli(
+        "evaluate", "--store", store, "--annotations", annotations, "--model", "refiner/model.pt", "--out", "eval"
+    )
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["count"] == 2
-    applied = cli("apply", "--store", store, "--boxes", annotations, "--model", "refiner/model.pt", "--out", "refined.json")
+    applied = cli(
+        "apply", "--store", store, "--boxes", annotations, "--model", "refiner/model.pt", "--out", "refined.json"
+    )
     assert applied.exit_code == 0, applied.output
     assert len(json.loads((tmp_path / "refined.json").read_text())["annotations"]) == 2
 
-    again = cli("extract", "--images", tmp_path / "images", "--annotations", annotations, "--store", store, "--workers", 0)
+    again = cli(
+        "extract", "--images", tmp_path / "images", "--annotations", annotations, "--store", store, "--workers", 0
+    )
     assert again.exit_code == 0 and "2 hits, 0 computed" in again.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "images", "refined.json", "refiner", "train.json"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -88,7 +87,9 @@ def test_verify_detects_silently_changed_bytes(cli, dataset):
     store = FeatureStore(dataset["store"])
     namespace = store.namespace(store.fingerprints()[0])
     entry = min(namespace.entries().values(), key=lambda e: e.row)
-    array = zarr.open_array(dataset["store"] / namespace.fingerprint / "segments" / entry.segment / "embedding", mode="r+")
+    array = zarr.open_array(
+        dataset["store"] / namespace.fingerprint / "segments" / entry.segment / "embedding", mode="r+"
+    )
     array[entry.row] = array[entry.row] + 1  # rewrites the shard with valid but different data
     result = cli("store", "verify", dataset["store"])
     assert result.exit_code == 1
@@ -106,8 +107,19 @@ def test_sigkill_mid_run_then_resume_completes(tmp_path):
     files = write_images(tmp_path / "images", 5, seed=3)
     annotations = write_coco(tmp_path / "train.json", tmp_path / "images", files)
     store = tmp_path / "features.zarr"
-    command = refine("extract", "--images", tmp_path / "images", "--annotations", annotations,
-                     "--store", store, "--batch-size", "1", "--workers", "0")
+    command = refine(
+        "extract",
+        "--images",
+        tmp_path / "images",
+        "--annotations",
+        annotations,
+        "--store",
+        store,
+        "--batch-size",
+        "1",
+        "--workers",
+        "0",
+    )
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while committed_rows(store) < 2 and time.monotonic() < deadline and process.poll() is None:
@@ -137,9 +149,23 @@ def test_two_concurrent_writers_on_overlapping_images(tmp_path):
     FeatureStore(store, create=True)  # both writers start on an existing, empty store
     processes = [
         subprocess.Popen(
-            refine("extract", "--images", tmp_path / "images", "--annotations", annotations,
-                   "--store", store, "--batch-size", "1", "--workers", "0"),
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            refine(
+                "extract",
+                "--images",
+                tmp_path / "images",
+                "--annotations",
+                annotations,
+                "--store",
+                store,
+                "--batch-size",
+                "1",
+                "--workers",
+                "0",
+            ),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for annotations in (first, second)
     ]

@@ -61,12 +61,16 @@ def config(data: dict, out: Path, **overrides: object) -> TrainConfig:
 # -- training -----------------------------------------------------------------------------------------
 def test_train_writes_a_safe_checkpoint_metrics_and_curves(base_dataset: dict, tmp_path: Path) -> None:
     out = tmp_path / "refiner"
-    result = run_cli("--store", base_dataset["store"], "--annotations", base_dataset["annotations"], "--out", out, *FAST)
+    result = run_cli(
+        "--store", base_dataset["store"], "--annotations", base_dataset["annotations"], "--out", out, *FAST
+    )
     assert result.exit_code == 0, result.output
     assert "val mean IoU" in result.stdout
 
     checkpoint = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "scaler", "epoch", "config", "refiner", "fingerprint", "encoder", "metrics"} <= set(checkpoint)
+    assert {"model", "optimizer", "scaler", "epoch", "config", "refiner", "fingerprint", "encoder", "metrics"} <= set(
+        checkpoint
+    )
     assert checkpoint["epoch"] == 2
     assert checkpoint["encoder"] == {"model_type": "vit_tiny", "early_channels": 160}
     namespace = FeatureStore(base_dataset["store"]).fingerprints()
@@ -113,7 +117,16 @@ def test_train_reads_only_the_store(dataset: dict) -> None:
         "from tests.test_train import train_app\n"
         "train_app(sys.argv[1:])\n"
     )
-    args = ["train", "--store", dataset["store"], "--annotations", dataset["annotations"], "--out", dataset["root"] / "out", *FAST]
+    args = [
+        "train",
+        "--store",
+        dataset["store"],
+        "--annotations",
+        dataset["annotations"],
+        "--out",
+        dataset["root"] / "out",
+        *FAST,
+    ]
     result = subprocess.run(
         [sys.executable, "-c", script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
@@ -133,7 +146,9 @@ def test_coarse_boxes_from_a_results_file(base_dataset: dict, tmp_path: Path) ->
     results = tmp_path / "detections.json"
     results.write_text(json.dumps(detections))
     summary = run_train(config(base_dataset, tmp_path / "out", epochs=1, coarse=results, val_coarse=results))
-    assert summary.train.boxes == len(coco["annotations"]) and summary.metrics["val"]["count"] == len(coco["annotations"])
+    assert summary.train.boxes == len(coco["annotations"]) and summary.metrics["val"]["count"] == len(
+        coco["annotations"]
+    )
     gt = coco_to_xyxy([a["bbox"] for a in coco["annotations"]])
     expected = box_iou(coco_to_xyxy(shifted), gt).diagonal().mean().item()
     assert summary.metrics["val"]["mean_iou_coarse"] == pytest.approx(expected, abs=1e-4)
@@ -147,7 +162,15 @@ def test_coarse_boxes_from_a_results_file(base_dataset: dict, tmp_path: Path) ->
 # -- clear errors -------------------------------------------------------------------------------------
 def test_a_diverging_run_stops_naming_epoch_and_step(base_dataset: dict, tmp_path: Path) -> None:
     result = run_cli(
-        "--store", base_dataset["store"], "--annotations", base_dataset["annotations"], "--out", tmp_path, *FAST, "--lr", "1e30"
+        "--store",
+        base_dataset["store"],
+        "--annotations",
+        base_dataset["annotations"],
+        "--out",
+        tmp_path,
+        *FAST,
+        "--lr",
+        "1e30",
     )
     assert result.exit_code == 1
     assert "training loss is nan at epoch 1, step 2 of 2" in result.stderr
@@ -163,7 +186,11 @@ def test_damaged_features_stop_naming_the_entry(dataset: dict, tmp_path: Path) -
     early[entry.row, 0, 0, 0] = np.inf
     result = run_cli("--store", dataset["store"], "--annotations", dataset["annotations"], "--out", tmp_path, *FAST)
     assert result.exit_code == 1
-    assert f"entry {entry.key}" in result.stderr and "NaN or infinite" in result.stderr and "refine store verify" in result.stderr
+    assert (
+        f"entry {entry.key}" in result.stderr
+        and "NaN or infinite" in result.stderr
+        and "refine store verify" in result.stderr
+    )
 
 
 def test_images_missing_from_the_store_are_named_with_the_command_to_run(dataset: dict, tmp_path: Path) -> None:
@@ -178,7 +205,9 @@ def test_images_missing_from_the_store_are_named_with_the_command_to_run(dataset
 
 
 def test_missing_dataset_and_features_of_another_encoder(dataset: dict, tmp_path: Path) -> None:
-    result = run_cli("--store", dataset["store"], "--annotations", dataset["annotations"], "--dataset", "other", "--out", tmp_path)
+    result = run_cli(
+        "--store", dataset["store"], "--annotations", dataset["annotations"], "--dataset", "other", "--out", tmp_path
+    )
     assert result.exit_code == 1 and "no dataset 'other'" in result.stderr and "refine extract" in result.stderr
 
     # The same dataset written again under a second encoder identity (seeded differently): now ambiguous.
@@ -258,10 +287,14 @@ def test_jittered_boxes_are_valid_inside_and_overlap_their_object(
 
 @settings(max_examples=60, deadline=None)
 @given(images_with_boxes(), sizes)
-def test_conversions_round_trip_and_iou_is_bounded(image: tuple[tuple[int, int], torch.Tensor], resized: tuple[int, int]) -> None:
+def test_conversions_round_trip_and_iou_is_bounded(
+    image: tuple[tuple[int, int], torch.Tensor], resized: tuple[int, int]
+) -> None:
     original, boxes = image
     assert torch.allclose(coco_to_xyxy(xyxy_to_coco(boxes)), boxes, atol=1e-3)
-    assert torch.allclose(to_original(to_input(boxes, original, resized), original, resized), boxes, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(
+        to_original(to_input(boxes, original, resized), original, resized), boxes, rtol=1e-5, atol=1e-3
+    )
     iou = box_iou(boxes, boxes.flip(0))
     assert ((iou >= 0) & (iou <= 1 + 1e-6)).all()
     assert torch.allclose(box_iou(boxes, boxes).diagonal(), torch.ones(len(boxes)))
