@@ -84,9 +84,12 @@ class Whitening(nn.Module):
         self.mean.copy_(mean)
         self.matrix.copy_((zca / std[None, :]).float())
 
+    def centre(self, x: Tensor) -> Tensor:
+        """x - mean, float32 whatever x's dtype (the subtraction upcasts: no separate copy)."""
+        return x - self.mean[:, None, None]
+
     def forward(self, x: Tensor) -> Tensor:
-        centred = x - self.mean[:, None, None]
-        return (self.matrix @ centred.flatten(2)).view_as(x)  # a batched matmul without einsum's permute copy
+        return (self.matrix @ self.centre(x).flatten(2)).view_as(x)  # a batched matmul without einsum's permute copy
 
 
 def conv_block(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
@@ -110,7 +113,10 @@ class EarlyProjection(nn.Module):
         self.project = nn.Sequential(*layers)
 
     def forward(self, early: Tensor) -> Tensor:
-        return self.project(self.norm(early.float()))
+        reduce = self.project[0]
+        # The whitening is linear, so it folds into the first 1x1 convolution: no C x C pass over the map.
+        weight = reduce.weight.flatten(1) @ self.norm.matrix
+        return self.project[1:](F.conv2d(self.norm.centre(early), weight[:, :, None, None], reduce.bias))
 
 
 def enlarge(boxes: Tensor, context: float, min_side: float) -> Tensor:
@@ -305,7 +311,7 @@ class SimilarityCascadeRefiner(nn.Module):
     def cell_maps(self, embedding: Tensor, early: Tensor) -> CellMaps:
         """B x 256 x 64 x 64 embedding, B x C x 64 x 64 early feature -> what the stages read."""
         projected = self.early(early)
-        flat = (projected.flatten(2), self.embedding_norm(embedding.float()).flatten(2))
+        flat = (projected.flatten(2), self.embedding_norm(embedding).flatten(2))
         unit = tuple(F.normalize(f, dim=1) for f in flat)
         return CellMaps(projected, flat, unit, local_change(unit[0].unflatten(-1, projected.shape[-2:])))
 
