@@ -82,7 +82,7 @@ class TrainConfig:
     val_coarse: Path | None = None
     noise: float = 0.2
     jitters: int = 4  # noisy copies of each ground-truth box per epoch (all from one read of the image)
-    epochs: int = 8  # demo, 1280 images: 0.848 mean IoU, 7.9% worse on val (640 images: 0.809 at 4, 0.827 at 8)
+    epochs: int = 8  # demo, 1280 images: 0.842 mean IoU, 7.9% worse on val (640 images: 0.809 at 4, 0.827 at 8)
     batch_size: int = 8  # images per step
     lr: float = 2e-3
     weight_decay: float = 1e-4
