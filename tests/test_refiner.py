@@ -1,10 +1,11 @@
-"""The refiner's building blocks: what an untrained refiner returns, and the cell weights its cues use."""
+"""The refiner's building blocks: what an untrained refiner returns, the early feature's whitening, and the cell
+weights its cues use."""
 
 from __future__ import annotations
 
 import torch
 
-from pipeline.refiner import RefinerConfig, build_refiner, cell_cover, similarity_maps
+from pipeline.refiner import EarlyProjection, RefinerConfig, build_refiner, cell_cover, similarity_maps
 
 
 def test_an_untrained_refiner_returns_the_boxes_it_is_given() -> None:
@@ -20,6 +21,24 @@ def test_an_untrained_refiner_returns_the_boxes_it_is_given() -> None:
         refined = model(torch.randn(2, 256, 64, 64), torch.randn(2, 160, 64, 64), boxes)
     for before, after in zip(boxes, refined, strict=True):
         torch.testing.assert_close(after, before, atol=1e-3, rtol=0)
+
+
+def test_the_early_projection_whitens_then_projects() -> None:
+    """The whitening is folded into the first 1x1 convolution; the result must be that of whitening the
+    float16 feature on its own and then running every layer, gradient included."""
+    torch.manual_seed(0)
+    projection = EarlyProjection(early_channels=12, dim=8, trunk=1)
+    raw = torch.randn(500, 12).double() @ torch.randn(12, 12).double() * 0.003 + 0.01  # correlated, small
+    projection.norm.set_statistics(raw.mean(dim=0), raw.T.cov(correction=0))
+    early = (torch.randn(2, 12, 64, 64) * 0.003 + 0.01).half()
+
+    folded = projection(early)
+    unfolded = projection.project(projection.norm(early.float()))
+
+    torch.testing.assert_close(folded, unfolded, atol=1e-4, rtol=1e-4)
+    (folded_grad,) = torch.autograd.grad(folded.square().sum(), projection.project[0].weight)
+    (unfolded_grad,) = torch.autograd.grad(unfolded.square().sum(), projection.project[0].weight)
+    torch.testing.assert_close(folded_grad, unfolded_grad, atol=1e-3, rtol=1e-3)
 
 
 def test_cell_cover_weighs_cells_by_the_share_a_box_covers() -> None:
