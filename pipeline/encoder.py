@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import RefineError
+from pipeline.shapes import IMAGE_SIZE
 
-IMAGE_SIZE = 1024
-EMBEDDING_SHAPE = (256, 64, 64)
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 DEFAULT_SEED = 0

@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from pipeline.encoder import EMBEDDING_SHAPE, IMAGE_SIZE
+from pipeline.shapes import EMBEDDING_SHAPE, FEATURE_STRIDE, IMAGE_SIZE
 
-FEATURE_STRIDE = IMAGE_SIZE // EMBEDDING_SHAPE[1]  # encoder-input pixels per feature cell (16)
 # Cue maps computed from the two features: (object, background, object - background) similarity for each,
 # the inside-the-box mask, and the early feature's local change.
 FIXED_CUES = 8

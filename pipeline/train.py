@@ -34,7 +34,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from pipeline import distributed
 from pipeline.boxes import valid_boxes
-from pipeline.encoder import IMAGE_SIZE
+from pipeline.shapes import IMAGE_SIZE
 from pipeline.errors import RefineError
 from pipeline.extract import resolve_device
 from pipeline.features import (
