@@ -47,13 +47,7 @@ class EncoderInTheLoop(FeatureDataset):
         pixels, _, resized = prepare(self.image_root / image.file_name)
         with torch.inference_mode():
             embedding, early = self.encoder(torch.from_numpy(pixels)[None], torch.tensor([resized]))
-        return {
-            "index": index,
-            "embedding": embedding[0].half(),
-            "early": early[0].half(),
-            "gt": image.gt,
-            "resized_hw": image.resized_hw,
-        }
+        return {"index": index, "embedding": embedding[0].half().numpy(), "early": early[0].half().numpy()}
 
 
 def one_epoch(

@@ -47,8 +47,8 @@ def refine_boxes(
     embedding, early = namespace.read(entry, check=True)  # never refine from damaged features
     inputs = to_input(boxes.float(), entry.original_size, entry.resized_size)
     (refined,) = model(
-        torch.from_numpy(embedding)[None].float().to(device),
-        torch.from_numpy(early)[None].float().to(device),
+        torch.tensor(embedding[None], dtype=torch.float32, device=device),  # the stored arrays are read-only
+        torch.tensor(early[None], dtype=torch.float32, device=device),
         [inputs.to(device)],
     )
     refined = to_original(refined.float().cpu(), entry.original_size, entry.resized_size)

@@ -25,12 +25,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.boxes import coco_to_xyxy, jitter_boxes, match_to_ground_truth, seeded_generator, to_input
 from pipeline.coco import CocoDataset, check_box, load_coco, read_json
 from pipeline.errors import RefineError
-from pipeline.store import Entry, FeatureStore, Namespace, all_finite, entry_digest
+from pipeline.shapes import FEATURE_STRIDE
+from pipeline.store import Entry, FeatureStore, Namespace
 
 # A detection counts as a coarse version of the ground-truth box it overlaps this much (IoU).
 MATCH_IOU = 0.5
-# Encoder-input pixels per feature cell (1024 / 64).
-CELL = 16
 # Images used to estimate the per-channel feature statistics the refiner normalises with.
 STATS_IMAGES = 32
 # Independent random streams, so that no two purposes ever share draws.
@@ -194,8 +193,6 @@ class FeatureBatch:
     indices: list[int]  # positions in the dataset
     embedding: Tensor  # B x 256 x 64 x 64 float16
     early: Tensor  # B x C x 64 x 64 float16
-    gt: list[Tensor]  # N_i x 4
-    resized_hw: list[tuple[int, int]]
     errors: list[str]
 
     def pin_memory(self) -> FeatureBatch:
@@ -205,12 +202,12 @@ class FeatureBatch:
 
 
 class FeatureDataset(Dataset):
-    """One item per image: {index, embedding (256 x 64 x 64), early (C x 64 x 64), gt (N x 4), resized_hw}.
+    """One item per image: {index, embedding (256 x 64 x 64), early (C x 64 x 64)}, float16 numpy arrays.
 
-    Features stay float16 on the way to the training process (half the bytes); the model upcasts.
-    An entry that cannot be read, holds NaN / inf or fails its digest (a damaged store) becomes
-    {index, error: message}:
-    raised in a worker process it would reach the trainer as a multi-line traceback, not one line.
+    Features stay float16 on the way to the training process (half the bytes); the model upcasts. The
+    boxes stay with the split (`images`), which the trainer has already. An entry that cannot be read or
+    fails its digest (a damaged store) becomes {index, error: message}: raised in a worker process it
+    would reach the trainer as a multi-line traceback, not one line.
     """
 
     def __init__(self, store_url: str, fingerprint: str, images: list[ImageBoxes]) -> None:
@@ -233,40 +230,24 @@ class FeatureDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = self.images[index]
         try:
-            embedding, early = self.namespace().read(image.entry)
+            embedding, early = self.namespace().read(image.entry, check=True)
         except RefineError as error:
-            return {"index": index, "error": f"{error} (image id={image.image_id} {image.file_name!r})"}
-        where = f"{self.store_url}: entry {image.entry.key} (image id={image.image_id} {image.file_name!r})"
-        if not (all_finite(embedding) and all_finite(early)):
             return {
                 "index": index,
-                "error": f"{where} holds NaN or infinite features; run `refine store verify {self.store_url}`",
-            }
-        # A missing shard reads as zeros and flipped bits still decode: only the digest tells.
-        if entry_digest(embedding, early) != image.entry.digest:
-            return {
-                "index": index,
-                "error": f"{where} does not match its recorded digest (damaged store); run `refine store verify "
+                "error": f"{error} (image id={image.image_id} {image.file_name!r}); run `refine store verify "
                 f"{self.store_url}`, then `refine extract` recomputes it",
             }
-        return {
-            "index": index,
-            "embedding": torch.from_numpy(embedding),
-            "early": torch.from_numpy(early),
-            "gt": image.gt,
-            "resized_hw": image.resized_hw,
-        }
+        return {"index": index, "embedding": embedding, "early": early}
 
 
 def collate_features(items: list[dict[str, Any]]) -> FeatureBatch:
+    """Stack the items' features: the one copy on their way from the page cache to the model."""
     good = [item for item in items if "error" not in item]
     nothing = torch.empty(0)  # a batch of damaged entries only: the trainer stops on its errors
     return FeatureBatch(
         indices=[item["index"] for item in good],
-        embedding=torch.stack([item["embedding"] for item in good]) if good else nothing,
-        early=torch.stack([item["early"] for item in good]) if good else nothing,
-        gt=[item["gt"] for item in good],
-        resized_hw=[item["resized_hw"] for item in good],
+        embedding=torch.from_numpy(np.stack([item["embedding"] for item in good])) if good else nothing,
+        early=torch.from_numpy(np.stack([item["early"] for item in good])) if good else nothing,
         errors=[item["error"] for item in items if "error" in item],
     )
 
@@ -338,9 +319,9 @@ def feature_statistics(dataset: FeatureDataset, limit: int = STATS_IMAGES) -> di
         item = dataset[index]
         if "error" in item:
             raise RefineError(item["error"])
-        height, width = (math.ceil(side / CELL) for side in item["resized_hw"])
+        height, width = (math.ceil(side / FEATURE_STRIDE) for side in dataset.images[index].resized_hw)
         for name in ("embedding", "early"):
-            values = item[name][:, :height, :width].double().flatten(1)  # C x cells
+            values = torch.tensor(item[name][:, :height, :width], dtype=torch.float64).flatten(1)  # C x cells
             sums[name] = sums.get(name, 0) + values.sum(dim=1)
             products[name] = products.get(name, 0) + values @ values.T
         cells += height * width

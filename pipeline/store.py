@@ -7,7 +7,8 @@ Layout under the store root (a local path or an fsspec URL)::
     <fingerprint>/segments/<segment>/      one writer's arrays, never shared with another writer:
         embedding                          rows x 256 x 64 x 64 float16, one chunk per row, sharded
         early                              rows x C x 64 x 64 float16
-    <fingerprint>/commits/<segment>.json   the committed rows of that segment (key, row, sizes, digest)
+    <fingerprint>/commits/<segment>.json   the committed rows of that segment (key, row, sizes, digest, and
+                                           where each chunk starts), and the segment's layout
     <fingerprint>/datasets/<name>.json     per-dataset manifest: image id / file name -> key, sizes
 
 Why it is crash-safe and safe with several writers: a writer owns its segment and writes each batch as
@@ -19,11 +20,14 @@ One key, one entry: two writers that encode the same image at the same moment bo
 no lock to prevent it). Every reader resolves a key to the copy in the *latest* segment (segment names
 are time-ordered), so all readers agree; `refine store gc` later drops the other copies. Latest-wins is
 also how a damaged entry is repaired: `extract` recomputes it into a fresh, later segment.
+
+How an entry's bytes lie in its shards and how a read checks them is `pipeline.segment_layout`. Version 2
+of the store (the root's marker) is the first with segments of layout 2; a store of version 1 is read as it
+is and marked version 2 by its first new segment, so that an older refine refuses it instead of misreading.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -41,9 +45,22 @@ import zarr.codecs
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import RefineError
+from pipeline.shapes import EMBEDDING_SHAPE
+from pipeline.segment_layout import (
+    CURRENT_LAYOUT,
+    INDEX_CRC_BYTES,
+    INDEX_ENTRY_BYTES,
+    LEGACY_LAYOUT,
+    legacy_digest,
+    parse_shard_index,
+    raw_digest,
+    read_chunk,
+    shard_file,
+)
 
 STORE_FORMAT = "refine-feature-store"
-STORE_VERSION = 1
+STORE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 EMBEDDING = "embedding"
 EARLY = "early"
 # Rows per segment: bounds the commit file a writer rewrites after every batch (~100 bytes a row).
@@ -52,17 +69,15 @@ SEGMENT_ROWS = 2048
 # only touches segments idle for longer (its grace period, default an hour), so gc and a writer never
 # work on the same segment.
 SEGMENT_IDLE_S = 600.0
-# zstd at level 1 with byte shuffle: ~8% smaller float16 at the speed of an uncompressed write.
 # Threads of a writer that check and hash a batch (hashlib and numpy release the GIL on large buffers).
 WRITER_THREADS = min(8, os.cpu_count() or 1)
-COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)
 # fsspec options of every store file system. Credentials and the endpoint come from the environment
 # (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for an S3-compatible
 # server: botocore reads them itself).
 STORAGE_OPTIONS: dict[str, Any] = {"use_listings_cache": False}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One committed image: where its features live and what they must hash to."""
 
@@ -71,14 +86,16 @@ class Entry:
     row: int
     original_size: tuple[int, int]  # height, width after EXIF orientation
     resized_size: tuple[int, int]  # height, width inside the 1024 x 1024 encoder input
-    digest: str  # BLAKE2b of the embedding bytes followed by the early-feature bytes
+    digest: str  # of the embedding bytes followed by the early-feature bytes, by the layout's hash
+    layout: int = LEGACY_LAYOUT
+    shard_rows: int = 0  # rows per shard file (layout 2)
+    early_channels: int = 0  # C of the early feature (layout 2)
+    offsets: tuple[int, int] = (0, 0)  # where the embedding and the early chunk start in their shards (layout 2)
 
 
-def entry_digest(embedding: np.ndarray, early: np.ndarray) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(np.ascontiguousarray(embedding).data)
-    digest.update(np.ascontiguousarray(early).data)
-    return digest.hexdigest()
+def entry_digest(embedding: np.ndarray, early: np.ndarray, layout: int = CURRENT_LAYOUT) -> str:
+    """The digest an entry of `layout` records for these features."""
+    return legacy_digest(embedding, early) if layout == LEGACY_LAYOUT else raw_digest(embedding, early)
 
 
 def all_finite(array: np.ndarray) -> bool:
@@ -196,6 +213,7 @@ class FeatureStore:
             self.fs.makedirs(self.root, exist_ok=True)
             attributes = {"refine": {"format": STORE_FORMAT, "version": STORE_VERSION, "created": _now()}}
             metadata = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+            self.version = STORE_VERSION
             if not self.write_json_atomic("zarr.json", metadata, exclusive=True):
                 self._check_format(self.read_json("zarr.json"))  # another writer created it first
         except OSError as error:
@@ -209,11 +227,22 @@ class FeatureStore:
         refine = metadata.get("attributes", {}).get("refine") if isinstance(metadata, dict) else None
         if not isinstance(refine, dict) or refine.get("format") != STORE_FORMAT:
             raise RefineError(f"{self.url}: is a Zarr store of another format, not a refine feature store")
-        if refine.get("version") != STORE_VERSION:
+        if refine.get("version") not in READABLE_VERSIONS:
             raise RefineError(
                 f"{self.url}: feature store version {refine.get('version')} is not supported "
-                f"(this refine reads version {STORE_VERSION})"
+                f"(this refine reads versions {', '.join(map(str, READABLE_VERSIONS))}); use the refine that wrote it"
             )
+        self.version = int(refine["version"])
+
+    def mark_current_version(self) -> None:
+        """Before the first segment of the current layout: raise the root's version, so that a refine that
+        cannot read that layout refuses the store in one line instead of calling every new entry damaged."""
+        if self.version == STORE_VERSION:
+            return
+        metadata = self.read_json("zarr.json")
+        metadata["attributes"]["refine"].update(version=STORE_VERSION, upgraded=_now())
+        self.write_json_atomic("zarr.json", metadata)
+        self.version = STORE_VERSION
 
     # -- namespaces --------------------------------------------------------------------------------
     def fingerprints(self) -> list[str]:
@@ -261,11 +290,33 @@ class Namespace:
         relative = f"{self.fingerprint}/commits/{segment}.json"
         commit = self.store.read_json(relative)
         try:
+            layout = int(commit.get("layout", LEGACY_LAYOUT))
+            if layout == LEGACY_LAYOUT:
+                return [
+                    Entry(str(key), segment, int(row), (int(oh), int(ow)), (int(rh), int(rw)), str(digest))
+                    for key, row, oh, ow, rh, rw, digest in commit["entries"]
+                ]
+            if layout != CURRENT_LAYOUT:
+                raise RefineError(
+                    f"{self.store.url}: {relative} has layout {layout}, which this refine cannot read; use a newer one"
+                )
+            shard_rows, channels = int(commit["shard_rows"]), int(commit["early_channels"])
             return [
-                Entry(str(key), segment, int(row), (int(oh), int(ow)), (int(rh), int(rw)), str(digest))
-                for key, row, oh, ow, rh, rw, digest in commit["entries"]
+                Entry(
+                    str(key),
+                    segment,
+                    int(row),
+                    (int(oh), int(ow)),
+                    (int(rh), int(rw)),
+                    str(digest),
+                    layout,
+                    shard_rows,
+                    channels,
+                    (int(embedding_at), int(early_at)),
+                )
+                for key, row, oh, ow, rh, rw, digest, embedding_at, early_at in commit["entries"]
             ]
-        except (KeyError, TypeError, ValueError) as error:
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise RefineError(f"{self.store.url}: {relative} is damaged (bad entries: {error})") from None
 
     def scan(self) -> tuple[dict[str, Entry], list[str]]:
@@ -301,24 +352,42 @@ class Namespace:
         return cached
 
     def read(self, entry: Entry, *, check: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """The embedding (256 x 64 x 64) and early feature (C x 64 x 64) of one entry, float16.
+        """The embedding (256 x 64 x 64) and early feature (C x 64 x 64) of one entry, float16, read-only.
 
-        With `check`, the bytes must match the digest recorded at commit time.
+        With `check`, the bytes must match the digest recorded at commit time. The writer refused
+        non-finite features, so a matching entry is finite; a mismatching one is checked for NaN / inf only
+        to say so.
         """
+        where = f"{self.store.url}: entry {entry.key} (segment {entry.segment}, row {entry.row})"
         try:
-            embedding = self._array(entry.segment, EMBEDDING)[entry.row]
-            early = self._array(entry.segment, EARLY)[entry.row]
+            embedding, early = self.read_through_zarr(entry) if entry.layout == LEGACY_LAYOUT else self._read_raw(entry)
+        except FileNotFoundError:
+            raise RefineError(f"{where} cannot be read: its shard file is missing") from None
         except Exception as error:  # zarr raises codec, key and value errors alike on damaged data
-            raise RefineError(
-                f"{self.store.url}: entry {entry.key} (segment {entry.segment}, row {entry.row}) "
-                f"cannot be read: {type(error).__name__}: {str(error)[:160]}"
-            ) from None
-        if check and entry_digest(embedding, early) != entry.digest:
-            raise RefineError(
-                f"{self.store.url}: entry {entry.key} (segment {entry.segment}, row {entry.row}) "
-                "does not match its recorded digest"
-            )
+            raise RefineError(f"{where} cannot be read: {type(error).__name__}: {str(error)[:160]}") from None
+        if check and entry_digest(embedding, early, entry.layout) != entry.digest:
+            if not (all_finite(embedding) and all_finite(early)):
+                raise RefineError(f"{where} holds NaN or infinite features and does not match its recorded digest")
+            raise RefineError(f"{where} does not match its recorded digest")
         return embedding, early
+
+    def read_through_zarr(self, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
+        """An entry as any zarr reader sees it (shard index, codecs), unchecked: layout 1's read path, and
+        `store verify`'s proof that a layout-2 entry's recorded offsets agree with zarr's own index."""
+        return self._array(entry.segment, EMBEDDING)[entry.row], self._array(entry.segment, EARLY)[entry.row]
+
+    def _read_raw(self, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
+        shard = entry.row // entry.shard_rows
+        arrays = []
+        for name, channels, offset in (
+            (EMBEDDING, EMBEDDING_SHAPE[0], entry.offsets[0]),
+            (EARLY, entry.early_channels, entry.offsets[1]),
+        ):
+            path = self.store.path(shard_file(self.fingerprint, entry.segment, name, shard))
+            shape = (channels, *EMBEDDING_SHAPE[1:])
+            chunk = read_chunk(self.store.fs, path, offset, 2 * channels * shape[1] * shape[2], local=self.store.local)
+            arrays.append(chunk.view("<f2").reshape(shape))
+        return arrays[0], arrays[1]
 
     def writer(self, early_channels: int, shard_rows: int, computed_with: dict | None = None) -> SegmentWriter:
         return SegmentWriter(self, early_channels, shard_rows, computed_with)
@@ -366,6 +435,7 @@ class SegmentWriter:
         self._segment = None
 
     def _open_segment(self) -> None:
+        self.namespace.store.mark_current_version()
         # Time-ordered and random: unique across processes and machines without coordination.
         self._segment = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
         self._entries = []
@@ -373,19 +443,32 @@ class SegmentWriter:
         self._last_write = time.monotonic()
         base = f"{self.namespace.fingerprint}/segments/{self._segment}"
         zarr.open_group(self.namespace.store.zarr_store, path=base, mode="w-")
-        for name, channels in ((EMBEDDING, 256), (EARLY, self.early_channels)):
+        grid = EMBEDDING_SHAPE[1:]
+        for name, channels in ((EMBEDDING, EMBEDDING_SHAPE[0]), (EARLY, self.early_channels)):
             self._arrays[name] = zarr.create_array(
                 self.namespace.store.zarr_store,
                 name=f"{base}/{name}",
-                shape=(SEGMENT_ROWS, channels, 64, 64),
-                chunks=(1, channels, 64, 64),
-                shards=(self.shard_rows, channels, 64, 64),
+                shape=(SEGMENT_ROWS, channels, *grid),
+                chunks=(1, channels, *grid),
+                shards=(self.shard_rows, channels, *grid),
                 dtype="float16",
-                compressors=COMPRESSOR,
+                serializer=zarr.codecs.BytesCodec(endian="little"),
+                compressors=None,  # raw chunks: readers map them (see pipeline.segment_layout)
                 fill_value=0,
                 # Rows are never all zero; zarr's test for "empty" chunks otherwise costs as much as the write.
                 config={"write_empty_chunks": True},
             )
+
+    def _chunk_offsets(self, name: str, shard: int, count: int, channels: int) -> list[int]:
+        """Where the first `count` chunks start in a shard just written, from zarr's own shard index."""
+        relative = shard_file(self.namespace.fingerprint, self._segment or "", name, shard)
+        tail_bytes = self.shard_rows * INDEX_ENTRY_BYTES + INDEX_CRC_BYTES
+        tail = self.namespace.store.fs.cat_file(self.namespace.store.path(relative), start=-tail_bytes)
+        index = parse_shard_index(tail, self.shard_rows, f"{self.namespace.store.url}: {relative}")
+        chunk_bytes = 2 * channels * EMBEDDING_SHAPE[1] * EMBEDDING_SHAPE[2]
+        if (index[:count, 1] != chunk_bytes).any():  # a zarr that wrote another encoding: never guess
+            raise RefineError(f"{self.namespace.store.url}: {relative}: chunks are not raw float16 as expected")
+        return [int(offset) for offset in index[:count, 0]]
 
     def write_batch(
         self,
@@ -407,16 +490,30 @@ class SegmentWriter:
         if self._segment is None or full or time.monotonic() - self._last_write > SEGMENT_IDLE_S:
             self._open_segment()
         assert self._segment is not None
-        start = self._next_shard * self.shard_rows
+        shard = self._next_shard
+        start = shard * self.shard_rows
         rows = slice(start, start + count)
         # Each batch fills one whole fresh shard per array: no shard is ever rewritten.
         self._arrays[EMBEDDING][rows] = embeddings
         self._arrays[EARLY][rows] = early
         self._next_shard += 1
+        embedding_at = self._chunk_offsets(EMBEDDING, shard, count, EMBEDDING_SHAPE[0])
+        early_at = self._chunk_offsets(EARLY, shard, count, self.early_channels)
         for i, key in enumerate(keys):
-            self._entries.append([key, start + i, *original_sizes[i], *resized_sizes[i], digests[i].result()])
+            self._entries.append(
+                [
+                    key,
+                    start + i,
+                    *original_sizes[i],
+                    *resized_sizes[i],
+                    digests[i].result(),
+                    embedding_at[i],
+                    early_at[i],
+                ]
+            )
         commit = {
             "segment": self._segment,
+            "layout": CURRENT_LAYOUT,
             "shard_rows": self.shard_rows,
             "early_channels": self.early_channels,
             "computed_with": self.computed_with,

@@ -2,32 +2,41 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from pipeline.errors import RefineError
-from pipeline.store import FeatureStore, Namespace, all_finite
+from pipeline.segment_layout import LAYOUTS, LEGACY_LAYOUT
+from pipeline.store import Entry, FeatureStore, Namespace, all_finite
 
 
 def store_info(store: FeatureStore) -> dict:
-    """Namespaces with provenance, entry counts, datasets and bytes on disk."""
+    """Namespaces with provenance, entry counts by segment layout, datasets and bytes on disk."""
     namespaces = []
     for fingerprint in store.fingerprints():
         namespace = Namespace(store, fingerprint)
         provenance = namespace.provenance
+        entries = namespace.scan()[0]
+        layouts = Counter(entry.layout for entry in entries.values())
         namespaces.append(
             {
                 "fingerprint": fingerprint,
                 "encoder": provenance.get("model_type", "unknown"),
                 "weights": provenance.get("weights_description", provenance.get("weights", "unknown")),
                 "random_init": provenance.get("random_init"),
-                "entries": len(namespace.scan()[0]),
+                "entries": len(entries),
+                "layouts": [
+                    {"layout": layout, "entries": count, "description": LAYOUTS[layout]}
+                    for layout, count in sorted(layouts.items())
+                ],
                 "datasets": namespace.dataset_names(),
                 "bytes": store.bytes_on_disk(fingerprint),
                 "created": provenance.get("created"),
                 "provenance": provenance,
             }
         )
-    return {"store": store.url, "bytes": store.bytes_on_disk(), "namespaces": namespaces}
+    return {"store": store.url, "version": store.version, "bytes": store.bytes_on_disk(), "namespaces": namespaces}
 
 
 def verify_store(store: FeatureStore) -> tuple[int, list[str]]:
@@ -57,9 +66,24 @@ def verify_store(store: FeatureStore) -> tuple[int, list[str]]:
                 problems.append(f"{where}: dtype is not float16")
             if not (all_finite(embedding) and all_finite(early)):
                 problems.append(f"{where}: holds NaN or inf")
+            if entry.layout != LEGACY_LAYOUT:
+                problems.extend(_check_zarr_view(namespace, entry, embedding, early, where))
         for name in namespace.dataset_names():
             problems.extend(_check_dataset(namespace, name, entries))
     return checked, problems
+
+
+def _check_zarr_view(
+    namespace: Namespace, entry: Entry, embedding: np.ndarray, early: np.ndarray, where: str
+) -> list[str]:
+    """Zarr's own decoding (shard index and its crc32c) must give the bytes that `refine` reads directly."""
+    try:
+        through_zarr = namespace.read_through_zarr(entry)
+    except Exception as error:  # zarr raises codec, key and value errors alike on damaged data
+        return [f"{where}: zarr cannot decode it ({type(error).__name__}: {str(error)[:160]})"]
+    if not (np.array_equal(through_zarr[0], embedding) and np.array_equal(through_zarr[1], early)):
+        return [f"{where}: zarr's shard index points elsewhere than the commit's offsets"]
+    return []
 
 
 def _check_dataset(namespace: Namespace, name: str, entries: dict) -> list[str]:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated
 
 import typer
 
-from pipeline.errors import RefineError
-from pipeline.store import FeatureStore
-from pipeline.store_gc import DEFAULT_GRACE_S, collect_garbage
-from pipeline.store_report import store_info, verify_store
 from stages.common import console, domain_errors, err_console
+
+# `store gc`'s default grace period, pipeline.store_gc.DEFAULT_GRACE_S (a test keeps them equal); written
+# out here so that `--help` does not import zarr.
+DEFAULT_GRACE_S = 3600.0
+MIGRATE_STATUS_S = 10.0  # seconds between two progress lines of `store migrate`
 
 store_app = typer.Typer(help="Inspect, check and clean up a feature store.", no_args_is_help=True)
 
@@ -23,14 +25,18 @@ def info(
     store: StorePath,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
 ) -> None:
-    """Namespaces (one per encoder identity) with provenance, entry counts, datasets and bytes on disk."""
+    """Namespaces (one per encoder identity) with provenance, entry counts by layout, datasets and bytes on disk."""
+    from pipeline.store import FeatureStore
+    from pipeline.store_report import store_info
+
     with domain_errors():
         report = store_info(FeatureStore(store))
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
     console.print(
-        f"store {report['store']}: {len(report['namespaces'])} namespace(s), {report['bytes'] / 2**20:.1f} MiB",
+        f"store {report['store']} (version {report['version']}): {len(report['namespaces'])} namespace(s), "
+        f"{report['bytes'] / 2**20:.1f} MiB",
         markup=False,
         highlight=False,
     )
@@ -43,11 +49,21 @@ def info(
             markup=False,
             highlight=False,
         )
+        for layout in namespace["layouts"]:
+            console.print(
+                f"    layout {layout['layout']}: {layout['entries']} entries, {layout['description']}",
+                markup=False,
+                highlight=False,
+            )
 
 
 @store_app.command("verify")
 def verify(store: StorePath) -> None:
     """Read every committed entry and check shape, dtype, finiteness, digest and the dataset manifests."""
+    from pipeline.errors import RefineError
+    from pipeline.store import FeatureStore
+    from pipeline.store_report import verify_store
+
     with domain_errors():
         checked, problems = verify_store(FeatureStore(store))
         if problems:
@@ -79,6 +95,9 @@ def gc(
     ] = False,
 ) -> None:
     """Remove segments and shards no commit references, duplicate copies of a key and stale temporary files."""
+    from pipeline.store import FeatureStore
+    from pipeline.store_gc import collect_garbage
+
     with domain_errors():
         report = collect_garbage(FeatureStore(store), grace, dry_run, drop_damaged)
     for message in report.left_alone:
@@ -93,6 +112,38 @@ def gc(
         f"{report.duplicates_removed} duplicate entr(ies), {report.temporaries_removed} temporary file(s): "
         f"{report.bytes_freed / 2**20:.1f} MiB; {report.live_segments} segment(s) written within the grace period "
         "left alone",
+        markup=False,
+        highlight=False,
+    )
+
+
+@store_app.command("migrate")
+def migrate(store: StorePath) -> None:
+    """Rewrite entries of an older segment layout into the current one, which reads at disk speed.
+
+    Old copies stay readable until `refine store gc` removes them; a killed migrate loses nothing and a
+    re-run continues.
+    """
+    from pipeline.store import FeatureStore
+    from pipeline.store_migrate import migrate_store
+
+    last = [time.monotonic()]
+
+    def progress(done: int, total: int) -> None:
+        if time.monotonic() - last[0] >= MIGRATE_STATUS_S or done == total:
+            last[0] = time.monotonic()
+            err_console.print(f"  migrated {done} / {total} entries", markup=False, highlight=False)
+
+    with domain_errors():
+        report = migrate_store(FeatureStore(store), progress)
+    console.print(
+        f"{store}: {report.entries_rewritten} entr(ies) rewritten into the current layout "
+        f"({report.bytes_read / 2**20:.1f} MiB), {report.entries_current} already current"
+        + (
+            f"; `refine store gc {store}` frees the old copies once its grace period has passed"
+            if report.entries_rewritten
+            else ""
+        ),
         markup=False,
         highlight=False,
     )

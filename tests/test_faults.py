@@ -138,7 +138,7 @@ def _first_shard(store: Path) -> Path:
 
 DAMAGE = {
     "truncated-shard": (lambda s: _first_shard(s).write_bytes(_first_shard(s).read_bytes()[:500]), "cannot be read"),
-    "deleted-shard": (lambda s: _first_shard(s).unlink(), "does not match its recorded digest"),
+    "deleted-shard": (lambda s: _first_shard(s).unlink(), "its shard file is missing"),
     "corrupt-commit": (lambda s: next(s.glob("*/commits/*.json")).write_text('{"entries": [["'), "is damaged"),
     "corrupt-manifest": (lambda s: next(s.glob("*/datasets/train.json")).write_text("{ nope"), "train.json is damaged"),
 }

@@ -1,0 +1,168 @@
+"""Segment layouts: the direct read equals zarr's, damage is caught, stores of the older layout keep working
+and `store migrate` moves them to the current one without losing or changing a byte."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+import zarr.codecs
+
+from pipeline.segment_layout import CURRENT_LAYOUT, LEGACY_LAYOUT, legacy_digest, shard_file
+from pipeline.store import EARLY, EMBEDDING, FeatureStore, Namespace
+from stages.store import DEFAULT_GRACE_S
+from tests.test_faults import orphans
+
+
+def features(store: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    opened = FeatureStore(store)
+    namespace = opened.namespace(opened.fingerprints()[0])
+    return {key: namespace.read(entry, check=True) for key, entry in namespace.entries().items()}
+
+
+def make_legacy(store: Path) -> None:
+    """Rewrite a store as the refine before segment layouts wrote it: root version 1, zstd-compressed
+    chunks, commit rows of seven fields with a BLAKE2b digest and no layout."""
+    old = features(store)
+    opened = FeatureStore(store)
+    fingerprint = opened.fingerprints()[0]
+    channels = next(iter(old.values()))[1].shape[0]
+    shutil.rmtree(store / fingerprint / "segments")
+    shutil.rmtree(store / fingerprint / "commits")
+    segment = "00000000000000000001-legacy00"
+    base = f"{fingerprint}/segments/{segment}"
+    zarr.open_group(opened.zarr_store, path=base, mode="w-")
+    rows = []
+    for name, count in ((EMBEDDING, 256), (EARLY, channels)):
+        array = zarr.create_array(
+            opened.zarr_store,
+            name=f"{base}/{name}",
+            shape=(2048, count, 64, 64),
+            chunks=(1, count, 64, 64),
+            shards=(4, count, 64, 64),
+            dtype="float16",
+            compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2),
+            fill_value=0,
+        )
+        array[: len(old)] = np.stack([pair[0 if name == EMBEDDING else 1] for pair in old.values()])
+    manifest = json.loads(next((store / fingerprint / "datasets").glob("*.json")).read_text())
+    sizes = {image["key"]: (image["original_size"], image["resized_size"]) for image in manifest["images"]}
+    for row, (key, (embedding, early)) in enumerate(old.items()):
+        rows.append([key, row, *sizes[key][0], *sizes[key][1], legacy_digest(embedding, early)])
+    commit = {"segment": segment, "shard_rows": 4, "early_channels": channels, "computed_with": {}, "entries": rows}
+    (store / fingerprint / "commits").mkdir()
+    (store / fingerprint / "commits" / f"{segment}.json").write_text(json.dumps(commit))
+    root = json.loads((store / "zarr.json").read_text())
+    root["attributes"]["refine"]["version"] = 1
+    (store / "zarr.json").write_text(json.dumps(root))
+
+
+def test_direct_read_equals_zarrs_own_decoding(base_dataset) -> None:
+    store = FeatureStore(base_dataset["store"])
+    namespace = store.namespace(store.fingerprints()[0])
+    for entry in namespace.entries().values():
+        assert entry.layout == CURRENT_LAYOUT
+        embedding, early = namespace.read(entry, check=True)
+        through_zarr = namespace.read_through_zarr(entry)
+        assert np.array_equal(embedding, through_zarr[0]) and np.array_equal(early, through_zarr[1])
+        assert embedding.shape == (256, 64, 64) and early.shape == (160, 64, 64) and early.dtype == np.float16
+        assert not embedding.flags.writeable  # mapped from the page cache, never written through
+        key = zarr.open_array(store.zarr_store, path=f"{namespace.fingerprint}/segments/{entry.segment}/early")
+        shard = entry.row // entry.shard_rows
+        expected = f"{namespace.fingerprint}/segments/{entry.segment}/early/" + key.metadata.encode_chunk_key(
+            (shard, 0, 0, 0)
+        )
+        assert shard_file(namespace.fingerprint, entry.segment, EARLY, shard) == expected
+
+
+def test_gc_default_in_the_cli_is_the_library_s() -> None:
+    from pipeline.store_gc import DEFAULT_GRACE_S as library_default
+
+    assert DEFAULT_GRACE_S == library_default
+
+
+def test_a_damaged_shard_index_is_named_by_verify(cli, dataset) -> None:
+    shard = sorted(dataset["store"].glob("*/segments/*/embedding/c/0/0/0/0"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside zarr's shard index: the direct read does not use it, zarr's readers do
+    shard.write_bytes(bytes(data))
+    result = cli("store", "verify", dataset["store"])
+    assert result.exit_code == 1 and "zarr cannot decode it" in result.stderr
+
+
+def test_an_entry_moved_inside_its_shard_fails_its_digest(cli, dataset) -> None:
+    commit_file = next(dataset["store"].glob("*/commits/*.json"))
+    commit = json.loads(commit_file.read_text())
+    first, second = commit["entries"][0], commit["entries"][1]
+    first[-1], second[-1] = second[-1], first[-1]  # early-feature offsets swapped: valid bytes, wrong entry
+    commit_file.write_text(json.dumps(commit))
+    result = cli("store", "verify", dataset["store"])
+    assert result.exit_code == 1
+    assert f"entry {first[0]}" in result.stderr and "does not match its recorded digest" in result.stderr
+
+
+def test_a_store_of_the_older_layout_reads_verifies_and_migrates(cli, dataset) -> None:
+    store = dataset["store"]
+    before = features(store)
+    make_legacy(store)
+
+    legacy = features(store)  # read as it is, through zarr, digests checked
+    assert legacy.keys() == before.keys()
+    assert all(
+        np.array_equal(legacy[k][0], before[k][0]) and np.array_equal(legacy[k][1], before[k][1]) for k in before
+    )
+    info = json.loads(cli("store", "info", store, "--json").stdout)
+    assert info["version"] == 1
+    assert [(layout["layout"], layout["entries"]) for layout in info["namespaces"][0]["layouts"]] == [
+        (LEGACY_LAYOUT, 4)
+    ]
+    assert "store migrate" in info["namespaces"][0]["layouts"][0]["description"]
+    assert cli("store", "verify", store).exit_code == 0
+
+    migrated = cli("store", "migrate", store)
+    assert migrated.exit_code == 0, migrated.output
+    assert "4 entr(ies) rewritten" in migrated.stdout and "store gc" in migrated.stdout
+    info = json.loads(cli("store", "info", store, "--json").stdout)
+    assert info["version"] == 2  # an older refine now refuses the store instead of misreading it
+    assert [(layout["layout"], layout["entries"]) for layout in info["namespaces"][0]["layouts"]] == [
+        (CURRENT_LAYOUT, 4)
+    ]
+    after = features(store)
+    assert all(np.array_equal(after[k][0], before[k][0]) and np.array_equal(after[k][1], before[k][1]) for k in before)
+
+    assert "0 entr(ies) rewritten" in cli("store", "migrate", store).stdout  # nothing left to do
+    assert cli("store", "gc", store, "--grace", "0").exit_code == 0
+    assert not list(store.glob("*/segments/*legacy*")) and orphans(store) == []
+    assert cli("store", "verify", store).exit_code == 0
+
+
+def test_a_newer_store_version_is_refused_in_one_line(cli, dataset) -> None:
+    root = json.loads((dataset["store"] / "zarr.json").read_text())
+    root["attributes"]["refine"]["version"] = 3
+    (dataset["store"] / "zarr.json").write_text(json.dumps(root))
+    result = cli("store", "info", dataset["store"])
+    assert result.exit_code == 1 and "feature store version 3 is not supported" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("layout", [3])
+def test_a_segment_of_an_unknown_layout_is_named(cli, dataset, layout: int) -> None:
+    commit_file = next(dataset["store"].glob("*/commits/*.json"))
+    commit = json.loads(commit_file.read_text())
+    commit["layout"] = layout
+    commit_file.write_text(json.dumps(commit))
+    result = cli("store", "verify", dataset["store"])
+    assert result.exit_code == 1 and f"has layout {layout}, which this refine cannot read" in result.stderr
+
+
+def test_namespace_reads_need_no_zarr_array(base_dataset) -> None:
+    """The read path `train` uses opens no zarr array (a zarr call per read is what cost 10 x)."""
+    store = FeatureStore(base_dataset["store"])
+    namespace = Namespace(store, store.fingerprints()[0])
+    for entry in namespace.entries().values():
+        namespace.read(entry, check=True)
+    assert namespace._arrays == {}
