@@ -33,13 +33,13 @@ import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
+import orjson
 import zarr
 import zarr.codecs
 from fsspec.implementations.local import LocalFileSystem
@@ -77,9 +77,9 @@ WRITER_THREADS = min(8, os.cpu_count() or 1)
 STORAGE_OPTIONS: dict[str, Any] = {"use_listings_cache": False}
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One committed image: where its features live and what they must hash to."""
+class Entry(NamedTuple):
+    """One committed image: where its features live and what they must hash to. A tuple: a store of a
+    million entries holds a million of them, and a tuple is built ~5 x faster than a frozen dataclass."""
 
     key: str
     segment: str
@@ -134,10 +134,10 @@ class FeatureStore:
     def read_json(self, relative: str) -> Any:
         try:
             with self.fs.open(self.path(relative), "rb") as f:
-                return json.loads(f.read())
+                return orjson.loads(f.read())  # ~3 x json's speed: a million-image store has ~300 MB of it
         except FileNotFoundError:
             raise
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except orjson.JSONDecodeError as error:
             raise RefineError(f"{self.url}: {relative} is damaged ({error})") from None
 
     def write_json_atomic(self, relative: str, value: Any, *, exclusive: bool = False) -> bool:
@@ -301,18 +301,21 @@ class Namespace:
                     f"{self.store.url}: {relative} has layout {layout}, which this refine cannot read; use a newer one"
                 )
             shard_rows, channels = int(commit["shard_rows"]), int(commit["early_channels"])
+            # One tuple per distinct size and offset pair, shared by the rows that have it: a dataset has
+            # few distinct image sizes and a shard only `shard_rows` offsets, and a million rows add up.
+            shared: dict[tuple[int, int], tuple[int, int]] = {}
             return [
                 Entry(
                     str(key),
                     segment,
                     int(row),
-                    (int(oh), int(ow)),
-                    (int(rh), int(rw)),
+                    shared.setdefault((int(oh), int(ow)), (int(oh), int(ow))),
+                    shared.setdefault((int(rh), int(rw)), (int(rh), int(rw))),
                     str(digest),
                     layout,
                     shard_rows,
                     channels,
-                    (int(embedding_at), int(early_at)),
+                    shared.setdefault((int(embedding_at), int(early_at)), (int(embedding_at), int(early_at))),
                 )
                 for key, row, oh, ow, rh, rw, digest, embedding_at, early_at in commit["entries"]
             ]

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-import zarr.codecs
 
-from pipeline.segment_layout import CURRENT_LAYOUT, LEGACY_LAYOUT, legacy_digest, shard_file
-from pipeline.store import EARLY, EMBEDDING, FeatureStore, Namespace
+from pipeline.segment_layout import CURRENT_LAYOUT, LEGACY_LAYOUT, shard_file
+from pipeline.store import EARLY, FeatureStore, Namespace
 from stages.store import DEFAULT_GRACE_S
+from tests.legacy_store import mark_version_1, write_legacy_segment
 from tests.test_faults import orphans
 
 
@@ -25,40 +25,25 @@ def features(store: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def make_legacy(store: Path) -> None:
-    """Rewrite a store as the refine before segment layouts wrote it: root version 1, zstd-compressed
-    chunks, commit rows of seven fields with a BLAKE2b digest and no layout."""
+    """Rewrite a store's namespace as the refine before segment layouts wrote it (tests/legacy_store.py)."""
     old = features(store)
     opened = FeatureStore(store)
     fingerprint = opened.fingerprints()[0]
-    channels = next(iter(old.values()))[1].shape[0]
     shutil.rmtree(store / fingerprint / "segments")
     shutil.rmtree(store / fingerprint / "commits")
-    segment = "00000000000000000001-legacy00"
-    base = f"{fingerprint}/segments/{segment}"
-    zarr.open_group(opened.zarr_store, path=base, mode="w-")
-    rows = []
-    for name, count in ((EMBEDDING, 256), (EARLY, channels)):
-        array = zarr.create_array(
-            opened.zarr_store,
-            name=f"{base}/{name}",
-            shape=(2048, count, 64, 64),
-            chunks=(1, count, 64, 64),
-            shards=(4, count, 64, 64),
-            dtype="float16",
-            compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2),
-            fill_value=0,
-        )
-        array[: len(old)] = np.stack([pair[0 if name == EMBEDDING else 1] for pair in old.values()])
     manifest = json.loads(next((store / fingerprint / "datasets").glob("*.json")).read_text())
     sizes = {image["key"]: (image["original_size"], image["resized_size"]) for image in manifest["images"]}
-    for row, (key, (embedding, early)) in enumerate(old.items()):
-        rows.append([key, row, *sizes[key][0], *sizes[key][1], legacy_digest(embedding, early)])
-    commit = {"segment": segment, "shard_rows": 4, "early_channels": channels, "computed_with": {}, "entries": rows}
-    (store / fingerprint / "commits").mkdir()
-    (store / fingerprint / "commits" / f"{segment}.json").write_text(json.dumps(commit))
-    root = json.loads((store / "zarr.json").read_text())
-    root["attributes"]["refine"]["version"] = 1
-    (store / "zarr.json").write_text(json.dumps(root))
+    keys = list(old)
+    write_legacy_segment(
+        opened,
+        fingerprint,
+        "00000000000000000001-legacy00",
+        keys,
+        np.stack([old[key][0] for key in keys]),
+        np.stack([old[key][1] for key in keys]),
+        [sizes[key] for key in keys],
+    )
+    mark_version_1(opened)
 
 
 def test_direct_read_equals_zarrs_own_decoding(base_dataset) -> None:

@@ -1,0 +1,155 @@
+"""The store's index at scale, by simulation: time and peak memory to open a namespace of N entries and
+resolve a dataset of N images, the way `apply` and `train` do.
+
+    python bench/store_index.py [--entries 1000000] [--out FILE]
+
+Writes commit files (full segments of SEGMENT_ROWS rows, layout 2) and one dataset manifest for N entries
+in the store's real format, with no arrays and no encoder; image sizes are drawn from a few hundred
+distinct sizes, as in a real dataset. Then, in a fresh process (so that its peak memory is its own):
+open the store and the namespace (`open_s`), scan the commits into the index and join the manifest to it
+with `apply`'s `image_entries` (`resolve_s`), and report the process's resident memory before and after
+(what the index holds) and its peak (the imports of torch alone peak at several hundred MiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.apply import image_entries
+from pipeline.segment_layout import CURRENT_LAYOUT
+from pipeline.store import SEGMENT_ROWS, FeatureStore, Namespace
+
+from results_file import write_and_show  # bench/, next to this script
+
+FINGERPRINT = "0123456789abcdef"
+SHARD_ROWS = 64  # extract's CUDA batch: where a dataset of a million images is extracted
+CHANNELS = 1280  # vit_h
+
+
+def generate(store_path: Path, entries: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    store = FeatureStore(store_path, create=True)
+    namespace = store.ensure_namespace({"fingerprint": FINGERPRINT, "model_type": "vit_h", "early_channels": CHANNELS})
+    sizes = rng.integers(200, 4000, size=(300, 2))  # a few hundred distinct (height, width)
+    picks = rng.integers(0, len(sizes), size=entries)
+    keys = [f"{value:032x}" for value in rng.integers(0, 2**63, size=entries, dtype=np.int64).tolist()]
+    embedding_bytes, early_bytes = 2 * 256 * 64 * 64, 2 * CHANNELS * 64 * 64
+    images = []
+    for first in range(0, entries, SEGMENT_ROWS):
+        segment = f"{first:020d}-{first % 65536:08x}"
+        rows = []
+        for row, index in enumerate(range(first, min(first + SEGMENT_ROWS, entries))):
+            height, width = (int(v) for v in sizes[picks[index]])
+            scale = 1024 / max(height, width)
+            resized = [round(height * scale), round(width * scale)]
+            shard_row = row % SHARD_ROWS
+            rows.append(
+                [
+                    keys[index],
+                    row,
+                    height,
+                    width,
+                    *resized,
+                    f"{index:032x}",
+                    shard_row * embedding_bytes,
+                    shard_row * early_bytes,
+                ]
+            )
+            images.append(
+                {
+                    "id": index + 1,
+                    "file_name": f"images/{index // 1000:04d}/{index:08d}.jpg",
+                    "key": keys[index],
+                    "original_size": [height, width],
+                    "resized_size": resized,
+                }
+            )
+        commit = {
+            "segment": segment,
+            "layout": CURRENT_LAYOUT,
+            "shard_rows": SHARD_ROWS,
+            "early_channels": CHANNELS,
+            "computed_with": {},
+            "entries": rows,
+        }
+        store.write_json_atomic(f"{FINGERPRINT}/commits/{segment}.json", commit)
+    manifest = {
+        "format": "refine-dataset-manifest",
+        "version": 1,
+        "dataset": "train",
+        "fingerprint": FINGERPRINT,
+        "encoder": "vit_h",
+        "early_channels": CHANNELS,
+        "images": images,
+        "skipped": [],
+    }
+    namespace.write_dataset(manifest)
+
+
+def resolve(store_path: str) -> dict[str, float]:
+    """What `apply` does before its first read: open, scan, join. Runs in a fresh process."""
+    before = rss_mib()
+    started = time.perf_counter()
+    store = FeatureStore(store_path)
+    namespace = Namespace(store, store.fingerprints()[0])
+    opened = time.perf_counter()
+    found = image_entries(namespace, "train")
+    resolved = time.perf_counter()
+    return {
+        "images_resolved": len(found),
+        "open_s": round(opened - started, 3),
+        "resolve_s": round(resolved - opened, 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_before_mib": round(before, 1),
+        "rss_after_mib": round(rss_mib(), 1),
+    }
+
+
+def rss_mib() -> float:
+    """The process's resident memory now (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "store_index.json")
+    parser.add_argument("--resolve", metavar="STORE", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.resolve:
+        print(json.dumps(resolve(args.resolve)))
+        return
+    with tempfile.TemporaryDirectory(prefix="store-index-") as scratch:
+        store = Path(scratch) / "features.zarr"
+        started = time.perf_counter()
+        generate(store, args.entries, args.seed)
+        generate_s = time.perf_counter() - started
+        commits = sorted((store / FINGERPRINT / "commits").glob("*.json"))
+        manifest = store / FINGERPRINT / "datasets" / "train.json"
+        run = subprocess.run(
+            [sys.executable, __file__, "--resolve", str(store)], capture_output=True, text=True, check=True
+        )
+        result = {
+            "entries": args.entries,
+            **json.loads(run.stdout.strip().splitlines()[-1]),
+            "commit_files": len(commits),
+            "commit_mib": round(sum(p.stat().st_size for p in commits) / 2**20, 1),
+            "manifest_mib": round(manifest.stat().st_size / 2**20, 1),
+            "generate_s": round(generate_s, 1),
+        }
+    write_and_show(args.out.parent, args.out.stem, result)
+
+
+if __name__ == "__main__":
+    main()
