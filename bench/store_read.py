@@ -5,11 +5,13 @@ one `.npy` per image and feature, and the older layout's read path.
 
 Synthetic entries of the encoder's shapes (embedding 256 x 64 x 64 and early C x 64 x 64, float16) are
 written through the store's own `SegmentWriter` (no encoder), and the same arrays as a layout-1 store (as
-refine wrote them before layouts) and as `.npy` files. Each method then reads every entry once, in one
-seeded random order, `--rounds` times, rounds interleaved so that the machine's noise hits all methods
-alike; the JSON gives the median round. Hot: the page cache holds the files (one untimed pass first).
-Cold: every file's pages are evicted with posix_fadvise(DONTNEED) before each round. Readers 1 / 2 / 4
-are `train`'s DataLoader (`feature_loader`) with 0 / 2 / 4 worker processes, batches of 4, hot cache.
+refine wrote them before layouts) and as `.npy` files. The raw anchor reads the same bytes as the store,
+entry by entry in the same order, with `open().read()` (`raw_shard_files`: the whole shard files instead).
+Each method then reads every entry once, in one seeded random order, `--rounds` times, rounds
+interleaved so that the machine's noise hits all methods alike; the JSON gives the median round. Hot: the
+page cache holds the files (one untimed pass first). Cold: every file's pages are evicted with
+posix_fadvise(DONTNEED) before each round. Readers 1 / 2 / 4 are `train`'s DataLoader (`feature_loader`)
+with 0 / 2 / 4 worker processes, batches of 4, hot cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +31,8 @@ import torch
 
 from pipeline.encoder import ENCODERS
 from pipeline.features import FeatureDataset, ImageBoxes, feature_loader
-from pipeline.store import FeatureStore, Namespace
+from pipeline.segment_layout import shard_file
+from pipeline.store import EARLY, EMBEDDING, FeatureStore, Namespace
 
 from results_file import write_and_show  # bench/, next to this script
 
@@ -114,10 +118,36 @@ def read_items(dataset: FeatureDataset, order: list[int]) -> Callable[[], int]:
     return run
 
 
-def read_raw(shards: list[Path]) -> Callable[[], int]:
+def read_raw(dataset: FeatureDataset, order: list[int]) -> Callable[[], int]:
+    """The same bytes as the store read, in the same order, with plain `open().read()`: each entry's two
+    chunks from their shard files, nothing checked."""
+    namespace = dataset.namespace()
+    ranges = []
+    for index in order:
+        entry = dataset.images[index].entry
+        shard = entry.row // entry.shard_rows
+        for name, channels, offset in (
+            (EMBEDDING, 256, entry.offsets[0]),
+            (EARLY, entry.early_channels, entry.offsets[1]),
+        ):
+            path = namespace.store.path(shard_file(namespace.fingerprint, entry.segment, name, shard))
+            ranges.append((path, offset, 2 * channels * 64 * 64))
+
     def run() -> int:
         total = 0
-        for path in shards:
+        for path, offset, nbytes in ranges:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                total += len(f.read(nbytes))
+        return total
+
+    return run
+
+
+def read_files(paths: list[Path]) -> Callable[[], int]:
+    def run() -> int:
+        total = 0
+        for path in paths:
             with open(path, "rb") as f:
                 total += len(f.read())
         return total
@@ -174,6 +204,7 @@ def main() -> None:
     out = args.out or Path(__file__).parent / "results" / f"store_read_{args.encoder}.json"
     channels = ENCODERS[args.encoder].early_channels
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # 4 readers on 2 cores, on purpose
 
     with tempfile.TemporaryDirectory(prefix="store-read-") as scratch:
         root = Path(scratch)
@@ -186,7 +217,8 @@ def main() -> None:
         shards = [p for p in files_under(root / "current.zarr") if "/c/" in p.as_posix()]
         single = {
             "store": read_items(current, order),
-            "raw": read_raw(shards),
+            "raw": read_raw(current, order),
+            "raw_shard_files": read_files(shards),
             "npy": read_npy(root / "npy", order),
             "legacy_store": read_items(legacy, order),
         }
@@ -211,6 +243,7 @@ def main() -> None:
             "raw_read_mib_s": hot["raw"],
             "npy_read_mib_s": hot["npy"],
             "legacy_store_read_mib_s": hot["legacy_store"],
+            "raw_shard_files_mib_s": hot["raw_shard_files"],
             "store_entries_s": round(hot["store"] / entry_mib, 1),
             "store_vs_raw": round(hot["store"] / hot["raw"], 2),
             "store_vs_npy": round(hot["store"] / hot["npy"], 2),
@@ -220,6 +253,7 @@ def main() -> None:
                 "raw_read_mib_s": cold["raw"],
                 "npy_read_mib_s": cold["npy"],
                 "legacy_store_read_mib_s": cold["legacy_store"],
+                "raw_shard_files_mib_s": cold["raw_shard_files"],
                 "store_vs_raw": round(cold["store"] / cold["raw"], 2),
                 "store_vs_npy": round(cold["store"] / cold["npy"], 2),
             },
