@@ -34,9 +34,9 @@ from torchvision.ops import generalized_box_iou_loss
 
 from pipeline import distributed
 from pipeline.boxes import valid_boxes
+from pipeline.devices import autocast, resolve_amp, resolve_device
 from pipeline.encoder import IMAGE_SIZE
 from pipeline.errors import RefineError
-from pipeline.extract import resolve_device
 from pipeline.features import (
     EpochShuffle,
     FeatureBatch,
@@ -147,36 +147,6 @@ class TrainSummary:
 
 
 Progress = Callable[[TrainProgress], None]
-
-
-# -- mixed precision ---------------------------------------------------------------------------------
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `--amp` on `device` (None: full fp32).
-
-    auto: bf16 on a CUDA device that supports it, else fp16 (with a GradScaler) on CUDA, fp32 on CPU.
-    bf16 also runs on CPU (autocast supports it); fp16 on CPU is refused: without a GradScaler and with
-    slow CPU kernels it has no upside.
-    """
-    if amp == "off":
-        return None
-    cuda = device.type == "cuda"
-    if amp == "auto":
-        if not cuda:
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "bf16":
-        if cuda and not torch.cuda.is_bf16_supported():
-            raise RefineError("--amp bf16: this CUDA device does not support bfloat16; use --amp fp16 or auto")
-        return torch.bfloat16
-    if amp == "fp16":
-        if not cuda:
-            raise RefineError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
-        return torch.float16
-    raise RefineError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or off")
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.amp.autocast:
-    return torch.amp.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 # -- loss and metrics --------------------------------------------------------------------------------

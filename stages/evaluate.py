@@ -9,7 +9,7 @@ import typer
 
 from pipeline.apply import apply_to_file, load_model, write_json
 from pipeline.evaluate import EvaluateConfig, run_evaluate
-from pipeline.extract import resolve_device
+from pipeline.devices import resolve_device
 from pipeline.store import FeatureStore
 from stages.common import console, domain_errors
 from stages.extract import Device

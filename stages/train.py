@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import distributed
-from pipeline.extract import resolve_device
+from pipeline.devices import resolve_device
 from pipeline.refiner import REFINERS
 from pipeline.train import TrainConfig, TrainProgress, TrainSummary, run_train
 from stages.common import console, domain_errors, err_console

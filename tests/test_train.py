@@ -34,7 +34,8 @@ from pipeline.encoder import identity_for
 from pipeline.errors import RefineError
 from pipeline.features import noise_generator
 from pipeline.store import FeatureStore
-from pipeline.train import CHECKPOINT, METRICS, TrainConfig, TrainProgress, resolve_amp, run_train
+from pipeline.devices import resolve_amp
+from pipeline.train import CHECKPOINT, METRICS, TrainConfig, TrainProgress, run_train
 from stages.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
