@@ -54,7 +54,7 @@ def run_command(command: list[str], cwd: Path) -> dict[str, float]:
 def processes(images: Path, annotations: Path, work: Path) -> dict[str, Any]:
     """1 process vs 2 torchrun ranks, each into a fresh local store."""
     args = ["--images", str(images), "--annotations", str(annotations), "--workers", "1"]
-    one = run_command([sys.executable, "-m", "stages.extract", *args, "--store", str(work / "one.zarr")], work)
+    one = run_command([sys.executable, "-m", "stages.cli", "extract", *args, "--store", str(work / "one.zarr")], work)
     two = run_command(
         [
             sys.executable,
@@ -64,7 +64,8 @@ def processes(images: Path, annotations: Path, work: Path) -> dict[str, Any]:
             "--nproc-per-node",
             "2",
             "-m",
-            "stages.extract",
+            "stages.cli",
+            "extract",
             *args,
             "--store",
             str(work / "two.zarr"),

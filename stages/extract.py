@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 from datetime import timedelta
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -12,21 +10,14 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import distributed
-from pipeline.encoder import ENCODERS
 from pipeline.errors import RefineError
 from pipeline.extract import ExtractConfig, ExtractSummary, run_extract
 from stages.common import console, domain_errors, err_console
+from stages.options import Device, EncoderName
 
 # Under torchrun the ranks wait for each other once, at the end, for the slowest share: after a rank died
 # and the run was re-launched, one rank may have hours of work left while the others only hash.
 RANK_WAIT = timedelta(days=1)
-EncoderName = Enum("EncoderName", {name: name for name in ENCODERS}, type=str)
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cuda = "cuda"
-    cpu = "cpu"
 
 
 def extract(
@@ -206,9 +197,3 @@ def _print_summary(summary: ExtractSummary) -> None:
         highlight=False,
     )
     console.print(f"namespace {summary.fingerprint}: {summary.weights}", markup=False, highlight=False)
-
-
-if __name__ == "__main__":  # `torchrun ... -m stages.extract --images ...` (README, Scale)
-    from stages.cli import main as refine
-
-    refine(["extract", *sys.argv[1:]])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,13 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline import distributed
 from pipeline.devices import resolve_device
-from pipeline.refiner import REFINERS
 from pipeline.train import TrainConfig, TrainProgress, TrainSummary, run_train
 from stages.common import console, domain_errors, err_console
-from stages.extract import Device
+from stages.options import Device, RefinerName
 
 DEFAULTS = TrainConfig(store="", annotations=Path())
-RefinerName = Enum("RefinerName", {name: name for name in REFINERS}, type=str)
 
 
 class Amp(str, Enum):
@@ -204,9 +201,3 @@ def _print_summary(summary: TrainSummary) -> None:
             )
     for line in lines:
         console.print(line, markup=False, highlight=False)
-
-
-if __name__ == "__main__":  # `torchrun ... -m stages.train --store ...` (README, Scale)
-    from stages.cli import main as refine
-
-    refine(["train", *sys.argv[1:]])
