@@ -30,10 +30,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.demo_data import make_demo_dataset  # noqa: E402
 from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
-from pipeline.train import TrainConfig, run_train  # noqa: E402
+from pipeline.train import run_train  # noqa: E402
 
 from results_file import write_and_show  # noqa: E402  (bench/, next to this script)
 

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from pipeline import distributed
 from pipeline.boxes import valid_boxes
+from pipeline.config import TrainConfig
 from pipeline.devices import autocast, resolve_amp, resolve_device
 from pipeline.encoder import IMAGE_SIZE
 from pipeline.errors import RefineError
@@ -65,57 +66,6 @@ VAL_CURVES = ("mean_iou_coarse", "mean_iou_refined", "share_improved", "share_wo
 # Options that may change between a run and its --resume. Workers and device do not change what is
 # computed; a larger --epochs trains longer (the learning-rate schedule then stretches to the new total).
 RESUMABLE = {"epochs", "workers", "device", "resume"}
-
-
-@dataclass
-class TrainConfig:
-    """Everything `refine train` is asked to do; stored, resolved, in the checkpoint."""
-
-    store: str
-    annotations: Path
-    out: Path = Path("data/refiner")
-    val_annotations: Path | None = None
-    dataset: str | None = None  # default: the annotation file's stem
-    val_dataset: str | None = None
-    fingerprint: str | None = None  # needed only when the dataset was extracted by several encoders
-    coarse: Path | None = None  # COCO results file of coarse training boxes; None: noise protocol
-    val_coarse: Path | None = None
-    noise: float = 0.2
-    jitters: int = 4  # noisy copies of each ground-truth box per epoch (all from one read of the image)
-    epochs: int = 8  # demo, 1280 images: 0.842 mean IoU, 7.9% worse on val (640 images: 0.809 at 4, 0.827 at 8)
-    batch_size: int = 8  # images per step
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 20
-    model: str = "similarity_cascade"
-    # The refiner's shape (see pipeline.refiner.RefinerConfig).
-    dim: int = 64
-    trunk: int = 1
-    width: int = 16
-    pool: int = 24
-    learned: int = 8
-    contexts: tuple[float, ...] = (2.0, 1.5)
-    amp: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    workers: int | None = None  # default: 0 on CPU (reads are cheap next to the model), 2 on CUDA
-    device: str = "auto"
-
-    def refiner_config(self, early_channels: int) -> RefinerConfig:
-        """The refiner this run trains, for features with `early_channels` early channels."""
-        return RefinerConfig(
-            early_channels, self.dim, self.trunk, self.width, self.pool, self.learned, tuple(self.contexts)
-        )
-
-    def resolved(self) -> dict[str, Any]:
-        """Plain-Python form for the checkpoint (paths as strings)."""
-        values = asdict(self)
-        for key, value in values.items():
-            if isinstance(value, Path):
-                values[key] = str(value)
-            elif isinstance(value, tuple):
-                values[key] = list(value)
-        return values
 
 
 @dataclass

@@ -7,9 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline.apply import apply_to_file, load_model, write_json
-from pipeline.devices import resolve_device
-from pipeline.store import FeatureStore
 from stages.common import console, domain_errors
 from stages.options import DatasetOption, Device, ModelOption, RefinerDeviceOption, StoreOption
 
@@ -23,6 +20,11 @@ def apply(
     device: RefinerDeviceOption = Device.auto,
 ) -> None:
     """Refine every box of a file; every other field kept, nothing dropped, order kept, boxes clipped to the image."""
+    # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
+    from pipeline.apply import apply_to_file, load_model, write_json
+    from pipeline.devices import resolve_device
+    from pipeline.store import FeatureStore
+
     with domain_errors():
         refiner, namespace, _ = load_model(model, FeatureStore(store))
         refined, count = apply_to_file(refiner, namespace, boxes, dataset, resolve_device(device.value))

@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.evaluate import EvaluateConfig, run_evaluate
 from stages.common import console, domain_errors
 from stages.options import DatasetOption, Device, ModelOption, RefinerDeviceOption, StoreOption
 
@@ -38,6 +37,9 @@ def evaluate(
     device: RefinerDeviceOption = Device.auto,
 ) -> None:
     """Mean IoU, improved/worse shares and recall at IoU 0.5/0.75/0.9 (by object size) of coarse vs refined boxes."""
+    # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
+    from pipeline.evaluate import EvaluateConfig, run_evaluate
+
     config = EvaluateConfig(
         store, annotations, model, out, coarse, images, dataset, noise, seed, overlays, device.value
     )

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline import distributed
 from pipeline.errors import RefineError
-from pipeline.extract import ExtractConfig, ExtractSummary, run_extract
 from stages.common import console, domain_errors, err_console
 from stages.options import Device, EncoderName
+
+if TYPE_CHECKING:
+    from pipeline.extract import ExtractSummary
 
 # Under torchrun the ranks wait for each other once, at the end, for the slowest share: after a rank died
 # and the run was re-launched, one rank may have hours of work left while the others only hash.
@@ -95,6 +96,10 @@ def extract(
     Under torchrun every rank hashes every file and encodes the images whose content key falls in its
     share; the main rank writes the manifest once all ranks have committed (see README, Scale).
     """
+    # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
+    from pipeline import distributed
+    from pipeline.extract import ExtractConfig, run_extract
+
     config = ExtractConfig(
         images=images,
         store=store,

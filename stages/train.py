@@ -5,16 +5,17 @@ from __future__ import annotations
 import math
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline import distributed
-from pipeline.devices import resolve_device
-from pipeline.train import TrainConfig, TrainProgress, TrainSummary, run_train
+from pipeline.config import TrainConfig
 from stages.common import console, domain_errors, err_console
 from stages.options import Device, RefinerName
+
+if TYPE_CHECKING:
+    from pipeline.train import TrainProgress, TrainSummary
 
 DEFAULTS = TrainConfig(store="", annotations=Path())
 
@@ -107,6 +108,11 @@ def train(
     Under torchrun: DistributedDataParallel, each rank reading its share of the images from the store;
     the main rank writes the checkpoint, curves and metrics (see README, Scale).
     """
+    # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
+    from pipeline import distributed
+    from pipeline.devices import resolve_device
+    from pipeline.train import run_train
+
     config = TrainConfig(
         store=store,
         annotations=annotations,

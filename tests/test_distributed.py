@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from conftest import write_coco, write_images
+from pipeline.config import TrainConfig
 from pipeline.distributed import Share
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.features import EpochShuffle
 from pipeline.images import content_key
 from pipeline.store import FeatureStore, Namespace
-from pipeline.train import TrainConfig, load_checkpoint, run_train
+from pipeline.train import load_checkpoint, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 
