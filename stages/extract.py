@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipeline.errors import RefineError
 from stages.common import console, domain_errors, err_console
 from stages.options import Device, EncoderName
+from stages.progress import StatusLines, eta
 
 if TYPE_CHECKING:
     from pipeline.extract import ExtractSummary
@@ -145,14 +146,19 @@ def extract(
 
 
 class ExtractProgress:
-    """A rich progress bar per phase (hash, encode), fed by `run_extract`'s progress callback."""
+    """Progress of each phase (extract, then repair of damaged entries), fed by `run_extract`'s callback:
+    a rich bar on a terminal, else a plain status line now and then (stages/progress.py)."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled  # under torchrun only the main rank draws (its own share's progress)
+        self.enabled = enabled  # under torchrun only the main rank reports (its own share's progress)
+        self.bar: Progress | None = None
 
     def __enter__(self) -> Callable[[str, int, int, ExtractSummary], None] | None:
         if not self.enabled:
             return None
+        if not err_console.is_terminal:
+            self.status = StatusLines()
+            return self.status_line
         self.bar = Progress(
             TextColumn("{task.description:<8}"),
             BarColumn(),
@@ -170,6 +176,7 @@ class ExtractProgress:
         return self.report
 
     def report(self, phase: str, done: int, total: int, summary: ExtractSummary) -> None:
+        assert self.bar is not None
         if phase not in self.tasks:
             self.tasks[phase] = self.bar.add_task(
                 phase, total=total or None, rate=0.0, wait=0.0, hits=0, computed=0, failed=0
@@ -185,8 +192,16 @@ class ExtractProgress:
             failed=len(summary.failed),
         )
 
+    def status_line(self, phase: str, done: int, total: int, summary: ExtractSummary) -> None:
+        elapsed = summary.wall_s
+        self.status(
+            f"{phase} {done}/{total} images, {done / elapsed if elapsed > 0 else 0.0:.2f} img/s, "
+            f"{summary.hits} hits, {summary.computed} computed, {len(summary.failed)} failed, "
+            f"ETA {eta(total - done, done, elapsed)}"
+        )
+
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.__exit__(*exc)
 
 

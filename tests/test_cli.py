@@ -1,8 +1,10 @@
-"""The `refine` CLI itself: help without the heavy libraries, option choices that match the registries."""
+"""The `refine` CLI itself: help without the heavy libraries, option choices that match the registries,
+progress in a log (stderr not a terminal)."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from pipeline.encoder import ENCODERS
 from pipeline.refiner import REFINERS
+from stages import progress
 from stages.options import ENCODER_NAMES, REFINER_NAMES, EncoderName, RefinerName
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,3 +66,56 @@ def test_option_choices_are_the_registries_names() -> None:
     assert REFINER_NAMES == tuple(REFINERS)
     assert [choice.value for choice in EncoderName] == list(ENCODERS)
     assert [choice.value for choice in RefinerName] == list(REFINERS)
+
+
+# -- progress without a terminal (the CliRunner's stderr is none) ------------------------------------------
+def lines_starting(text: str, start: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(start)]
+
+
+def test_extract_prints_throttled_status_lines_to_a_log(cli, dataset, monkeypatch) -> None:
+    args = ["extract", "--images", dataset["images"], "--annotations", dataset["annotations"]]
+    args += ["--store", dataset["store"], "--batch-size", 1, "--workers", 0]  # a warm re-run: 4 batches of hits
+    monkeypatch.setattr(progress, "STATUS_INTERVAL_S", 0.0)
+    every = cli(*args)
+    assert every.exit_code == 0, every.output
+    lines = lines_starting(every.stderr, "extract ")
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert re.fullmatch(r"extract 4/4 images, \d+\.\d\d img/s, 4 hits, 0 computed, 0 failed, ETA 0:00:00", lines[-1])
+    assert "━" not in every.stderr  # no rich bar drawn at the end
+    assert "4 hits, 0 computed" in every.stdout  # the summary as before
+
+    monkeypatch.setattr(progress, "STATUS_INTERVAL_S", 3600.0)
+    throttled = cli(*args)
+    assert throttled.exit_code == 0, throttled.output
+    assert [line.split()[1] for line in lines_starting(throttled.stderr, "extract ")] == ["1/4"]  # the first only
+
+
+def test_train_prints_throttled_status_lines_to_a_log(cli, base_dataset, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(progress, "STATUS_INTERVAL_S", 0.0)
+    result = cli(
+        "train",
+        "--store",
+        base_dataset["store"],
+        "--annotations",
+        base_dataset["annotations"],
+        "--out",
+        tmp_path / "out",
+        *("--epochs", 2, "--batch-size", 2, "--jitters", 1),  # 4 images: 2 steps per epoch
+    )
+    assert result.exit_code == 0, result.output
+    steps = lines_starting(result.stderr, "epoch ")
+    train = [line for line in steps if " step " in line]
+    assert [line.split(",")[0] for line in train] == [
+        "epoch 1/2 step 1/2",
+        "epoch 1/2 step 2/2",
+        "epoch 2/2 step 1/2",
+        "epoch 2/2 step 2/2",
+    ]
+    fields = r", loss \d+\.\d{4}, \d+\.\d boxes/s, data wait \d+%, ETA "
+    assert re.fullmatch(r"epoch 1/2 step 1/2" + fields + r"\?", train[0])  # no rate yet at the first step
+    assert re.fullmatch(r"epoch 1/2 step 2/2" + fields + r"\d+:\d\d:\d\d", train[1])
+    assert re.fullmatch(r"epoch 2/2 step 2/2" + fields + "0:00:00", train[-1])
+    assert {line.split(" validate")[0] for line in steps if " validate " in line} == {"epoch 1/2", "epoch 2/2"}
+    assert "━" not in result.stderr
+    assert "train loss" in result.stdout
