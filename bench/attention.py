@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.devices import resolve_device
 from pipeline.encoder import build_encoder, identity_for
-from pipeline.extract import resolve_device
 
 from results_file import write_and_show  # bench/, next to this script
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from pipeline.demo_data import make_demo_dataset
+from pipeline.devices import resolve_device
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
-from pipeline.extract import ExtractConfig, default_batch_size, resolve_device, run_extract
+from pipeline.extract import ExtractConfig, default_batch_size, run_extract
 from pipeline.images import prepare
 
 from results_file import write_and_show  # bench/, next to this script

@@ -29,8 +29,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.demo_data import make_demo_dataset
+from pipeline.devices import resolve_device
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
-from pipeline.extract import ExtractConfig, default_batch_size, resolve_device, run_extract, writer_threads
+from pipeline.extract import ExtractConfig, default_batch_size, run_extract, writer_threads
 from pipeline.images import prepare
 
 from results_file import slug, write_result  # bench/, next to this script

@@ -30,10 +30,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.demo_data import make_demo_dataset  # noqa: E402
 from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
-from pipeline.train import TrainConfig, run_train  # noqa: E402
+from pipeline.train import run_train  # noqa: E402
 
 from results_file import write_and_show  # noqa: E402  (bench/, next to this script)
 
@@ -54,7 +55,7 @@ def run_command(command: list[str], cwd: Path) -> dict[str, float]:
 def processes(images: Path, annotations: Path, work: Path) -> dict[str, Any]:
     """1 process vs 2 torchrun ranks, each into a fresh local store."""
     args = ["--images", str(images), "--annotations", str(annotations), "--workers", "1"]
-    one = run_command([sys.executable, "-m", "stages.extract", *args, "--store", str(work / "one.zarr")], work)
+    one = run_command([sys.executable, "-m", "stages.cli", "extract", *args, "--store", str(work / "one.zarr")], work)
     two = run_command(
         [
             sys.executable,
@@ -64,7 +65,8 @@ def processes(images: Path, annotations: Path, work: Path) -> dict[str, Any]:
             "--nproc-per-node",
             "2",
             "-m",
-            "stages.extract",
+            "stages.cli",
+            "extract",
             *args,
             "--store",
             str(work / "two.zarr"),

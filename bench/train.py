@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
+from pipeline.config import TrainConfig
 from pipeline.demo_data import make_demo_dataset
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.features import FeatureDataset, feature_loader
 from pipeline.images import prepare
-from pipeline.train import TrainConfig, TrainProgress, prepare_training, train_one_epoch
+from pipeline.train import TrainProgress, prepare_training, train_one_epoch
 
 from results_file import write_and_show  # bench/, next to this script
 

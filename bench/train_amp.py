@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
+from pipeline.config import TrainConfig
 from pipeline.demo_data import make_demo_dataset
-from pipeline.extract import ExtractConfig, resolve_device, run_extract
-from pipeline.train import TrainConfig, TrainProgress, prepare_training, run_epoch
+from pipeline.devices import resolve_device
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.train import TrainProgress, prepare_training, run_epoch
 
 from results_file import slug, write_result  # bench/, next to this script
 

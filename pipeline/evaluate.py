@@ -11,7 +11,7 @@ import torch
 from pipeline.apply import apply_to_file, load_model, refine_boxes
 from pipeline.boxes import to_original
 from pipeline.coco import read_json
-from pipeline.extract import resolve_device
+from pipeline.devices import resolve_device
 from pipeline.features import coarse_and_targets, load_split
 from pipeline.images import load_rgb
 from pipeline.metrics import box_metrics, coco_ap, write_metrics

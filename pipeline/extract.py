@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline import distributed
 from pipeline.coco import load_coco
+from pipeline.devices import resolve_device
 from pipeline.encoder import EncoderIdentity, FeatureEncoder, build_encoder, identity_for
 from pipeline.errors import RefineError
 from pipeline.images import IMAGE_SUFFIXES, content_key, prepare, read_file
@@ -97,23 +98,6 @@ Sizes = tuple[tuple[int, int], tuple[int, int]]  # (original, resized) as (heigh
 
 
 Progress = Callable[[str, int, int, ExtractSummary], None]  # (phase, done, total, counters so far)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RefineError("--device cuda was asked for, but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise RefineError(f"unknown device {device!r}; choose auto, cuda or cpu")
-    if device == "cuda" and distributed.launched():  # under torchrun: one GPU per rank
-        if distributed.local_rank() >= torch.cuda.device_count():
-            raise RefineError(
-                f"rank {distributed.rank()} (local rank {distributed.local_rank()}) has no GPU of its own: this "
-                f"machine has {torch.cuda.device_count()}; start at most that many processes per machine"
-            )
-        return torch.device("cuda", distributed.local_rank())
-    return torch.device(device)
 
 
 def default_batch_size(model_type: str, device: torch.device, fused_attention: bool = True) -> int:

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,9 @@ from torchvision.ops import generalized_box_iou_loss
 
 from pipeline import distributed
 from pipeline.boxes import valid_boxes
-from pipeline.shapes import IMAGE_SIZE
+from pipeline.config import TrainConfig
+from pipeline.devices import autocast, resolve_amp, resolve_device
 from pipeline.errors import RefineError
-from pipeline.extract import resolve_device
 from pipeline.features import (
     EpochShuffle,
     FeatureBatch,
@@ -51,6 +51,7 @@ from pipeline.features import (
 )
 from pipeline.metrics import iou_summary, paired_iou
 from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refiner
+from pipeline.shapes import IMAGE_SIZE
 from pipeline.store import FeatureStore
 
 CHECKPOINT = "model.pt"
@@ -65,57 +66,6 @@ VAL_CURVES = ("mean_iou_coarse", "mean_iou_refined", "share_improved", "share_wo
 # Options that may change between a run and its --resume. Workers and device do not change what is
 # computed; a larger --epochs trains longer (the learning-rate schedule then stretches to the new total).
 RESUMABLE = {"epochs", "workers", "device", "resume"}
-
-
-@dataclass
-class TrainConfig:
-    """Everything `refine train` is asked to do; stored, resolved, in the checkpoint."""
-
-    store: str
-    annotations: Path
-    out: Path = Path("data/refiner")
-    val_annotations: Path | None = None
-    dataset: str | None = None  # default: the annotation file's stem
-    val_dataset: str | None = None
-    fingerprint: str | None = None  # needed only when the dataset was extracted by several encoders
-    coarse: Path | None = None  # COCO results file of coarse training boxes; None: noise protocol
-    val_coarse: Path | None = None
-    noise: float = 0.2
-    jitters: int = 4  # noisy copies of each ground-truth box per epoch (all from one read of the image)
-    epochs: int = 8  # demo, 1280 images: 0.842 mean IoU, 7.9% worse on val (640 images: 0.809 at 4, 0.827 at 8)
-    batch_size: int = 8  # images per step
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 20
-    model: str = "similarity_cascade"
-    # The refiner's shape (see pipeline.refiner.RefinerConfig).
-    dim: int = 64
-    trunk: int = 1
-    width: int = 16
-    pool: int = 24
-    learned: int = 8
-    contexts: tuple[float, ...] = (2.0, 1.5)
-    amp: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    workers: int | None = None  # default: 0 on CPU (reads are cheap next to the model), 2 on CUDA
-    device: str = "auto"
-
-    def refiner_config(self, early_channels: int) -> RefinerConfig:
-        """The refiner this run trains, for features with `early_channels` early channels."""
-        return RefinerConfig(
-            early_channels, self.dim, self.trunk, self.width, self.pool, self.learned, tuple(self.contexts)
-        )
-
-    def resolved(self) -> dict[str, Any]:
-        """Plain-Python form for the checkpoint (paths as strings)."""
-        values = asdict(self)
-        for key, value in values.items():
-            if isinstance(value, Path):
-                values[key] = str(value)
-            elif isinstance(value, tuple):
-                values[key] = list(value)
-        return values
 
 
 @dataclass
@@ -147,36 +97,6 @@ class TrainSummary:
 
 
 Progress = Callable[[TrainProgress], None]
-
-
-# -- mixed precision ---------------------------------------------------------------------------------
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `--amp` on `device` (None: full fp32).
-
-    auto: bf16 on a CUDA device that supports it, else fp16 (with a GradScaler) on CUDA, fp32 on CPU.
-    bf16 also runs on CPU (autocast supports it); fp16 on CPU is refused: without a GradScaler and with
-    slow CPU kernels it has no upside.
-    """
-    if amp == "off":
-        return None
-    cuda = device.type == "cuda"
-    if amp == "auto":
-        if not cuda:
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "bf16":
-        if cuda and not torch.cuda.is_bf16_supported():
-            raise RefineError("--amp bf16: this CUDA device does not support bfloat16; use --amp fp16 or auto")
-        return torch.bfloat16
-    if amp == "fp16":
-        if not cuda:
-            raise RefineError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
-        return torch.float16
-    raise RefineError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or off")
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.amp.autocast:
-    return torch.amp.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 # -- loss and metrics --------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ from typing import Annotated
 
 import typer
 
+from stages.apply import apply
 from stages.common import state
 from stages.demo_data import demo_data
-from stages.evaluate import apply, evaluate
+from stages.evaluate import evaluate
 from stages.extract import extract
 from stages.store import store_app
 from stages.train import train
@@ -37,10 +38,10 @@ app.command("apply")(apply)
 app.add_typer(store_app, name="store")
 
 
-def main(args: list[str] | None = None) -> None:
-    """The `refine` console script; `args` replace the command line (for `python -m stages.<stage>`)."""
-    app(args, prog_name="refine")
+def main() -> None:
+    """The `refine` console script."""
+    app(prog_name="refine")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m stages.cli <command>`: the CLI without an installed script (torchrun -m)
     main()

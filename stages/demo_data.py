@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pipeline.demo_data import make_demo_dataset
 from stages.common import console, domain_errors
 
 
@@ -20,6 +19,8 @@ def demo_data(
     n_val: Annotated[int, typer.Option(min=1, help="Number of validation images.")] = 40,
 ) -> None:
     """Draw a deterministic synthetic detection dataset (COCO JSON + JPEG images)."""
+    from pipeline.demo_data import make_demo_dataset  # numpy and PIL load here, not at start-up
+
     with domain_errors():
         summary = make_demo_dataset(out, seed=seed, n_train=n_train, n_val=n_val)
     train, val = summary["train"], summary["val"]

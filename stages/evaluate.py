@@ -1,4 +1,4 @@
-"""`refine evaluate` and `refine apply`: measure and use a trained refiner."""
+"""`refine evaluate`: measure a trained refiner against the ground truth."""
 
 from __future__ import annotations
 
@@ -7,23 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.apply import apply_to_file, load_model, write_json
-from pipeline.evaluate import EvaluateConfig, run_evaluate
-from pipeline.extract import resolve_device
-from pipeline.store import FeatureStore
 from stages.common import console, domain_errors
-from stages.extract import Device
-
-StoreOption = Annotated[str, typer.Option(help="Feature store: a local path or an fsspec URL.")]
-ModelOption = Annotated[Path, typer.Option(help="Refiner checkpoint written by `refine train`.")]
-DatasetOption = Annotated[
-    Optional[str],
-    typer.Option(
-        help="Dataset name in the store. Default: evaluate uses the annotation file's stem; "
-        "apply searches every dataset."
-    ),
-]
-DeviceOption = Annotated[Device, typer.Option(help="Where the refiner runs; auto picks CUDA when available.")]
+from stages.options import DatasetOption, Device, ModelOption, RefinerDeviceOption, StoreOption
 
 
 def evaluate(
@@ -49,9 +34,12 @@ def evaluate(
         Optional[int], typer.Option(help="Seed of the fixed noise draw. Default: the training seed.")
     ] = None,
     overlays: Annotated[int, typer.Option(min=0, help="How many overlay PNGs to draw.")] = 8,
-    device: DeviceOption = Device.auto,
+    device: RefinerDeviceOption = Device.auto,
 ) -> None:
     """Mean IoU, improved/worse shares and recall at IoU 0.5/0.75/0.9 (by object size) of coarse vs refined boxes."""
+    # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
+    from pipeline.evaluate import EvaluateConfig, run_evaluate
+
     config = EvaluateConfig(
         store, annotations, model, out, coarse, images, dataset, noise, seed, overlays, device.value
     )
@@ -65,19 +53,3 @@ def evaluate(
         markup=False,
         highlight=False,
     )
-
-
-def apply(
-    store: StoreOption,
-    boxes: Annotated[Path, typer.Option(help="COCO results file (list of detections) or COCO dataset file to refine.")],
-    out: Annotated[Path, typer.Option(help="Where to write the same structure with refined boxes.")],
-    model: ModelOption = Path("data/refiner/model.pt"),
-    dataset: DatasetOption = None,
-    device: DeviceOption = Device.auto,
-) -> None:
-    """Refine every box of a file; every other field kept, nothing dropped, order kept, boxes clipped to the image."""
-    with domain_errors():
-        refiner, namespace, _ = load_model(model, FeatureStore(store))
-        refined, count = apply_to_file(refiner, namespace, boxes, dataset, resolve_device(device.value))
-        write_json(out, refined)
-    console.print(f"refined {count} boxes; written to {out}", markup=False, highlight=False)

@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import sys
 from datetime import timedelta
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline import distributed
-from pipeline.encoder import ENCODERS
 from pipeline.errors import RefineError
-from pipeline.extract import ExtractConfig, ExtractSummary, run_extract
 from stages.common import console, domain_errors, err_console
+from stages.options import Device, EncoderName
+from stages.progress import StatusLines, eta
+
+if TYPE_CHECKING:
+    from pipeline.extract import ExtractSummary
 
 # Under torchrun the ranks wait for each other once, at the end, for the slowest share: after a rank died
 # and the run was re-launched, one rank may have hours of work left while the others only hash.
 RANK_WAIT = timedelta(days=1)
-EncoderName = Enum("EncoderName", {name: name for name in ENCODERS}, type=str)
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cuda = "cuda"
-    cpu = "cpu"
 
 
 def extract(
@@ -104,6 +97,10 @@ def extract(
     Under torchrun every rank hashes every file and encodes the images whose content key falls in its
     share; the main rank writes the manifest once all ranks have committed (see README, Scale).
     """
+    # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
+    from pipeline import distributed
+    from pipeline.extract import ExtractConfig, run_extract
+
     config = ExtractConfig(
         images=images,
         store=store,
@@ -149,14 +146,19 @@ def extract(
 
 
 class ExtractProgress:
-    """A rich progress bar per phase (hash, encode), fed by `run_extract`'s progress callback."""
+    """Progress of each phase (extract, then repair of damaged entries), fed by `run_extract`'s callback:
+    a rich bar on a terminal, else a plain status line now and then (stages/progress.py)."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled  # under torchrun only the main rank draws (its own share's progress)
+        self.enabled = enabled  # under torchrun only the main rank reports (its own share's progress)
+        self.bar: Progress | None = None
 
     def __enter__(self) -> Callable[[str, int, int, ExtractSummary], None] | None:
         if not self.enabled:
             return None
+        if not err_console.is_terminal:
+            self.status = StatusLines()
+            return self.status_line
         self.bar = Progress(
             TextColumn("{task.description:<8}"),
             BarColumn(),
@@ -174,6 +176,7 @@ class ExtractProgress:
         return self.report
 
     def report(self, phase: str, done: int, total: int, summary: ExtractSummary) -> None:
+        assert self.bar is not None
         if phase not in self.tasks:
             self.tasks[phase] = self.bar.add_task(
                 phase, total=total or None, rate=0.0, wait=0.0, hits=0, computed=0, failed=0
@@ -189,8 +192,16 @@ class ExtractProgress:
             failed=len(summary.failed),
         )
 
+    def status_line(self, phase: str, done: int, total: int, summary: ExtractSummary) -> None:
+        elapsed = summary.wall_s
+        self.status(
+            f"{phase} {done}/{total} images, {done / elapsed if elapsed > 0 else 0.0:.2f} img/s, "
+            f"{summary.hits} hits, {summary.computed} computed, {len(summary.failed)} failed, "
+            f"ETA {eta(total - done, done, elapsed)}"
+        )
+
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.__exit__(*exc)
 
 
@@ -206,9 +217,3 @@ def _print_summary(summary: ExtractSummary) -> None:
         highlight=False,
     )
     console.print(f"namespace {summary.fingerprint}: {summary.weights}", markup=False, highlight=False)
-
-
-if __name__ == "__main__":  # `torchrun ... -m stages.extract --images ...` (README, Scale)
-    from stages.cli import main as refine
-
-    refine(["extract", *sys.argv[1:]])

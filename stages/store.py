@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated
 
 import typer
@@ -13,7 +12,6 @@ from stages.common import console, domain_errors, err_console
 # `store gc`'s default grace period, pipeline.store_gc.DEFAULT_GRACE_S (a test keeps them equal); written
 # out here so that `--help` does not import zarr.
 DEFAULT_GRACE_S = 3600.0
-MIGRATE_STATUS_S = 10.0  # seconds between two progress lines of `store migrate`
 
 store_app = typer.Typer(help="Inspect, check and clean up a feature store.", no_args_is_help=True)
 
@@ -127,15 +125,11 @@ def migrate(store: StorePath) -> None:
     from pipeline.store import FeatureStore
     from pipeline.store_migrate import migrate_store
 
-    last = [time.monotonic()]
+    from stages.progress import StatusLines
 
-    def progress(done: int, total: int) -> None:
-        if time.monotonic() - last[0] >= MIGRATE_STATUS_S or done == total:
-            last[0] = time.monotonic()
-            err_console.print(f"  migrated {done} / {total} entries", markup=False, highlight=False)
-
+    status = StatusLines()
     with domain_errors():
-        report = migrate_store(FeatureStore(store), progress)
+        report = migrate_store(FeatureStore(store), lambda done, total: status(f"migrated {done} / {total} entries"))
     console.print(
         f"{store}: {report.entries_rewritten} entr(ies) rewritten into the current layout "
         f"({report.bytes_read / 2**20:.1f} MiB), {report.entries_current} already current"

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import math
-import sys
+import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline import distributed
-from pipeline.extract import resolve_device
-from pipeline.refiner import REFINERS
-from pipeline.train import TrainConfig, TrainProgress, TrainSummary, run_train
+from pipeline.config import TrainConfig
 from stages.common import console, domain_errors, err_console
-from stages.extract import Device
+from stages.options import Device, RefinerName
+from stages.progress import StatusLines, eta
+
+if TYPE_CHECKING:
+    from pipeline.train import TrainProgress, TrainSummary
 
 DEFAULTS = TrainConfig(store="", annotations=Path())
-RefinerName = Enum("RefinerName", {name: name for name in REFINERS}, type=str)
 
 
 class Amp(str, Enum):
@@ -110,6 +110,11 @@ def train(
     Under torchrun: DistributedDataParallel, each rank reading its share of the images from the store;
     the main rank writes the checkpoint, curves and metrics (see README, Scale).
     """
+    # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
+    from pipeline import distributed
+    from pipeline.devices import resolve_device
+    from pipeline.train import run_train
+
     config = TrainConfig(
         store=store,
         annotations=annotations,
@@ -137,21 +142,27 @@ def train(
         backend = "nccl" if resolve_device(device.value).type == "cuda" else "gloo"
         with distributed.process_group(backend):
             main = distributed.is_main()
-            with TrainProgressBar(enabled=main) as report:
+            with TrainProgressDisplay(enabled=main) as report:
                 summary = run_train(config, report)
     if main:
         _print_summary(summary)
 
 
-class TrainProgressBar:
-    """One rich progress bar per phase, fed by `run_train`'s progress callback."""
+class TrainProgressDisplay:
+    """Progress of each epoch and its validation, fed by `run_train`'s callback: a rich bar per phase on a
+    terminal, else a plain status line now and then (stages/progress.py)."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled  # under torchrun only the main rank draws
+        self.enabled = enabled  # under torchrun only the main rank reports
+        self.bar: Progress | None = None
+        self.first: tuple[int, float] | None = None  # (step of the run, time) of the first step seen
 
-    def __enter__(self) -> TrainProgressBar | None:
+    def __enter__(self) -> Callable[[TrainProgress], None] | None:
         if not self.enabled:
             return None
+        if not err_console.is_terminal:
+            self.status = StatusLines()
+            return self.status_line
         self.bar = Progress(
             TextColumn("{task.description:<14}"),
             BarColumn(),
@@ -162,9 +173,10 @@ class TrainProgressBar:
         )
         self.tasks: dict[tuple[str, int], int] = {}
         self.bar.__enter__()
-        return self
+        return self.report
 
-    def __call__(self, event: TrainProgress) -> None:
+    def report(self, event: TrainProgress) -> None:
+        assert self.bar is not None
         key = (event.phase, event.epoch)
         if key not in self.tasks:
             description = f"epoch {event.epoch}/{event.epochs}" if event.phase == "train" else "  validate"
@@ -173,8 +185,26 @@ class TrainProgressBar:
         stats = f"{loss}{event.boxes_per_s:7.1f} boxes/s  data wait {event.data_wait_share:4.0%}"
         self.bar.update(self.tasks[key], completed=event.step, stats=stats)
 
+    def status_line(self, event: TrainProgress) -> None:
+        if event.phase != "train":
+            self.status(
+                f"epoch {event.epoch}/{event.epochs} validate {event.step}/{event.steps}, "
+                f"{event.boxes_per_s:.1f} boxes/s"
+            )
+            return
+        step = (event.epoch - 1) * event.steps + event.step  # of the whole run, counting what a --resume skips
+        now = time.monotonic()
+        if self.first is None:  # the clock starts here: setting up (statistics, model) is no step
+            self.first = (step, now)
+        done, elapsed = step - self.first[0], now - self.first[1]  # validation included, as it will be ahead
+        self.status(
+            f"epoch {event.epoch}/{event.epochs} step {event.step}/{event.steps}, loss {event.loss:.4f}, "
+            f"{event.boxes_per_s:.1f} boxes/s, data wait {event.data_wait_share:.0%}, "
+            f"ETA {eta(event.epochs * event.steps - step, done, elapsed)}"
+        )
+
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.__exit__(*exc)
 
 
@@ -204,9 +234,3 @@ def _print_summary(summary: TrainSummary) -> None:
             )
     for line in lines:
         console.print(line, markup=False, highlight=False)
-
-
-if __name__ == "__main__":  # `torchrun ... -m stages.train --store ...` (README, Scale)
-    from stages.cli import main as refine
-
-    refine(["train", *sys.argv[1:]])

@@ -278,7 +278,8 @@ def test_one_pixel_image_is_valid_input(cli, dataset):
 
 @pytest.fixture(scope="module")
 def trained_model(base_dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.train import TrainConfig, run_train
+    from pipeline.config import TrainConfig
+    from pipeline.train import run_train
 
     out = tmp_path_factory.mktemp("bad-input-refiner")
     run_train(

@@ -15,18 +15,20 @@ import pytest
 import torch
 
 from conftest import write_coco, write_images
+from pipeline.config import TrainConfig
 from pipeline.distributed import Share
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.features import EpochShuffle
 from pipeline.images import content_key
 from pipeline.store import FeatureStore, Namespace
-from pipeline.train import TrainConfig, load_checkpoint, run_train
+from pipeline.train import load_checkpoint, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def torchrun(module: str, *args: object, cwd: Path) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node 2 -m <module> <args>` with this checkout's code, as the README says."""
+    """`torchrun --standalone --nproc-per-node 2 -m <module> <args>` with this checkout's code, as the README says
+    (`-m stages.cli <command>`: the installed `refine` script may belong to another checkout)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", module]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([*command, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -86,7 +88,7 @@ def test_distributed_extract_equals_single_process(tmp_path: Path) -> None:
     store, manifest = tmp_path / "features.zarr", tmp_path / "train.manifest.json"
     args = ("--images", tmp_path / "images", "--annotations", annotations, "--store", store, "--manifest", manifest)
 
-    failed = torchrun("stages.extract", *args, cwd=tmp_path)
+    failed = torchrun("stages.cli", "extract", *args, cwd=tmp_path)
     assert failed.returncode != 0  # rank 1's undecodable image fails the whole run
     assert "bad.png" in failed.stderr and "no dataset manifest was written" in failed.stderr
     assert not manifest.exists()
@@ -94,7 +96,7 @@ def test_distributed_extract_equals_single_process(tmp_path: Path) -> None:
     assert len(namespace.commit_names()) == 2  # each rank wrote its own segment
     assert set(namespace.entries()) == {content_key(path.read_bytes()) for path in good}
 
-    finished = torchrun("stages.extract", *args, "--skip-bad-images", cwd=tmp_path)
+    finished = torchrun("stages.cli", "extract", *args, "--skip-bad-images", cwd=tmp_path)
     assert finished.returncode == 0, finished.stderr
     assert "2 hits, 0 computed" in finished.stdout  # the re-launch only hashes what is committed
     written = json.loads(manifest.read_text())
@@ -126,12 +128,12 @@ def test_distributed_extract_equals_single_process(tmp_path: Path) -> None:
 def test_distributed_train_checkpoints_and_resumes(dataset: dict, tmp_path: Path) -> None:
     out = tmp_path / "refiner"
     args = ("--store", dataset["store"], "--annotations", dataset["annotations"], "--out", out, "--batch-size", 4)
-    first = torchrun("stages.train", *args, "--epochs", 1, cwd=tmp_path)
+    first = torchrun("stages.cli", "train", *args, "--epochs", 1, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert load_checkpoint(out / "model.pt")["epoch"] == 1
     assert first.stdout.count("wrote ") == 1  # the main rank reports, once
 
-    resumed = torchrun("stages.train", *args, "--epochs", 2, "--resume", cwd=tmp_path)
+    resumed = torchrun("stages.cli", "train", *args, "--epochs", 2, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     checkpoint = load_checkpoint(out / "model.pt")
     assert checkpoint["epoch"] == 2

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train import TrainConfig, run_train
+from pipeline.config import TrainConfig
+from pipeline.train import run_train
 from tests.test_bad_input import assert_clean_error
 
 

@@ -70,7 +70,8 @@ def test_s3_workflow_extract_verify_train_evaluate_apply(s3_bucket: str, cli, tm
         [
             sys.executable,
             "-m",
-            "stages.train",
+            "stages.cli",
+            "train",
             "--store",
             store,
             "--annotations",

@@ -30,11 +30,13 @@ from pipeline.boxes import (
     to_original,
     xyxy_to_coco,
 )
+from pipeline.config import TrainConfig
+from pipeline.devices import resolve_amp
 from pipeline.encoder import identity_for
 from pipeline.errors import RefineError
 from pipeline.features import noise_generator
 from pipeline.store import FeatureStore
-from pipeline.train import CHECKPOINT, METRICS, TrainConfig, TrainProgress, resolve_amp, run_train
+from pipeline.train import CHECKPOINT, METRICS, TrainProgress, run_train
 from stages.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,10 +112,10 @@ def test_same_seed_same_run_and_resume_is_exact(base_dataset: dict, tmp_path: Pa
 
 
 def test_train_reads_only_the_store(dataset: dict) -> None:
-    """No image file and no encoder package: train runs from the store and the annotations alone."""
+    """No image file, no encoder package, no extraction code: train runs from the store and the annotations alone."""
     shutil.rmtree(dataset["images"])
     script = (
-        "import sys; sys.modules['segment_anything_hq'] = None\n"  # any import of it now fails
+        "import sys; sys.modules['segment_anything_hq'] = sys.modules['pipeline.extract'] = None\n"  # imports fail
         "from tests.test_train import train_app\n"
         "train_app(sys.argv[1:])\n"
     )

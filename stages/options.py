@@ -1,0 +1,36 @@
+"""Option types more than one command shares; nothing here may import torch (the CLI's help is built from it)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+# The names of `pipeline.encoder.ENCODERS` and `pipeline.refiner.REFINERS`, whose modules import torch;
+# tests/test_cli.py checks that they stay equal.
+ENCODER_NAMES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
+REFINER_NAMES = ("similarity_cascade",)
+
+EncoderName = Enum("EncoderName", {name: name for name in ENCODER_NAMES}, type=str)
+RefinerName = Enum("RefinerName", {name: name for name in REFINER_NAMES}, type=str)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+# `refine evaluate` and `refine apply`: a trained refiner on the stored features.
+StoreOption = Annotated[str, typer.Option(help="Feature store: a local path or an fsspec URL.")]
+ModelOption = Annotated[Path, typer.Option(help="Refiner checkpoint written by `refine train`.")]
+DatasetOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Dataset name in the store. Default: evaluate uses the annotation file's stem; "
+        "apply searches every dataset."
+    ),
+]
+RefinerDeviceOption = Annotated[Device, typer.Option(help="Where the refiner runs; auto picks CUDA when available.")]
