@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.apply import image_entries
+from pipeline.coco import ImageRecord
 from pipeline.encoder import identity_for
+from pipeline.errors import RefineError
 from pipeline.segment_layout import CURRENT_LAYOUT, LEGACY_LAYOUT
 from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.store_index import INDEX_FILE
@@ -142,3 +145,33 @@ def test_two_writers_and_the_index_verify_says_when_it_is_damaged(tmp_path: Path
     Path(store.path(namespace.fingerprint, INDEX_FILE)).write_bytes(b"PK\x03\x04 damaged")
     checked, problems = verify_store(FeatureStore(store.url))
     assert checked == 4 and len(problems) == 1 and "compacted index is damaged" in problems[0]
+
+
+def manifest(name: str, images: list[tuple[int, str, str]]) -> dict:
+    return {
+        "dataset": name,
+        "images": [
+            {"id": i, "file_name": f, "key": k, "original_size": [1, 1], "resized_size": [1, 1]} for i, f, k in images
+        ],
+    }
+
+
+def test_image_entries_joins_datasets_to_the_index(namespace: Namespace) -> None:
+    namespace.write_index()
+    namespace.write_dataset(manifest("a", [(3, "c.jpg", "k3"), (1, "a.jpg", "k1"), (9, "gone.jpg", "missing")]))
+    namespace.write_dataset(manifest("b", [(1, "a2.jpg", "k1"), (4, "d.jpg", "k4")]))  # id 1: the same image
+    found = image_entries(reopen(namespace), None)
+    assert sorted(found) == [1, 3, 4] and 9 not in found and "1" not in found and True not in found  # key unknown
+    record, entry = found[3]
+    assert entry == reference(namespace)["k3"]
+    assert record == ImageRecord(3, "c.jpg", width=entry.original_size[1], height=entry.original_size[0])
+    assert found[1][0].file_name == "a2.jpg"  # the later dataset's record, as before
+    assert image_entries(reopen(namespace), "a").keys() == {1, 3}
+
+
+def test_image_entries_refuses_an_id_that_means_two_images(namespace: Namespace) -> None:
+    namespace.write_dataset(manifest("a", [(1, "a.jpg", "k1")]))
+    namespace.write_dataset(manifest("b", [(1, "b.jpg", "k2")]))
+    with pytest.raises(RefineError, match="image id 1 means different images"):
+        image_entries(namespace, None)
+    assert len(image_entries(namespace, "b")) == 1
