@@ -10,6 +10,8 @@ Layout under the store root (a local path or an fsspec URL)::
     <fingerprint>/commits/<segment>.json   the committed rows of that segment (key, row, sizes, digest, and
                                            where each chunk starts), and the segment's layout
     <fingerprint>/datasets/<name>.json     per-dataset manifest: image id / file name -> key, sizes
+    <fingerprint>/index.npz                a cache of the commit files, used only while they are unchanged
+                                           (see `pipeline.store_index`)
 
 Why it is crash-safe and safe with several writers: a writer owns its segment and writes each batch as
 whole, fresh shards; only then does it replace its commit file (atomically). Readers see exactly the rows
