@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -16,6 +18,7 @@ from pipeline.coco import ImageRecord, check_box, read_json
 from pipeline.errors import RefineError
 from pipeline.refiner import SimilarityCascadeRefiner
 from pipeline.store import Entry, FeatureStore, Namespace
+from pipeline.store_index import EntryIndex
 from pipeline.train import load_checkpoint, refiner_from_checkpoint
 
 
@@ -55,26 +58,82 @@ def refine_boxes(
     return valid_boxes(refined, boxes, entry.original_size)
 
 
-def image_entries(namespace: Namespace, dataset: str | None) -> dict[Any, tuple[ImageRecord, Entry]]:
-    """Image id -> (record, entry) over one dataset of the namespace, or over all of them when unambiguous."""
+class ImageEntries(Mapping[int, tuple[ImageRecord, Entry]]):
+    """Image id -> (record, entry) over columns: n ids sorted (int64), their file names and entry positions.
+
+    A record and its entry are built when asked for: a dataset of a million images holds no million of each.
+    """
+
+    def __init__(self, entries: EntryIndex, ids: np.ndarray, file_names: list[str], positions: np.ndarray) -> None:
+        self.entries, self.ids, self.file_names, self.positions = entries, ids, file_names, positions
+
+    def _find(self, image_id: object) -> int:
+        if (
+            isinstance(image_id, bool)
+            or not isinstance(image_id, (int, np.integer))
+            or not -(2**63) <= image_id < 2**63
+        ):
+            return -1
+        found = int(np.searchsorted(self.ids, image_id))
+        return found if found < len(self.ids) and self.ids[found] == image_id else -1
+
+    def __getitem__(self, image_id: int) -> tuple[ImageRecord, Entry]:
+        found = self._find(image_id)
+        if found < 0:
+            raise KeyError(image_id)
+        entry = self.entries.entry_at(int(self.positions[found]))
+        height, width = entry.original_size
+        return ImageRecord(int(self.ids[found]), self.file_names[found], width, height), entry
+
+    def __contains__(self, image_id: object) -> bool:
+        return self._find(image_id) >= 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids.tolist())
+
+
+def image_entries(namespace: Namespace, dataset: str | None) -> ImageEntries:
+    """Image id -> (record, entry) over one dataset of the namespace, or over all of them when unambiguous.
+
+    Images whose key the store does not hold are left out.
+    """
     names = [dataset] if dataset else namespace.dataset_names()
     entries = namespace.entries()
-    found: dict[Any, tuple[ImageRecord, Entry]] = {}
+    ids: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
+    file_names: list[str] = []
     for name in names:
-        for image in namespace.dataset(name)["images"]:
-            entry = entries.get(image["key"])
-            if entry is None:
-                continue
-            height, width = entry.original_size
-            record = ImageRecord(image["id"], image["file_name"], width, height)
-            previous = found.get(image["id"])
-            if previous is not None and previous[1].key != entry.key:
-                raise RefineError(
-                    f"{namespace.store.url}: image id {image['id']} means different images in different "
-                    "datasets; name the one to use with --dataset"
-                )
-            found[image["id"]] = (record, entry)
-    return found
+        images = namespace.dataset(name)["images"]
+        try:
+            found = entries.positions([image["key"] for image in images])
+            held = (found >= 0).tolist()
+            ids.append(np.array([image["id"] for image, h in zip(images, held, strict=True) if h], dtype=np.int64))
+            file_names.extend(str(image["file_name"]) for image, h in zip(images, held, strict=True) if h)
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
+            raise RefineError(
+                f"{namespace.store.url}: dataset {name!r} of encoder {namespace.fingerprint} has a damaged "
+                f"manifest ({type(error).__name__}: {error}); re-run `refine extract`"
+            ) from None
+        positions.append(found[found >= 0])
+        del images  # the manifest's dicts go before the next one is read
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    all_positions = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    order = np.argsort(all_ids, kind="stable")  # one id's rows in dataset order: the last one is kept
+    sorted_ids, sorted_positions = all_ids[order], all_positions[order]
+    same = sorted_ids[1:] == sorted_ids[:-1]
+    clash = same & (sorted_positions[1:] != sorted_positions[:-1])  # one position per key: another image
+    if clash.any():
+        raise RefineError(
+            f"{namespace.store.url}: image id {int(sorted_ids[1:][clash][0])} means different images in different "
+            "datasets; name the one to use with --dataset"
+        )
+    last = np.ones(len(order), bool)
+    last[:-1] = ~same
+    kept = order[last]
+    return ImageEntries(entries, all_ids[kept], [file_names[i] for i in kept.tolist()], all_positions[kept])
 
 
 def apply_to_file(

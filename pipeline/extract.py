@@ -323,7 +323,8 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
     main = distributed.is_main()
     bytes_before = store.bytes_on_disk(identity.fingerprint) if main else 0
     distributed.barrier()  # under torchrun: no rank writes before the main rank has measured the store
-    committed, damaged_commits = namespace.scan()
+    scanned, damaged_commits = namespace.scan()
+    committed = dict(scanned.items())  # extract keeps sizes by key anyway, and drops the damaged ones from it
     summary.repaired.extend(damaged_commits)  # their entries are unknown, so they are misses: recomputed
 
     device = resolve_device(config.device)
@@ -370,6 +371,7 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
         return summary  # the main rank writes the one manifest
     manifest = _manifest(dataset_name, identity, items, sizes)
     namespace.write_dataset(manifest)
+    namespace.write_index()  # `train` and `apply` then parse no commit file of this run
     if config.manifest_out is not None:
         _write_manifest_copy(config.manifest_out, manifest)
     return summary

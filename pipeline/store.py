@@ -10,6 +10,8 @@ Layout under the store root (a local path or an fsspec URL)::
     <fingerprint>/commits/<segment>.json   the committed rows of that segment (key, row, sizes, digest, and
                                            where each chunk starts), and the segment's layout
     <fingerprint>/datasets/<name>.json     per-dataset manifest: image id / file name -> key, sizes
+    <fingerprint>/index.npz                a cache of the commit files, used only while they are unchanged
+                                           (see `pipeline.store_index`)
 
 Why it is crash-safe and safe with several writers: a writer owns its segment and writes each batch as
 whole, fresh shards; only then does it replace its commit file (atomically). Readers see exactly the rows
@@ -35,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -46,6 +48,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import RefineError
 from pipeline.shapes import EMBEDDING_SHAPE
+from pipeline.store_index import INDEX_FILE, Entry, EntryIndex, file_stamp, parse_commit
 from pipeline.segment_layout import (
     CURRENT_LAYOUT,
     INDEX_CRC_BYTES,
@@ -75,22 +78,6 @@ WRITER_THREADS = min(8, os.cpu_count() or 1)
 # (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for an S3-compatible
 # server: botocore reads them itself).
 STORAGE_OPTIONS: dict[str, Any] = {"use_listings_cache": False}
-
-
-class Entry(NamedTuple):
-    """One committed image: where its features live and what they must hash to. A tuple: a store of a
-    million entries holds a million of them, and a tuple is built ~5 x faster than a frozen dataclass."""
-
-    key: str
-    segment: str
-    row: int
-    original_size: tuple[int, int]  # height, width after EXIF orientation
-    resized_size: tuple[int, int]  # height, width inside the 1024 x 1024 encoder input
-    digest: str  # of the embedding bytes followed by the early-feature bytes, by the layout's hash
-    layout: int = LEGACY_LAYOUT
-    shard_rows: int = 0  # rows per shard file (layout 2)
-    early_channels: int = 0  # C of the early feature (layout 2)
-    offsets: tuple[int, int] = (0, 0)  # where the embedding and the early chunk start in their shards (layout 2)
 
 
 def entry_digest(embedding: np.ndarray, early: np.ndarray, layout: int = CURRENT_LAYOUT) -> str:
@@ -141,11 +128,16 @@ class FeatureStore:
             raise RefineError(f"{self.url}: {relative} is damaged ({error})") from None
 
     def write_json_atomic(self, relative: str, value: Any, *, exclusive: bool = False) -> bool:
-        """Replace a small file so that readers see the old or the new content, never a mix.
+        """Replace a small JSON file atomically (see `write_bytes_atomic`)."""
+        return self.write_bytes_atomic(
+            relative, json.dumps(value, indent=1, sort_keys=True).encode() + b"\n", exclusive=exclusive
+        )
+
+    def write_bytes_atomic(self, relative: str, data: bytes, *, exclusive: bool = False) -> bool:
+        """Replace a file so that readers see the old or the new content, never a mix.
 
         With `exclusive`, only create it: returns False (and writes nothing) if it already exists.
         """
-        data = json.dumps(value, indent=1, sort_keys=True).encode() + b"\n"
         target = self.path(relative)
         if not self.local:
             try:
@@ -274,6 +266,8 @@ class Namespace:
         self.store = store
         self.fingerprint = fingerprint
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        # What the last `scan` made of the compacted index: "used", "absent", "stale: ..." or "damaged: ...".
+        self.index_status = "not read"
 
     @property
     def provenance(self) -> dict:
@@ -322,24 +316,73 @@ class Namespace:
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise RefineError(f"{self.store.url}: {relative} is damaged (bad entries: {error})") from None
 
-    def scan(self) -> tuple[dict[str, Entry], list[str]]:
+    def commit_stamps(self) -> dict[str, list[Any]]:
+        """Segment -> stamp (size, time, inode or ETag) of every commit file, from one listing."""
+        try:
+            listing = self.store.fs.ls(self.store.path(self.fingerprint, "commits"), detail=True)
+        except FileNotFoundError:
+            return {}
+        names = {os.path.basename(info["name"].rstrip("/")): info for info in listing}
+        return {name[: -len(".json")]: file_stamp(info) for name, info in names.items() if name.endswith(".json")}
+
+    def scan(self) -> tuple[EntryIndex, list[str]]:
         """Every committed entry by key, and one message per damaged commit file (its entries left out).
 
         Where one key was committed in several segments, the latest segment's copy wins (see the module).
+        The compacted index (`pipeline.store_index`) stands in for the commit files it covers while they
+        are unchanged.
         """
-        index: dict[str, Entry] = {}
+        index, damaged, _ = self._scan()
+        return index, damaged
+
+    def _scan(self) -> tuple[EntryIndex, list[str], dict[str, list[Any]]]:
+        """`scan`, and the stamps of the commit files whose rows the index holds."""
+        stamps = self.commit_stamps()  # before any read: a file replaced after it is stale, never wrongly fresh
+        compact, covered = self._compact_index(stamps)
+        parts = [compact.rows] if compact is not None else []
         damaged: list[str] = []
-        for segment in self.commit_names():  # time-ordered: a later copy replaces an earlier one
+        for segment in sorted(set(stamps) - set(covered)):
+            relative = f"{self.fingerprint}/commits/{segment}.json"
             try:
-                for entry in self.commit_entries(segment):
-                    index[entry.key] = entry
+                parts.append(parse_commit(self.store.read_json(relative), segment, f"{self.store.url}: {relative}"))
+                covered[segment] = stamps[segment]
             except FileNotFoundError:
                 continue  # removed by `store gc` between listing and reading
             except RefineError as error:
                 damaged.append(str(error))
-        return index, damaged
+        if compact is not None and len(parts) == 1:
+            return compact, damaged, covered
+        return EntryIndex.resolve(parts), damaged, covered
 
-    def entries(self) -> dict[str, Entry]:
+    def _compact_index(self, stamps: dict[str, list[Any]]) -> tuple[EntryIndex | None, dict[str, list[Any]]]:
+        """The compacted index and what it covers, if it is intact and every commit file it covers unchanged."""
+        try:
+            data = self.store.fs.cat_file(self.store.path(self.fingerprint, INDEX_FILE))
+        except FileNotFoundError:
+            self.index_status = "absent"
+            return None, {}
+        except OSError as error:
+            self.index_status = f"damaged: unreadable ({error.strerror or error})"
+            return None, {}
+        try:
+            compact, covered = EntryIndex.from_bytes(data)
+        except ValueError as error:
+            self.index_status = f"damaged: {error}"
+            return None, {}
+        changed = sorted(segment for segment, stamp in covered.items() if stamps.get(segment) != stamp)
+        if changed:
+            self.index_status = f"stale: {len(changed)} commit file(s) it covers changed or went (e.g. {changed[0]})"
+            return None, {}
+        self.index_status = "used"
+        return compact, dict(covered)
+
+    def write_index(self) -> int:
+        """Write the compacted index of every commit file now listed (atomically); returns its entries."""
+        index, _, covered = self._scan()
+        self.store.write_bytes_atomic(f"{self.fingerprint}/{INDEX_FILE}", index.to_bytes(covered))
+        return len(index)
+
+    def entries(self) -> EntryIndex:
         """Every committed entry by key; a damaged commit file is a RefineError naming it."""
         index, damaged = self.scan()
         if damaged:

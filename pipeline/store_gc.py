@@ -8,6 +8,8 @@ What goes, per namespace:
     `pipeline.store`): the commit file is rewritten without them, a segment left with no row goes whole;
   - temporary files (`*.partial`) of a write that was killed.
 
+Then it writes each namespace's compacted index (`pipeline.store_index`) of the commit files that are left.
+
 Safe next to a running `extract`: only segments and temporaries with no write for `grace_s` seconds are
 touched. A writer writes its segment after every batch, and one that has been idle for SEGMENT_IDLE_S
 (well below the default grace) moves to a fresh segment instead, so gc never changes a segment that a
@@ -163,5 +165,8 @@ def collect_garbage(
     collector = _Collector(store, grace_s, dry_run, drop_damaged)
     collector.temporaries()
     for fingerprint in store.fingerprints():
-        collector.namespace(Namespace(store, fingerprint))
+        namespace = Namespace(store, fingerprint)
+        collector.namespace(namespace)
+        if not dry_run:
+            namespace.write_index()  # after the commit files changed: readers skip parsing them
     return collector.report

@@ -18,7 +18,7 @@ def store_info(store: FeatureStore) -> dict:
         namespace = Namespace(store, fingerprint)
         provenance = namespace.provenance
         entries = namespace.scan()[0]
-        layouts = Counter(entry.layout for entry in entries.values())
+        layouts = Counter(entries.layouts().tolist())
         namespaces.append(
             {
                 "fingerprint": fingerprint,
@@ -52,6 +52,11 @@ def verify_store(store: FeatureStore) -> tuple[int, list[str]]:
             continue
         entries, damaged_commits = namespace.scan()
         problems.extend(damaged_commits)  # their entries are unknown; every other commit is still checked
+        if namespace.index_status.startswith("damaged"):
+            problems.append(
+                f"namespace {fingerprint}: the compacted index is {namespace.index_status}; it was ignored "
+                "(every commit file was read instead) and `refine store gc` writes it again"
+            )
         for entry in entries.values():
             checked += 1
             try:

@@ -19,6 +19,7 @@ import pytest
 from pipeline.encoder import identity_for
 from pipeline.store import FeatureStore, Namespace
 from pipeline.store_gc import collect_garbage
+from pipeline.store_index import INDEX_FILE
 from pipeline.store_report import verify_store
 from tests.conftest import write_coco, write_images
 from tests.test_bad_input import assert_clean_error
@@ -99,7 +100,9 @@ def test_gc_leaves_fresh_segments_alone_then_removes_every_orphan_and_duplicate(
     result = cli("store", "gc", path)  # default grace: everything was just written, a writer may be live
     assert result.exit_code == 0, result.output
     assert "3 segment(s) written within the grace period left alone" in result.stdout
-    assert sorted(p for p in path.rglob("*") if p.is_file()) == files
+    index_file = path / namespace.fingerprint / INDEX_FILE  # gc's only addition: the compacted index
+    assert sorted(p for p in path.rglob("*") if p.is_file() and p != index_file) == files
+    index_file.unlink()
 
     dry = collect_garbage(FeatureStore(path), grace_s=0, dry_run=True)
     assert sorted(p for p in path.rglob("*") if p.is_file()) == files
@@ -116,6 +119,7 @@ def test_gc_leaves_fresh_segments_alone_then_removes_every_orphan_and_duplicate(
     for key, (embedding, early) in expected.items():
         stored = reopened.read(reopened.entries()[key], check=True)
         assert np.array_equal(stored[0], embedding) and np.array_equal(stored[1], early)
+    assert reopened.index_status == "used"  # written by gc after its last change
     assert verify_store(FeatureStore(path))[1] == []
 
 
