@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 
 from pipeline.boxes import coco_to_xyxy, to_input, to_original, valid_boxes, xyxy_to_coco
+from pipeline.checkpoints import load_checkpoint, refiner_from_checkpoint
 from pipeline.coco import ImageRecord, check_box, read_json
 from pipeline.errors import RefineError
 from pipeline.refiner import SimilarityCascadeRefiner
 from pipeline.store import Entry, FeatureStore, Namespace
-from pipeline.train import load_checkpoint, refiner_from_checkpoint
 
 
 def load_model(path: Path, store: FeatureStore) -> tuple[SimilarityCascadeRefiner, Namespace, dict[str, Any]]:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from torchvision.ops import generalized_box_iou_loss
 
 from pipeline import distributed
+from pipeline.checkpoints import CHECKPOINT, check_resume, checkpoint_payload, load_checkpoint, save_checkpoint
 from pipeline.boxes import valid_boxes
 from pipeline.config import TrainConfig
 from pipeline.devices import autocast, resolve_amp, resolve_device
@@ -54,18 +55,10 @@ from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refi
 from pipeline.shapes import IMAGE_SIZE
 from pipeline.store import FeatureStore
 
-CHECKPOINT = "model.pt"
-CHECKPOINT_FORMAT = "refine-refiner"
-# Raised whenever a refiner's computation changes: the weights of an older one would load and silently mean
-# something else. 2: similarity cues computed on the feature grid instead of in each window.
-CHECKPOINT_VERSION = 2
 METRICS = "train_metrics.json"
 LIVE_DIR = "live"
 # Validation values logged per epoch as DVC curves (the rest of the summary is in train_metrics.json).
 VAL_CURVES = ("mean_iou_coarse", "mean_iou_refined", "share_improved", "share_worse")
-# Options that may change between a run and its --resume. Workers and device do not change what is
-# computed; a larger --epochs trains longer (the learning-rate schedule then stretches to the new total).
-RESUMABLE = {"epochs", "workers", "device", "resume"}
 
 
 @dataclass
@@ -259,55 +252,6 @@ def evaluate(
     return iou_summary(torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]))
 
 
-# -- checkpoints -------------------------------------------------------------------------------------
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a crash while saving leaves the previous checkpoint intact."""
-    temporary = path.with_name(f".{path.name}.partial")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A refiner checkpoint, read safely (weights_only) and checked to be one."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RefineError(f"{path}: no checkpoint to resume from") from None
-    except Exception as error:  # torch raises unpickling, zip and runtime errors alike on damaged files
-        raise RefineError(
-            f"{path}: not a readable refiner checkpoint ({type(error).__name__}: {str(error)[:160]})"
-        ) from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise RefineError(f"{path}: not a refine refiner checkpoint")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise RefineError(
-            f"{path}: refiner checkpoint version {checkpoint.get('version')}, this refine reads version "
-            f"{CHECKPOINT_VERSION}; train the refiner again with `refine train`"
-        )
-    return checkpoint
-
-
-def refiner_from_checkpoint(checkpoint: dict[str, Any]) -> SimilarityCascadeRefiner:
-    """The trained refiner of a checkpoint, in eval mode."""
-    model = build_refiner(checkpoint["refiner"]["name"], RefinerConfig.from_dict(checkpoint["refiner"]["config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.eval()
-
-
-def _check_resume(checkpoint: dict[str, Any], config: TrainConfig, fingerprint: str, path: Path) -> None:
-    if checkpoint["fingerprint"] != fingerprint:
-        raise RefineError(
-            f"{path}: was trained on features of encoder {checkpoint['fingerprint']} "
-            f"({checkpoint['encoder']['model_type']}), but the store's dataset has {fingerprint}; "
-            "train afresh without --resume"
-        )
-    before, now = checkpoint["config"], config.resolved()
-    changed = sorted(k for k in now if k not in RESUMABLE and before.get(k) != now[k])
-    if changed:
-        details = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise RefineError(f"{path}: --resume with different settings ({details}); train afresh without --resume")
-
-
 # -- the whole run -----------------------------------------------------------------------------------
 def cosine_schedule(base_lr: float, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to zero; a pure function of the step, so resuming needs no state."""
@@ -376,7 +320,7 @@ def prepare_training(config: TrainConfig) -> Training:
     # The main rank reads the checkpoint and hands it over: the other ranks' machines need no copy of <out>.
     checkpoint = distributed.broadcast(load_checkpoint(checkpoint_path) if main else None) if config.resume else None
     if checkpoint is not None:
-        _check_resume(checkpoint, config, namespace.fingerprint, checkpoint_path)
+        check_resume(checkpoint, config.resolved(), namespace.fingerprint, checkpoint_path)
         model.load_state_dict(checkpoint["model"])
     else:
         model.set_feature_statistics(distributed.broadcast(feature_statistics(train_data) if main else None))
@@ -444,24 +388,6 @@ def run_epoch(training: Training, epoch: int, progress: Progress | None = None) 
     return {"epoch": epoch + 1, "train_loss": loss, "val": val}
 
 
-def checkpoint_payload(training: Training, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Everything `--resume`, `evaluate` and `apply` need, after the epoch `metrics` reports."""
-    t = training
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "model": t.model.state_dict(),
-        "optimizer": t.optimizer.state_dict(),
-        "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
-        "epoch": metrics["epoch"],
-        "config": t.config.resolved(),
-        "refiner": {"name": t.config.model, "config": t.refiner_config.to_dict()},
-        "fingerprint": t.fingerprint,
-        "encoder": t.encoder,
-        "metrics": metrics,
-    }
-
-
 def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSummary:
     """Train (or resume) a refiner; writes `<out>/model.pt`, `<out>/live/` and `<out>/train_metrics.json`."""
     started = time.perf_counter()
@@ -490,7 +416,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
                 if metrics["val"][name] is not None:  # None: no validation boxes
                     live.log_metric(f"val/{name}", metrics["val"][name])
             live.next_step()
-            save_checkpoint(config.out / CHECKPOINT, checkpoint_payload(training, metrics))
+            save_checkpoint(config.out / CHECKPOINT, _checkpoint(training, metrics))
     if training.checkpoint is not None and not metrics:  # resumed a finished run: report what it reached
         metrics = training.checkpoint["metrics"]
     summary.metrics = metrics
@@ -498,6 +424,22 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
         _write_json(config.out / METRICS, metrics)
     summary.wall_s = time.perf_counter() - started
     return summary
+
+
+def _checkpoint(training: Training, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint after the epoch `metrics` reports."""
+    return checkpoint_payload(
+        model=training.model,
+        optimizer=training.optimizer,
+        scaler=training.scaler,
+        epoch=metrics["epoch"],
+        config=training.config.resolved(),
+        refiner_name=training.config.model,
+        refiner_config=training.refiner_config,
+        fingerprint=training.fingerprint,
+        encoder=training.encoder,
+        metrics=metrics,
+    )
 
 
 def _live(directory: Path, resume: bool, enabled: bool) -> Any:

@@ -21,7 +21,8 @@ from pipeline.extract import ExtractConfig, run_extract
 from pipeline.features import EpochShuffle
 from pipeline.images import content_key
 from pipeline.store import FeatureStore, Namespace
-from pipeline.train import load_checkpoint, run_train
+from pipeline.checkpoints import load_checkpoint
+from pipeline.train import run_train
 
 REPO = Path(__file__).resolve().parents[1]
 

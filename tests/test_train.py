@@ -36,7 +36,8 @@ from pipeline.encoder import identity_for
 from pipeline.errors import RefineError
 from pipeline.features import noise_generator
 from pipeline.store import FeatureStore
-from pipeline.train import CHECKPOINT, METRICS, TrainProgress, run_train
+from pipeline.checkpoints import CHECKPOINT
+from pipeline.train import METRICS, TrainProgress, run_train
 from stages.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
