@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -125,14 +123,3 @@ def apply_to_file(
         for index, box in zip(indices, refined, strict=True):
             out_records[index]["bbox"] = [round(v, 2) for v in box]
     return output, sum(len(i) for i in by_image.values())
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write atomically: an interrupted write leaves an earlier output intact."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.partial")
-        temporary.write_text(json.dumps(value, indent=1) + "\n")
-        os.replace(temporary, path)
-    except OSError as error:
-        raise RefineError(f"{path}: cannot write ({error.strerror or error})") from None

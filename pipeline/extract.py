@@ -12,7 +12,6 @@ damaged commit file) is never trusted: a second pass recomputes it.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -31,6 +30,7 @@ from pipeline.coco import load_coco
 from pipeline.devices import resolve_device
 from pipeline.encoder import EncoderIdentity, FeatureEncoder, build_encoder, identity_for
 from pipeline.errors import RefineError
+from pipeline.jsonio import write_json
 from pipeline.images import IMAGE_SUFFIXES, content_key, prepare, read_file
 from pipeline.store import Entry, FeatureStore, Namespace, SegmentWriter
 
@@ -371,7 +371,7 @@ def run_extract(config: ExtractConfig, progress: Progress | None = None) -> Extr
     manifest = _manifest(dataset_name, identity, items, sizes)
     namespace.write_dataset(manifest)
     if config.manifest_out is not None:
-        _write_manifest_copy(config.manifest_out, manifest)
+        write_json(config.manifest_out, manifest, sort_keys=True, what="the manifest")
     return summary
 
 
@@ -558,13 +558,3 @@ def _manifest(name: str, identity: EncoderIdentity, items: list[ImageItem], size
         "images": images,
         "skipped": sorted(item.file_name for item in items if item.key not in sizes),
     }
-
-
-def _write_manifest_copy(path: Path, manifest: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.partial")
-        temporary.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        temporary.replace(path)
-    except OSError as error:
-        raise RefineError(f"{path}: cannot write the manifest ({error.strerror or error})") from None

@@ -17,9 +17,7 @@ gathered, and only the main rank writes the checkpoint, the curves and the metri
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +48,7 @@ from pipeline.features import (
     load_split,
     resolve_namespace,
 )
+from pipeline.jsonio import write_json
 from pipeline.metrics import iou_summary, paired_iou
 from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refiner
 from pipeline.shapes import IMAGE_SIZE
@@ -421,7 +420,7 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
         metrics = training.checkpoint["metrics"]
     summary.metrics = metrics
     if main:
-        _write_json(config.out / METRICS, metrics)
+        write_json(config.out / METRICS, metrics, sort_keys=True)
     summary.wall_s = time.perf_counter() - started
     return summary
 
@@ -452,9 +451,3 @@ def _live(directory: Path, resume: bool, enabled: bool) -> Any:
     from dvclive import Live  # imported late: dvclive pulls in much of DVC
 
     return Live(dir=str(directory), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(temporary, path)
