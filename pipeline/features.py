@@ -23,7 +23,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.boxes import coco_to_xyxy, jitter_boxes, match_to_ground_truth, seeded_generator, to_input
-from pipeline.coco import CocoDataset, check_box, load_coco, read_json
+from pipeline.coco import load_coco
+from pipeline.coco import load_detections as _load_detections  # the name load_split calls
 from pipeline.errors import RefineError
 from pipeline.shapes import FEATURE_STRIDE
 from pipeline.store import Entry, FeatureStore, Namespace
@@ -159,27 +160,6 @@ def load_split(namespace: Namespace, dataset: str, annotations: Path, coarse: Pa
     if not images:
         raise RefineError(f"{annotations}: no image has a box to train or evaluate on")
     return Split(dataset, images, without_boxes, len(skipped))
-
-
-def _load_detections(path: Path, coco: CocoDataset) -> dict[int, list[tuple[float, float, float, float]]]:
-    """A COCO results file (a list of {image_id, bbox, score, ...}) -> boxes by image id, checked."""
-    results = read_json(path)
-    if not isinstance(results, list):
-        raise RefineError(f"{path}: not a COCO results file (expected a list of detections)")
-    images = {image.id: image for image in coco.images}
-    boxes: dict[int, list[tuple[float, float, float, float]]] = {}
-    for index, detection in enumerate(results):
-        where = f"{path}: detection [{index}]"
-        if not isinstance(detection, dict):
-            raise RefineError(f"{where}: expected an object")
-        image_id = detection.get("image_id")
-        if isinstance(image_id, bool) or not isinstance(image_id, int):  # also keeps 1.0 from meaning image 1
-            raise RefineError(f"{where}: 'image_id' must be an integer, got {image_id!r}"[:200])
-        image = images.get(image_id)
-        if image is None:
-            raise RefineError(f"{where}: image_id {detection.get('image_id')!r} is not in {coco.path}")
-        boxes.setdefault(image.id, []).append(check_box(detection.get("bbox"), image, where))
-    return boxes
 
 
 @dataclass
