@@ -15,14 +15,14 @@ import math
 import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.boxes import coco_to_xyxy, jitter_boxes, match_to_ground_truth, seeded_generator, to_input
+from pipeline.boxes import coco_to_xyxy, jitter_boxes, match_to_ground_truth, noise_generator, to_input
 from pipeline.coco import load_coco
 from pipeline.coco import load_detections as _load_detections  # the name load_split calls
 from pipeline.errors import RefineError
@@ -33,8 +33,6 @@ from pipeline.store import Entry, FeatureStore, Namespace
 MATCH_IOU = 0.5
 # Images used to estimate the per-channel feature statistics the refiner normalises with.
 STATS_IMAGES = 32
-# Independent random streams, so that no two purposes ever share draws.
-SHUFFLE_STREAM, TRAIN_NOISE_STREAM, EVAL_NOISE_STREAM = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -232,34 +230,6 @@ def collate_features(items: list[dict[str, Any]]) -> FeatureBatch:
     )
 
 
-class EpochShuffle(Sampler[int]):
-    """A permutation drawn from (seed, epoch): the same order for an epoch whether or not the run resumed.
-
-    Under DistributedDataParallel each of `world_size` ranks takes every `world_size`-th image of the one
-    permutation (like torch's DistributedSampler), so together they see the same images as one process;
-    the permutation is padded by repeating its start so every rank has as many steps as the others.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.size = size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=seeded_generator(self.seed, SHUFFLE_STREAM, self.epoch, 0)).tolist()
-        total = len(self) * self.world_size
-        padded = (order * math.ceil(total / max(self.size, 1)))[:total]
-        return iter(padded[self.rank :: self.world_size])
-
-    def __len__(self) -> int:
-        return math.ceil(self.size / self.world_size)
-
-
 def feature_loader(
     dataset: FeatureDataset, batch_size: int, workers: int, sampler: Sampler[int] | None = None, pin: bool = False
 ) -> DataLoader:
@@ -311,13 +281,6 @@ def feature_statistics(dataset: FeatureDataset, limit: int = STATS_IMAGES) -> di
         stats[f"{name}_mean"] = mean
         stats[f"{name}_cov"] = products[name] / cells - torch.outer(mean, mean)
     return stats
-
-
-def noise_generator(seed: int, image_id: int, epoch: int | None) -> torch.Generator:
-    """The generator of one image's noisy boxes: per (seed, epoch, image) in training, fixed for evaluation."""
-    if epoch is None:
-        return seeded_generator(seed, EVAL_NOISE_STREAM, 0, image_id)
-    return seeded_generator(seed, TRAIN_NOISE_STREAM, epoch, image_id)
 
 
 def coarse_and_targets(

@@ -5,7 +5,7 @@ mixed precision of a run (or resumes them from a checkpoint), `run_epoch` runs t
 `pipeline.engine` on them, and `run_train` adds checkpoints (`pipeline.checkpoints`) and logging.
 
 Reproducibility: every random draw is keyed by what it is for (the seed plus the epoch and image id, see
-`pipeline.features.noise_generator`), never by draw order, so a run resumed from its checkpoint after
+`pipeline.boxes.noise_generator`), never by draw order, so a run resumed from its checkpoint after
 epoch k makes exactly the same draws as an uninterrupted run, whatever the number of workers.
 
 Under torchrun: DistributedDataParallel. `--batch-size` stays the images of one step over all ranks
@@ -36,7 +36,6 @@ from pipeline.devices import resolve_amp, resolve_device
 from pipeline.engine import CoarseBoxes, OnProgress, Precision, TrainForward, train_one_epoch, validate
 from pipeline.errors import RefineError
 from pipeline.features import (
-    EpochShuffle,
     FeatureDataset,
     Split,
     feature_loader,
@@ -46,6 +45,7 @@ from pipeline.features import (
 )
 from pipeline.jsonio import write_json
 from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refiner
+from pipeline.sampler import EpochShuffle
 from pipeline.store import FeatureStore
 
 METRICS = "train_metrics.json"

@@ -25,6 +25,7 @@ from pipeline.boxes import (
     coco_to_xyxy,
     jitter_boxes,
     match_to_ground_truth,
+    noise_generator,
     seeded_generator,
     to_input,
     to_original,
@@ -36,7 +37,6 @@ from pipeline.devices import resolve_amp
 from pipeline.encoder import identity_for
 from pipeline.engine import TrainProgress
 from pipeline.errors import RefineError
-from pipeline.features import noise_generator
 from pipeline.store import FeatureStore
 from pipeline.train import METRICS, run_train
 from stages.train import train
