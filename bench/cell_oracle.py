@@ -16,10 +16,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from pipeline.boxes import coco_to_xyxy, jitter_boxes, to_input
+from pipeline.boxes import coco_to_xyxy, jitter_boxes, noise_generator, to_input
 from pipeline.coco import load_coco
 from pipeline.shapes import IMAGE_SIZE
-from pipeline.features import noise_generator
 from pipeline.images import resized_shape
 from pipeline.metrics import iou_summary, paired_iou
 

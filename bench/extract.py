@@ -19,7 +19,8 @@ import torch
 from pipeline.demo_data import make_demo_dataset
 from pipeline.devices import resolve_device
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
-from pipeline.extract import ExtractConfig, default_batch_size, run_extract
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.extract_encoder import default_batch_size
 from pipeline.images import prepare
 
 from results_file import write_and_show  # bench/, next to this script

@@ -31,7 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.demo_data import make_demo_dataset
 from pipeline.devices import resolve_device
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
-from pipeline.extract import ExtractConfig, default_batch_size, run_extract, writer_threads
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.extract_encoder import default_batch_size
+from pipeline.extract_writer import writer_threads
 from pipeline.images import prepare
 
 from results_file import slug, write_result  # bench/, next to this script

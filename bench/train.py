@@ -3,13 +3,13 @@
     python bench/train.py [--encoder vit_tiny] [--images 16] [--large 32] [--out bench/results]
     python bench/train.py --shapes vit_h [--images 16]     # store epoch only, on entries of vit_h's shapes
 
-Both epochs run the same `train_one_epoch` with the same refiner, optimizer and boxes; only the
-dataset differs: stored features (one store read per image) or features computed on the fly (decode,
-resize, HQ-SAM encoder forward per image, as a training script without a cache would). Peak memory of
-a store epoch is measured in fresh processes on stores of `--images` and `--large` images (`--large 0`
-skips it). With `--shapes`, the demo images are extracted with vit_tiny and their entries written again,
-with random features of the named encoder's shapes, into a namespace of their own: the store epoch of
-an encoder too slow to run here, and how long it waits for data.
+Both epochs run the same `prepare_training` and `train_epoch` as `refine train`, with the same refiner,
+optimizer and boxes; only the dataset differs: stored features (one store read per image) or features
+computed on the fly (decode, resize, HQ-SAM encoder forward per image, as a training script without a
+cache would). Peak memory of a store epoch is measured in fresh processes on stores of `--images` and
+`--large` images (`--large 0` skips it). With `--shapes`, the demo images are extracted with vit_tiny
+and their entries written again, with random features of the named encoder's shapes, into a namespace
+of their own: the store epoch of an encoder too slow to run here, and how long it waits for data.
 Writes `<out>/train_<encoder>_cpu.json` (`train_<shapes>_shapes_cpu.json`).
 """
 
@@ -33,10 +33,11 @@ from pipeline.config import TrainConfig
 from pipeline.demo_data import make_demo_dataset
 from pipeline.encoder import ENCODERS, FeatureEncoder, build_encoder, identity_for
 from pipeline.extract import ExtractConfig, run_extract
-from pipeline.features import FeatureDataset, feature_loader
+from pipeline.features import FeatureDataset
 from pipeline.images import prepare
 from pipeline.store import FeatureStore
-from pipeline.train import TrainProgress, prepare_training, train_one_epoch
+from pipeline.engine import TrainProgress
+from pipeline.train import prepare_training, train_epoch
 
 from results_file import write_and_show  # bench/, next to this script
 
@@ -72,30 +73,16 @@ def one_epoch(
     config = TrainConfig(
         store=store, annotations=annotations, epochs=1, device="cpu", workers=0, fingerprint=fingerprint
     )
-    t = prepare_training(config)
-    if wrap is not None:
-        t.train_loader = feature_loader(wrap(t.train_loader.dataset), t.config.batch_size, 0, t.sampler)
+    training = prepare_training(config, wrap_train_data=wrap)
     reports: list[TrainProgress] = []
     started = time.perf_counter()
-    train_one_epoch(
-        t.step_model,
-        t.optimizer,
-        t.scaler,
-        t.train_loader,
-        t.train_split.images,
-        t.config,
-        0,
-        t.device,
-        t.amp_dtype,
-        t.learning_rate,
-        reports.append,
-    )
+    train_epoch(training, 0, reports.append)
     seconds = time.perf_counter() - started
     return {
         "seconds": round(seconds, 3),
         "boxes_per_s": round(reports[-1].boxes_per_s, 1),
         "data_wait_share": round(reports[-1].data_wait_share, 4),
-        "images": len(t.train_split.images),
+        "images": len(training.train_split.images),
     }
 
 

@@ -3,7 +3,7 @@
     python bench/train_amp.py [--amps off,bf16,fp16] [--epochs 8] [--n-train 160] [--n-val 40] [--out bench/results]
 
 Makes the demo dataset, extracts it (vit_tiny, random weights) into a fresh store, then for each AMP
-mode trains a refiner from the same seed through the same `train_one_epoch` / `evaluate` that
+mode trains a refiner from the same seed through the same `prepare_training` / `run_epoch` that
 `refine train` runs, and records every epoch's loss (finite or not), the final val metrics and the
 training boxes/s. Writes `<out>/train_amp_<device>.json` after every mode.
 """
@@ -24,7 +24,8 @@ from pipeline.config import TrainConfig
 from pipeline.demo_data import make_demo_dataset
 from pipeline.devices import resolve_device
 from pipeline.extract import ExtractConfig, run_extract
-from pipeline.train import TrainProgress, prepare_training, run_epoch
+from pipeline.engine import TrainProgress
+from pipeline.train import prepare_training, run_epoch
 
 from results_file import slug, write_result  # bench/, next to this script
 
@@ -51,9 +52,10 @@ def train_with(amp: str, store: str, demo: Path, epochs: int, device_name: str) 
         metrics = run_epoch(training, epoch, reports.append)
         losses.append(metrics["train_loss"])
         rates.append([report for report in reports if report.phase == "train"][-1].boxes_per_s)
+    amp_dtype = training.precision.amp_dtype
     return {
         "amp": amp,
-        "dtype": str(training.amp_dtype).removeprefix("torch.") if training.amp_dtype else "float32",
+        "dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
         "losses": [round(loss, 5) for loss in losses],
         "all_finite": all(math.isfinite(loss) for loss in losses),
         "val": metrics["val"],

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,12 +12,12 @@ import torch
 from torch import Tensor
 
 from pipeline.boxes import coco_to_xyxy, to_input, to_original, valid_boxes, xyxy_to_coco
-from pipeline.coco import ImageRecord, check_box, read_json
+from pipeline.checkpoints import load_checkpoint, refiner_from_checkpoint
+from pipeline.coco import BoxFile, ImageRecord, check_box, read_json
 from pipeline.errors import RefineError
 from pipeline.refiner import SimilarityCascadeRefiner
 from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.store_index import EntryIndex
-from pipeline.train import load_checkpoint, refiner_from_checkpoint
 
 
 def load_model(path: Path, store: FeatureStore) -> tuple[SimilarityCascadeRefiner, Namespace, dict[str, Any]]:
@@ -148,25 +146,15 @@ def apply_to_file(
     Every field but `bbox` is kept, nothing is dropped and the order is kept.
     """
     data = read_json(boxes_path)
-    if isinstance(data, list):
-        records, where_of = data, lambda i, r: f"{boxes_path}: detection [{i}]"
-    elif isinstance(data, dict) and isinstance(data.get("annotations"), list):
-        records, where_of = data["annotations"], lambda i, r: f"{boxes_path}: annotation id={r.get('id', i)}"
-    else:
-        raise RefineError(f"{boxes_path}: neither a COCO results list nor a COCO dataset with 'annotations'")
+    boxes_file = BoxFile.parse(boxes_path, data, datasets=True)
     known = image_entries(namespace, dataset)
     by_image: dict[Any, list[int]] = {}
     missing: set = set()
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise RefineError(f"{where_of(index, {})}: expected an object")
-        image_id = record.get("image_id")
-        if isinstance(image_id, bool) or not isinstance(image_id, int):
-            raise RefineError(f"{where_of(index, record)}: 'image_id' must be an integer, got {image_id!r}")
+    for index, record, image_id in boxes_file.checked():
         if image_id not in known:
             missing.add(image_id)
             continue
-        check_box(record.get("bbox"), known[image_id][0], where_of(index, record))
+        check_box(record.get("bbox"), known[image_id][0], boxes_file.where(index, record))
         by_image.setdefault(image_id, []).append(index)
     if missing:
         listed = ", ".join(str(i) for i in sorted(missing)[:10]) + (" ..." if len(missing) > 10 else "")
@@ -179,19 +167,8 @@ def apply_to_file(
     out_records = output if isinstance(output, list) else output["annotations"]
     model = model.to(device)
     for image_id, indices in by_image.items():
-        coarse = coco_to_xyxy([records[i]["bbox"] for i in indices])
+        coarse = coco_to_xyxy([boxes_file.records[i]["bbox"] for i in indices])
         refined = xyxy_to_coco(refine_boxes(model, namespace, known[image_id][1], coarse, device))
         for index, box in zip(indices, refined, strict=True):
             out_records[index]["bbox"] = [round(v, 2) for v in box]
     return output, sum(len(i) for i in by_image.values())
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write atomically: an interrupted write leaves an earlier output intact."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.partial")
-        temporary.write_text(json.dumps(value, indent=1) + "\n")
-        os.replace(temporary, path)
-    except OSError as error:
-        raise RefineError(f"{path}: cannot write ({error.strerror or error})") from None

@@ -19,6 +19,8 @@ from torchvision.ops import box_convert, box_iou, clip_boxes_to_image
 # Largest OA-MIL noise level: up to it a jittered box overlaps its ground-truth box by at least a quarter of
 # the box on each axis, so it never collapses when clipped to the image.
 MAX_NOISE = 0.5
+# Independent random streams of `seeded_generator`, so that no two purposes ever share draws.
+SHUFFLE_STREAM, TRAIN_NOISE_STREAM, EVAL_NOISE_STREAM = 0, 1, 2
 
 
 def coco_to_xyxy(bboxes: Sequence[Sequence[float]]) -> Tensor:
@@ -82,6 +84,13 @@ def seeded_generator(*parts: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(int(state[0]) << 32 | int(state[1]))
     return generator
+
+
+def noise_generator(seed: int, image_id: int, epoch: int | None) -> torch.Generator:
+    """The generator of one image's noisy boxes: per (seed, epoch, image) in training, fixed for evaluation."""
+    if epoch is None:
+        return seeded_generator(seed, EVAL_NOISE_STREAM, 0, image_id)
+    return seeded_generator(seed, TRAIN_NOISE_STREAM, epoch, image_id)
 
 
 def match_to_ground_truth(coarse: Tensor, gt: Tensor, threshold: float = 0.5) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,5 @@
-"""COCO annotation files: read and validate, failing with one line that names the file and the entry."""
+"""COCO files: annotation datasets and box files (results lists), read and validated, failing with one line
+that names the file and the entry."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.errors import RefineError
 
@@ -36,9 +37,6 @@ class CocoDataset:
     images: list[ImageRecord]
     annotations: list[Annotation]
     categories: list[dict[str, Any]] = field(default_factory=list)
-
-    def image_path(self, image_root: Path, image: ImageRecord) -> Path:
-        return image_root / image.file_name
 
 
 def read_json(path: Path) -> Any:
@@ -141,6 +139,58 @@ def check_box(raw: Any, image: ImageRecord, where: str) -> tuple[float, float, f
             f"{where}: 'bbox' {_short(raw)} lies outside image {image.id} ({image.width} x {image.height})"
         )
     return x, y, w, h
+
+
+@dataclass(frozen=True)
+class BoxFile:
+    """The box records of a COCO results list (`detection [i]`) or a COCO dataset's 'annotations'
+    (`annotation id=N`), in file order, not yet checked."""
+
+    path: Path
+    records: list[Any]
+    kind: str  # "detection" or "annotation"
+
+    @classmethod
+    def parse(cls, path: Path, data: Any, datasets: bool = False) -> BoxFile:
+        """The records of `data` (the parsed `path`): a results list, or with `datasets` also a COCO dataset."""
+        if isinstance(data, list):
+            return cls(path, data, "detection")
+        if datasets and isinstance(data, dict) and isinstance(data.get("annotations"), list):
+            return cls(path, data["annotations"], "annotation")
+        if datasets:
+            raise RefineError(f"{path}: neither a COCO results list nor a COCO dataset with 'annotations'")
+        raise RefineError(f"{path}: not a COCO results file (expected a list of detections)")
+
+    def where(self, index: int, record: dict[str, Any]) -> str:
+        """How an error names the record at `index`."""
+        if self.kind == "detection":
+            return f"{self.path}: detection [{index}]"
+        return f"{self.path}: annotation id={record.get('id', index)}"
+
+    def checked(self) -> Iterator[tuple[int, dict[str, Any], int]]:
+        """(index, record, image id) of each record, checked to be an object with an integer image id."""
+        for index, record in enumerate(self.records):
+            if not isinstance(record, dict):
+                raise RefineError(f"{self.where(index, {})}: expected an object")
+            image_id = record.get("image_id")
+            if isinstance(image_id, bool) or not isinstance(image_id, int):  # also keeps 1.0 from meaning image 1
+                raise RefineError(f"{self.where(index, record)}: 'image_id' must be an integer, got {image_id!r}"[:200])
+            yield index, record, image_id
+
+
+def load_detections(path: Path, coco: CocoDataset) -> dict[int, list[tuple[float, float, float, float]]]:
+    """A COCO results file (a list of {image_id, bbox, score, ...}) -> [x, y, w, h] boxes by image id, each
+    checked to lie in an image of `coco`."""
+    boxes_file = BoxFile.parse(path, read_json(path))
+    images = {image.id: image for image in coco.images}
+    boxes: dict[int, list[tuple[float, float, float, float]]] = {}
+    for index, detection, image_id in boxes_file.checked():
+        where = boxes_file.where(index, detection)
+        image = images.get(image_id)
+        if image is None:
+            raise RefineError(f"{where}: image_id {image_id!r} is not in {coco.path}")
+        boxes.setdefault(image.id, []).append(check_box(detection.get("bbox"), image, where))
+    return boxes
 
 
 def _integer(value: Any, where: str) -> int:

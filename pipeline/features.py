@@ -15,15 +15,16 @@ import math
 import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.boxes import coco_to_xyxy, jitter_boxes, match_to_ground_truth, seeded_generator, to_input
-from pipeline.coco import CocoDataset, check_box, load_coco, read_json
+from pipeline.boxes import coco_to_xyxy, jitter_boxes, match_to_ground_truth, noise_generator, to_input
+from pipeline.coco import load_coco
+from pipeline.coco import load_detections
 from pipeline.errors import RefineError
 from pipeline.shapes import FEATURE_STRIDE
 from pipeline.store import Entry, FeatureStore, Namespace
@@ -32,8 +33,6 @@ from pipeline.store import Entry, FeatureStore, Namespace
 MATCH_IOU = 0.5
 # Images used to estimate the per-channel feature statistics the refiner normalises with.
 STATS_IMAGES = 32
-# Independent random streams, so that no two purposes ever share draws.
-SHUFFLE_STREAM, TRAIN_NOISE_STREAM, EVAL_NOISE_STREAM = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ def load_split(namespace: Namespace, dataset: str, annotations: Path, coarse: Pa
     gt_boxes: dict[int, list[tuple[float, float, float, float]]] = {}
     for annotation in coco.annotations:
         gt_boxes.setdefault(annotation.image_id, []).append(annotation.bbox)
-    detections = _load_detections(coarse, coco) if coarse is not None else {}
+    detections = load_detections(coarse, coco) if coarse is not None else {}
 
     images: list[ImageBoxes] = []
     without_boxes = 0
@@ -159,27 +158,6 @@ def load_split(namespace: Namespace, dataset: str, annotations: Path, coarse: Pa
     if not images:
         raise RefineError(f"{annotations}: no image has a box to train or evaluate on")
     return Split(dataset, images, without_boxes, len(skipped))
-
-
-def _load_detections(path: Path, coco: CocoDataset) -> dict[int, list[tuple[float, float, float, float]]]:
-    """A COCO results file (a list of {image_id, bbox, score, ...}) -> boxes by image id, checked."""
-    results = read_json(path)
-    if not isinstance(results, list):
-        raise RefineError(f"{path}: not a COCO results file (expected a list of detections)")
-    images = {image.id: image for image in coco.images}
-    boxes: dict[int, list[tuple[float, float, float, float]]] = {}
-    for index, detection in enumerate(results):
-        where = f"{path}: detection [{index}]"
-        if not isinstance(detection, dict):
-            raise RefineError(f"{where}: expected an object")
-        image_id = detection.get("image_id")
-        if isinstance(image_id, bool) or not isinstance(image_id, int):  # also keeps 1.0 from meaning image 1
-            raise RefineError(f"{where}: 'image_id' must be an integer, got {image_id!r}"[:200])
-        image = images.get(image_id)
-        if image is None:
-            raise RefineError(f"{where}: image_id {detection.get('image_id')!r} is not in {coco.path}")
-        boxes.setdefault(image.id, []).append(check_box(detection.get("bbox"), image, where))
-    return boxes
 
 
 @dataclass
@@ -252,34 +230,6 @@ def collate_features(items: list[dict[str, Any]]) -> FeatureBatch:
     )
 
 
-class EpochShuffle(Sampler[int]):
-    """A permutation drawn from (seed, epoch): the same order for an epoch whether or not the run resumed.
-
-    Under DistributedDataParallel each of `world_size` ranks takes every `world_size`-th image of the one
-    permutation (like torch's DistributedSampler), so together they see the same images as one process;
-    the permutation is padded by repeating its start so every rank has as many steps as the others.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.size = size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=seeded_generator(self.seed, SHUFFLE_STREAM, self.epoch, 0)).tolist()
-        total = len(self) * self.world_size
-        padded = (order * math.ceil(total / max(self.size, 1)))[:total]
-        return iter(padded[self.rank :: self.world_size])
-
-    def __len__(self) -> int:
-        return math.ceil(self.size / self.world_size)
-
-
 def feature_loader(
     dataset: FeatureDataset, batch_size: int, workers: int, sampler: Sampler[int] | None = None, pin: bool = False
 ) -> DataLoader:
@@ -331,13 +281,6 @@ def feature_statistics(dataset: FeatureDataset, limit: int = STATS_IMAGES) -> di
         stats[f"{name}_mean"] = mean
         stats[f"{name}_cov"] = products[name] / cells - torch.outer(mean, mean)
     return stats
-
-
-def noise_generator(seed: int, image_id: int, epoch: int | None) -> torch.Generator:
-    """The generator of one image's noisy boxes: per (seed, epoch, image) in training, fixed for evaluation."""
-    if epoch is None:
-        return seeded_generator(seed, EVAL_NOISE_STREAM, 0, image_id)
-    return seeded_generator(seed, TRAIN_NOISE_STREAM, epoch, image_id)
 
 
 def coarse_and_targets(

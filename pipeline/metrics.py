@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import Tensor
 from torchvision.ops import box_area, box_iou
 
 from pipeline.errors import RefineError
+from pipeline.jsonio import write_json
 
 # A refined box counts as improved (or worse) only when its IoU moves by more than this. Boxes that pass
 # through float32 coordinate-frame conversions unchanged move their IoU by ~1e-7; a change of 1e-4 IoU is a
@@ -178,10 +178,8 @@ def _ap_value(stat: float) -> float | None:
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """Write metrics as JSON that only changes when a value does: sorted keys, floats to 6 decimals."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_rounded(metrics), sort_keys=True, indent=2, allow_nan=False)
-    path.write_text(text + "\n", encoding="utf-8")
+    """Write metrics as JSON (atomically) that only changes when a value does: sorted keys, floats to 6 decimals."""
+    write_json(path, _rounded(metrics), indent=2, sort_keys=True, allow_nan=False)
 
 
 def _rounded(value: Any) -> Any:

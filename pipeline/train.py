@@ -1,10 +1,11 @@
 """`train`: fit the box refiner on stored features; reads only the store and the box annotations.
 
-In the style of torchvision's reference scripts: `train_one_epoch` and `evaluate` are plain functions and
-`run_train` wires data, model, optimiser, mixed precision, checkpoints and logging around them.
+In the style of torchvision's reference scripts: `prepare_training` builds the data, model, optimiser and
+mixed precision of a run (or resumes them from a checkpoint), `run_epoch` runs the plain functions of
+`pipeline.engine` on them, and `run_train` adds checkpoints (`pipeline.checkpoints`) and logging.
 
 Reproducibility: every random draw is keyed by what it is for (the seed plus the epoch and image id, see
-`pipeline.features.noise_generator`), never by draw order, so a run resumed from its checkpoint after
+`pipeline.boxes.noise_generator`), never by draw order, so a run resumed from its checkpoint after
 epoch k makes exactly the same draws as an uninterrupted run, whatever the number of workers.
 
 Under torchrun: DistributedDataParallel. `--batch-size` stays the images of one step over all ranks
@@ -17,69 +18,40 @@ gathered, and only the main rank writes the checkpoint, the curves and the metri
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torchvision.ops import generalized_box_iou_loss
 
 from pipeline import distributed
-from pipeline.boxes import valid_boxes
+from pipeline.checkpoints import CHECKPOINT, check_resume, checkpoint_payload, load_checkpoint, save_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.devices import autocast, resolve_amp, resolve_device
+from pipeline.devices import resolve_amp, resolve_device
+from pipeline.engine import CoarseBoxes, OnProgress, Precision, TrainForward, train_one_epoch, validate
 from pipeline.errors import RefineError
 from pipeline.features import (
-    EpochShuffle,
-    FeatureBatch,
     FeatureDataset,
-    ImageBoxes,
     Split,
-    coarse_and_targets,
     feature_loader,
     feature_statistics,
     load_split,
     resolve_namespace,
 )
-from pipeline.metrics import iou_summary, paired_iou
+from pipeline.jsonio import write_json
 from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refiner
-from pipeline.shapes import IMAGE_SIZE
+from pipeline.sampler import EpochShuffle
 from pipeline.store import FeatureStore
 
-CHECKPOINT = "model.pt"
-CHECKPOINT_FORMAT = "refine-refiner"
-# Raised whenever a refiner's computation changes: the weights of an older one would load and silently mean
-# something else. 2: similarity cues computed on the feature grid instead of in each window.
-CHECKPOINT_VERSION = 2
 METRICS = "train_metrics.json"
 LIVE_DIR = "live"
 # Validation values logged per epoch as DVC curves (the rest of the summary is in train_metrics.json).
 VAL_CURVES = ("mean_iou_coarse", "mean_iou_refined", "share_improved", "share_worse")
-# Options that may change between a run and its --resume. Workers and device do not change what is
-# computed; a larger --epochs trains longer (the learning-rate schedule then stretches to the new total).
-RESUMABLE = {"epochs", "workers", "device", "resume"}
-
-
-@dataclass
-class TrainProgress:
-    """What the training loop reports after each step (train) or batch (val)."""
-
-    phase: str  # "train" or "val"
-    epoch: int  # 1-based
-    epochs: int
-    step: int
-    steps: int
-    loss: float  # running mean of the epoch's training loss (nan during val)
-    boxes_per_s: float
-    data_wait_share: float  # share of the phase's wall time spent waiting for the DataLoader
 
 
 @dataclass
@@ -96,219 +68,6 @@ class TrainSummary:
     device: str = "cpu"
 
 
-Progress = Callable[[TrainProgress], None]
-
-
-# -- loss and metrics --------------------------------------------------------------------------------
-def box_loss(stages: list[Tensor], coarse: Tensor, target: Tensor) -> Tensor:
-    """L1 + GIoU, averaged over cascade stages; coordinates normalised, never raw pixels.
-
-    stages: per stage K x 4 predicted boxes; coarse, target: K x 4 (encoder-input pixels).
-    The L1 term measures each side's error relative to its coarse box's width / height (scale-free),
-    the GIoU term compares boxes in image units (pixels / 1024).
-    """
-    size = (coarse[:, 2:] - coarse[:, :2]).clamp_min(1.0).repeat(1, 2)
-    total = coarse.new_zeros(())
-    for predicted in stages:
-        l1 = ((predicted - target).abs() / size).sum(dim=1).mean()
-        giou = generalized_box_iou_loss(predicted / IMAGE_SIZE, target / IMAGE_SIZE, reduction="mean")
-        total = total + l1 + giou
-    return total / len(stages)
-
-
-# -- one epoch, evaluation ---------------------------------------------------------------------------
-@dataclass
-class _Timer:
-    """Wall time of a phase and how much of it went to waiting for data."""
-
-    started: float = field(default_factory=time.perf_counter)
-    waiting: float = 0.0
-    boxes: int = 0
-
-    def rates(self) -> tuple[float, float]:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        return self.boxes / elapsed, self.waiting / elapsed
-
-
-def _batches(loader: DataLoader, timer: _Timer) -> Iterator[FeatureBatch]:
-    """Iterate a loader, adding the time spent blocked on it to `timer.waiting`; stop on a damaged entry."""
-    iterator = iter(loader)
-    while True:
-        waiting = time.perf_counter()
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        timer.waiting += time.perf_counter() - waiting
-        if batch.errors:
-            raise RefineError(batch.errors[0])
-        yield batch
-
-
-def _boxes_of(
-    images: list[ImageBoxes], batch: FeatureBatch, config: TrainConfig, epoch: int | None, copies: int
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Coarse boxes per image of a batch and their targets (lists of N_i x 4)."""
-    pairs = [coarse_and_targets(images[i], config.noise, config.seed, epoch, copies) for i in batch.indices]
-    return [coarse for coarse, _ in pairs], [targets for _, targets in pairs]
-
-
-class CascadeStages(torch.nn.Module):
-    """The refiner's training forward (every cascade stage's boxes) as `forward`: DistributedDataParallel
-    synchronises gradients only for what runs through the wrapped module's `forward`."""
-
-    def __init__(self, refiner: SimilarityCascadeRefiner) -> None:
-        super().__init__()
-        self.refiner = refiner
-
-    def forward(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> list[Tensor]:
-        return self.refiner.forward_stages(embedding, early, boxes)
-
-
-def train_one_epoch(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    loader: DataLoader,
-    images: list[ImageBoxes],
-    config: TrainConfig,
-    epoch: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    learning_rate: Callable[[int], float],
-    progress: Progress | None = None,
-) -> float:
-    """One pass over the training images; returns the mean loss. `epoch` is 0-based.
-
-    `model` returns every cascade stage's boxes: a `CascadeStages`, or one wrapped in DistributedDataParallel.
-    """
-    model.train()
-    steps = len(loader)
-    timer = _Timer()
-    losses: list[float] = []
-    for step, batch in enumerate(_batches(loader, timer)):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(epoch * steps + step)
-        coarse, per_image = _boxes_of(images, batch, config, epoch, config.jitters)
-        coarse = [boxes.to(device) for boxes in coarse]
-        targets = torch.cat(per_image).to(device)
-        with autocast(device, amp_dtype):
-            stages = model(
-                batch.embedding.to(device, non_blocking=True), batch.early.to(device, non_blocking=True), coarse
-            )
-        loss = box_loss([s.float() for s in stages], torch.cat(coarse), targets)
-        value = distributed.mean(loss)  # over the ranks: a NaN on one stops every rank at the same step
-        if not math.isfinite(value):
-            raise RefineError(
-                f"training loss is {value} at epoch {epoch + 1}, step {step + 1} of {steps}; training stopped "
-                f"(lr {optimizer.param_groups[0]['lr']:.3g}). Lower --lr, or check the store with `refine store verify`"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        losses.append(value)
-        timer.boxes += len(targets)
-        if progress:
-            boxes_per_s, waiting = timer.rates()
-            progress(
-                TrainProgress(
-                    "train", epoch + 1, config.epochs, step + 1, steps, sum(losses) / len(losses), boxes_per_s, waiting
-                )
-            )
-    return sum(losses) / max(len(losses), 1)
-
-
-@torch.inference_mode()
-def evaluate(
-    model: SimilarityCascadeRefiner,
-    loader: DataLoader,
-    images: list[ImageBoxes],
-    config: TrainConfig,
-    epoch: int,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Mean IoU of coarse and refined boxes against the ground truth on the validation images.
-
-    Coarse boxes come from the validation results file, or from the noise protocol with a fixed draw per
-    image (the same every epoch and every run of the same seed), so epochs are comparable.
-    """
-    model.eval()
-    steps = len(loader)
-    timer = _Timer()
-    coarse_iou, refined_iou = [], []
-    for step, batch in enumerate(_batches(loader, timer)):
-        coarse, targets = _boxes_of(images, batch, config, None, 1)
-        with autocast(device, amp_dtype):
-            refined = model(batch.embedding.to(device), batch.early.to(device), [c.to(device) for c in coarse])
-        for index, before, after, target in zip(batch.indices, coarse, refined, targets, strict=True):
-            # The boxes `apply` would write (clipped to the image), so these figures match `refine evaluate`.
-            final = valid_boxes(after.float().cpu(), before, images[index].resized_hw)
-            coarse_iou.append(paired_iou(before, target))
-            refined_iou.append(paired_iou(final, target))
-            timer.boxes += len(target)
-        if progress:
-            boxes_per_s, waiting = timer.rates()
-            progress(TrainProgress("val", epoch + 1, config.epochs, step + 1, steps, math.nan, boxes_per_s, waiting))
-    # Under torchrun each rank evaluated its part of the images: every rank gets all the IoUs.
-    parts = distributed.all_gather(
-        (torch.cat(coarse_iou or [torch.empty(0)]), torch.cat(refined_iou or [torch.empty(0)]))
-    )
-    return iou_summary(torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]))
-
-
-# -- checkpoints -------------------------------------------------------------------------------------
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a crash while saving leaves the previous checkpoint intact."""
-    temporary = path.with_name(f".{path.name}.partial")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A refiner checkpoint, read safely (weights_only) and checked to be one."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RefineError(f"{path}: no checkpoint to resume from") from None
-    except Exception as error:  # torch raises unpickling, zip and runtime errors alike on damaged files
-        raise RefineError(
-            f"{path}: not a readable refiner checkpoint ({type(error).__name__}: {str(error)[:160]})"
-        ) from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise RefineError(f"{path}: not a refine refiner checkpoint")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise RefineError(
-            f"{path}: refiner checkpoint version {checkpoint.get('version')}, this refine reads version "
-            f"{CHECKPOINT_VERSION}; train the refiner again with `refine train`"
-        )
-    return checkpoint
-
-
-def refiner_from_checkpoint(checkpoint: dict[str, Any]) -> SimilarityCascadeRefiner:
-    """The trained refiner of a checkpoint, in eval mode."""
-    model = build_refiner(checkpoint["refiner"]["name"], RefinerConfig.from_dict(checkpoint["refiner"]["config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model.eval()
-
-
-def _check_resume(checkpoint: dict[str, Any], config: TrainConfig, fingerprint: str, path: Path) -> None:
-    if checkpoint["fingerprint"] != fingerprint:
-        raise RefineError(
-            f"{path}: was trained on features of encoder {checkpoint['fingerprint']} "
-            f"({checkpoint['encoder']['model_type']}), but the store's dataset has {fingerprint}; "
-            "train afresh without --resume"
-        )
-    before, now = checkpoint["config"], config.resolved()
-    changed = sorted(k for k in now if k not in RESUMABLE and before.get(k) != now[k])
-    if changed:
-        details = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise RefineError(f"{path}: --resume with different settings ({details}); train afresh without --resume")
-
-
-# -- the whole run -----------------------------------------------------------------------------------
 def cosine_schedule(base_lr: float, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to zero; a pure function of the step, so resuming needs no state."""
 
@@ -330,18 +89,17 @@ class Training:
     """What a run trains with, built from its TrainConfig by `prepare_training`."""
 
     config: TrainConfig
-    device: torch.device
-    amp_dtype: torch.dtype | None
+    precision: Precision
     fingerprint: str
     encoder: dict[str, Any]  # model type and early channels, for the checkpoint
     train_split: Split
     val_split: Split
-    val_images: list[ImageBoxes]  # this rank's part of the validation images
+    train_boxes: CoarseBoxes
+    val_boxes: CoarseBoxes  # of this rank's part of the validation images
     model: SimilarityCascadeRefiner
     step_model: torch.nn.Module  # returns every cascade stage's boxes (DDP-wrapped under torchrun)
     refiner_config: RefinerConfig
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
     sampler: EpochShuffle
     train_loader: DataLoader
     val_loader: DataLoader
@@ -350,8 +108,14 @@ class Training:
     checkpoint: dict[str, Any] | None  # the one resumed from
 
 
-def prepare_training(config: TrainConfig) -> Training:
-    """Read the store's datasets, build (or resume) the refiner, its optimizer and its data loaders."""
+def prepare_training(
+    config: TrainConfig, wrap_train_data: Callable[[FeatureDataset], FeatureDataset] | None = None
+) -> Training:
+    """Read the store's datasets, build (or resume) the refiner, its optimizer and its data loaders.
+
+    `wrap_train_data` replaces the training loader's dataset by one with the same items made another way
+    (bench/train.py: the encoder in the loop); the feature statistics still come from the store.
+    """
     if not 0.0 <= config.noise <= 0.5:
         raise RefineError(f"--noise must lie in [0, 0.5], got {config.noise}")
     device = resolve_device(config.device)
@@ -376,12 +140,12 @@ def prepare_training(config: TrainConfig) -> Training:
     # The main rank reads the checkpoint and hands it over: the other ranks' machines need no copy of <out>.
     checkpoint = distributed.broadcast(load_checkpoint(checkpoint_path) if main else None) if config.resume else None
     if checkpoint is not None:
-        _check_resume(checkpoint, config, namespace.fingerprint, checkpoint_path)
+        check_resume(checkpoint, config.resolved(), namespace.fingerprint, checkpoint_path)
         model.load_state_dict(checkpoint["model"])
     else:
         model.set_feature_statistics(distributed.broadcast(feature_statistics(train_data) if main else None))
     model.to(device)  # before the optimizer: its state is created (or loaded) on the parameters' device
-    step_model: torch.nn.Module = CascadeStages(model)
+    step_model: torch.nn.Module = TrainForward(model)
     if world_size > 1:
         # The refiner's buffers are fixed feature statistics: synced once when wrapped, never again per step.
         step_model = DistributedDataParallel(
@@ -397,22 +161,22 @@ def prepare_training(config: TrainConfig) -> Training:
     workers = _workers(config, device)
     sampler = EpochShuffle(len(train_data), config.seed, rank, world_size)
     rank_batch = math.ceil(config.batch_size / world_size)  # --batch-size is one step over all ranks
-    train_loader = feature_loader(train_data, rank_batch, workers, sampler, pin=device.type == "cuda")
+    loaded = wrap_train_data(train_data) if wrap_train_data is not None else train_data
+    train_loader = feature_loader(loaded, rank_batch, workers, sampler, pin=device.type == "cuda")
     val_loader = feature_loader(val_data, rank_batch, workers, pin=device.type == "cuda")
     return Training(
         config=config,
-        device=device,
-        amp_dtype=amp_dtype,
+        precision=Precision(device, amp_dtype, scaler),
         fingerprint=namespace.fingerprint,
         encoder={"model_type": provenance["model_type"], "early_channels": refiner_config.early_channels},
         train_split=train_split,
         val_split=val_split,
-        val_images=val_images,
+        train_boxes=CoarseBoxes(train_split.images, config.noise, config.seed, config.jitters),
+        val_boxes=CoarseBoxes(val_images, config.noise, config.seed),
         model=model,
         step_model=step_model,
         refiner_config=refiner_config,
         optimizer=optimizer,
-        scaler=scaler,
         sampler=sampler,
         train_loader=train_loader,
         val_loader=val_loader,
@@ -422,50 +186,43 @@ def prepare_training(config: TrainConfig) -> Training:
     )
 
 
-def run_epoch(training: Training, epoch: int, progress: Progress | None = None) -> dict[str, Any]:
-    """Train one epoch (0-based), then validate: {epoch (1-based), train_loss, val}."""
-    t = training
-    t.sampler.set_epoch(epoch)
-    loss = train_one_epoch(
-        t.step_model,
-        t.optimizer,
-        t.scaler,
-        t.train_loader,
-        t.train_split.images,
-        t.config,
+def train_epoch(training: Training, epoch: int, progress: OnProgress | None = None) -> float:
+    """Train one epoch (0-based) as `refine train` does: the epoch's shuffle, then `train_one_epoch`."""
+    training.sampler.set_epoch(epoch)
+    return train_one_epoch(
+        training.step_model,
+        training.optimizer,
+        training.train_loader,
+        training.train_boxes,
+        training.precision,
+        training.learning_rate,
         epoch,
-        t.device,
-        t.amp_dtype,
-        t.learning_rate,
+        training.config.epochs,
         progress,
     )
+
+
+def run_epoch(training: Training, epoch: int, progress: OnProgress | None = None) -> dict[str, Any]:
+    """Train one epoch (0-based), then validate: {epoch (1-based), train_loss, val}."""
+    loss = train_epoch(training, epoch, progress)
     # The bare refiner: DDP's forward expects every rank to take the same number of steps.
-    val = evaluate(t.model, t.val_loader, t.val_images, t.config, epoch, t.device, t.amp_dtype, progress)
+    val = validate(
+        training.model,
+        training.val_loader,
+        training.val_boxes,
+        training.precision,
+        epoch,
+        training.config.epochs,
+        progress,
+    )
     return {"epoch": epoch + 1, "train_loss": loss, "val": val}
 
 
-def checkpoint_payload(training: Training, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Everything `--resume`, `evaluate` and `apply` need, after the epoch `metrics` reports."""
-    t = training
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "model": t.model.state_dict(),
-        "optimizer": t.optimizer.state_dict(),
-        "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
-        "epoch": metrics["epoch"],
-        "config": t.config.resolved(),
-        "refiner": {"name": t.config.model, "config": t.refiner_config.to_dict()},
-        "fingerprint": t.fingerprint,
-        "encoder": t.encoder,
-        "metrics": metrics,
-    }
-
-
-def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSummary:
+def run_train(config: TrainConfig, progress: OnProgress | None = None) -> TrainSummary:
     """Train (or resume) a refiner; writes `<out>/model.pt`, `<out>/live/` and `<out>/train_metrics.json`."""
     started = time.perf_counter()
     training = prepare_training(config)
+    precision = training.precision
     main = distributed.is_main()
     if main:
         config.out.mkdir(parents=True, exist_ok=True)
@@ -475,8 +232,8 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
         training.train_split,
         training.val_split,
         start_epoch=training.start_epoch,
-        amp=str(training.amp_dtype).removeprefix("torch.") if training.amp_dtype else "off",
-        device=str(training.device),
+        amp=str(precision.amp_dtype).removeprefix("torch.") if precision.amp_dtype else "off",
+        device=str(precision.device),
     )
     metrics: dict[str, Any] = {}
     with _live(config.out / LIVE_DIR, resume=config.resume, enabled=main) as live:
@@ -490,14 +247,30 @@ def run_train(config: TrainConfig, progress: Progress | None = None) -> TrainSum
                 if metrics["val"][name] is not None:  # None: no validation boxes
                     live.log_metric(f"val/{name}", metrics["val"][name])
             live.next_step()
-            save_checkpoint(config.out / CHECKPOINT, checkpoint_payload(training, metrics))
+            save_checkpoint(config.out / CHECKPOINT, _checkpoint(training, metrics))
     if training.checkpoint is not None and not metrics:  # resumed a finished run: report what it reached
         metrics = training.checkpoint["metrics"]
     summary.metrics = metrics
     if main:
-        _write_json(config.out / METRICS, metrics)
+        write_json(config.out / METRICS, metrics, sort_keys=True)
     summary.wall_s = time.perf_counter() - started
     return summary
+
+
+def _checkpoint(training: Training, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint after the epoch `metrics` reports."""
+    return checkpoint_payload(
+        model=training.model,
+        optimizer=training.optimizer,
+        scaler=training.precision.scaler,
+        epoch=metrics["epoch"],
+        config=training.config.resolved(),
+        refiner_name=training.config.model,
+        refiner_config=training.refiner_config,
+        fingerprint=training.fingerprint,
+        encoder=training.encoder,
+        metrics=metrics,
+    )
 
 
 def _live(directory: Path, resume: bool, enabled: bool) -> Any:
@@ -510,9 +283,3 @@ def _live(directory: Path, resume: bool, enabled: bool) -> Any:
     from dvclive import Live  # imported late: dvclive pulls in much of DVC
 
     return Live(dir=str(directory), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(temporary, path)

@@ -21,8 +21,9 @@ def apply(
 ) -> None:
     """Refine every box of a file; every other field kept, nothing dropped, order kept, boxes clipped to the image."""
     # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
-    from pipeline.apply import apply_to_file, load_model, write_json
+    from pipeline.apply import apply_to_file, load_model
     from pipeline.devices import resolve_device
+    from pipeline.jsonio import write_json
     from pipeline.store import FeatureStore
 
     with domain_errors():

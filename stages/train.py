@@ -17,7 +17,8 @@ from stages.options import Device, RefinerName
 from stages.progress import StatusLines, eta
 
 if TYPE_CHECKING:
-    from pipeline.train import TrainProgress, TrainSummary
+    from pipeline.engine import TrainProgress
+    from pipeline.train import TrainSummary
 
 DEFAULTS = TrainConfig(store="", annotations=Path())
 

@@ -13,15 +13,17 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from conftest import write_coco, write_images
 from pipeline.config import TrainConfig
 from pipeline.distributed import Share
 from pipeline.extract import ExtractConfig, run_extract
-from pipeline.features import EpochShuffle
+from pipeline.sampler import EpochShuffle
 from pipeline.images import content_key
 from pipeline.store import FeatureStore, Namespace
-from pipeline.train import load_checkpoint, run_train
+from pipeline.checkpoints import load_checkpoint
+from pipeline.train import run_train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +62,22 @@ def test_shares_partition_the_keys_and_the_epoch() -> None:
     parts = [list(EpochShuffle(7, seed=3, rank=rank, world_size=2)) for rank in range(2)]
     assert [len(part) for part in parts] == [4, 4]  # equal steps on every rank (one image repeated)
     assert [parts[i % 2][i // 2] for i in range(7)] == one  # the one-process order, dealt out
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 7, 12])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_epoch_shares_are_distributed_samplers_shares_of_the_same_permutation(size: int, world_size: int) -> None:
+    """Same padding and dealing as torch's DistributedSampler; only the permutation's seeding differs."""
+    for epoch in (0, 3):
+        order = EpochShuffle(size, seed=5)
+        order.set_epoch(epoch)
+        permutation = list(order)
+        for rank in range(world_size):
+            ours = EpochShuffle(size, seed=5, rank=rank, world_size=world_size)
+            ours.set_epoch(epoch)
+            torchs = DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=False)
+            assert list(ours) == [permutation[i] for i in torchs]
+            assert len(ours) == len(torchs)
 
 
 def _dataset_for_two_ranks(root: Path) -> tuple[list[Path], Path, Path]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import pipeline.encoder
 import pipeline.extract
 from pipeline.encoder import ENCODERS, build_encoder, identity_for
 from pipeline.extract import ExtractConfig, run_extract
@@ -21,13 +22,13 @@ from tests.conftest import write_coco
 def encoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts images through the real encoder (a spy around the real forward, not a stand-in)."""
     calls: list[int] = []
-    real_forward = pipeline.extract.FeatureEncoder.forward
+    real_forward = pipeline.encoder.FeatureEncoder.forward
 
     def counting_forward(self, pixels, resized_hw):
         calls.append(pixels.shape[0])
         return real_forward(self, pixels, resized_hw)
 
-    monkeypatch.setattr(pipeline.extract.FeatureEncoder, "forward", counting_forward)
+    monkeypatch.setattr(pipeline.encoder.FeatureEncoder, "forward", counting_forward)
     return calls
 
 

@@ -17,9 +17,8 @@ from hypothesis import strategies as st
 
 from pipeline.apply import refine_boxes
 from pipeline.boxes import valid_boxes
-from pipeline.coco import BORDER_SLACK, load_coco
+from pipeline.coco import BORDER_SLACK, load_coco, load_detections
 from pipeline.errors import RefineError
-from pipeline.features import _load_detections
 from pipeline.refiner import RefinerConfig, build_refiner
 from pipeline.store import FeatureStore
 
@@ -104,7 +103,7 @@ def test_results_reader_accepts_valid_detections_and_refuses_the_rest_cleanly(va
     coco_path = _write({"images": [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 80} for i in (1, 2, 3)]})
     results = _write(value)
     try:
-        boxes = _load_detections(results, load_coco(coco_path))
+        boxes = load_detections(results, load_coco(coco_path))
     except RefineError as error:
         assert str(error).startswith(str(results)) and "\n" not in str(error)
         return

@@ -20,7 +20,7 @@ from conftest import write_coco, write_images
 from pipeline.store import FeatureStore
 from pipeline.store_gc import collect_garbage
 from pipeline.store_report import verify_store
-from pipeline.train import load_checkpoint
+from pipeline.checkpoints import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -25,18 +25,20 @@ from pipeline.boxes import (
     coco_to_xyxy,
     jitter_boxes,
     match_to_ground_truth,
+    noise_generator,
     seeded_generator,
     to_input,
     to_original,
     xyxy_to_coco,
 )
+from pipeline.checkpoints import CHECKPOINT
 from pipeline.config import TrainConfig
 from pipeline.devices import resolve_amp
 from pipeline.encoder import identity_for
+from pipeline.engine import TrainProgress
 from pipeline.errors import RefineError
-from pipeline.features import noise_generator
 from pipeline.store import FeatureStore
-from pipeline.train import CHECKPOINT, METRICS, TrainProgress, run_train
+from pipeline.train import METRICS, run_train
 from stages.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
