@@ -23,8 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.boxes import coco_to_xyxy, jitter_boxes, match_to_ground_truth, noise_generator, to_input
-from pipeline.coco import load_coco
-from pipeline.coco import load_detections
+from pipeline.coco import load_coco, load_detections
 from pipeline.errors import RefineError
 from pipeline.shapes import FEATURE_STRIDE
 from pipeline.store import Entry, FeatureStore, Namespace
