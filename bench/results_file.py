@@ -26,3 +26,13 @@ def write_and_show(out: Path, name: str, result: dict[str, Any]) -> None:
     target = write_result(out, name, result)
     print(json.dumps(result, indent=1))
     print(f"written to {target}")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux VmHWM). Not `ru_maxrss`: that survives exec, so a child
+    started by a process that once held more memory reports the parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")

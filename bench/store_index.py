@@ -31,11 +31,12 @@ import orjson
 
 from pipeline.apply import image_entries
 from pipeline.features import load_split
+from pipeline.manifest import ManifestImage, dataset_manifest
 from pipeline.segment_layout import CURRENT_LAYOUT
 from pipeline.store import SEGMENT_ROWS, FeatureStore, Namespace
 from pipeline.store_index import INDEX_FILE
 
-from results_file import write_and_show  # bench/, next to this script
+from results_file import peak_rss_mib, write_and_show  # bench/, next to this script
 
 FINGERPRINT = "0123456789abcdef"
 SHARD_ROWS = 64  # extract's CUDA batch: where a dataset of a million images is extracted
@@ -90,16 +91,23 @@ def generate(store_path: Path, entries: int, seed: int, coco: bool) -> None:
         }
         store.write_json_atomic(f"{FINGERPRINT}/commits/{segment}.json", commit)
     namespace.write_index()
-    manifest = {
-        "format": "refine-dataset-manifest",
-        "version": 1,
-        "dataset": "train",
-        "fingerprint": FINGERPRINT,
-        "encoder": "vit_h",
-        "early_channels": CHANNELS,
-        "images": images,
-        "skipped": [],
-    }
+    manifest = dataset_manifest(
+        "train",
+        fingerprint=FINGERPRINT,
+        encoder="vit_h",
+        weights="random-init:seed=0",
+        early_channels=CHANNELS,
+        images=[
+            ManifestImage(
+                image["id"],
+                image["file_name"],
+                image["key"],
+                (tuple(image["original_size"]), tuple(image["resized_size"])),
+            )
+            for image in images
+        ],
+        skipped=[],
+    )
     namespace.write_dataset(manifest)
     if not coco:
         return
@@ -136,7 +144,7 @@ def resolve(store_path: str, join: str) -> dict[str, float | int | str]:
         "index": namespace.index_status,
         "open_s": round(opened - started, 3),
         "resolve_s": round(resolved - opened, 3),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
         "rss_before_mib": round(before, 1),
         "rss_after_mib": round(rss_mib(), 1),
     }

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from pipeline.store import FeatureStore
 from pipeline.engine import TrainProgress
 from pipeline.train import prepare_training, train_epoch
 
-from results_file import write_and_show  # bench/, next to this script
+from results_file import peak_rss_mib, write_and_show  # bench/, next to this script
 
 
 class EncoderInTheLoop(FeatureDataset):
@@ -89,7 +88,7 @@ def one_epoch(
 def peak_memory_epoch(store: str, annotations: Path) -> dict[str, float]:
     """Runs in a fresh process: one store epoch, then the process's peak resident memory."""
     result = one_epoch(store, annotations)
-    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from pipeline.boxes import coco_to_xyxy, to_input, to_original, valid_boxes, xyx
 from pipeline.checkpoints import load_checkpoint, refiner_from_checkpoint
 from pipeline.coco import BoxFile, ImageRecord, check_box, read_json
 from pipeline.errors import RefineError
+from pipeline.manifest import manifest_images
 from pipeline.refiner import SimilarityCascadeRefiner
 from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.store_index import EntryIndex
@@ -104,19 +106,15 @@ def image_entries(namespace: Namespace, dataset: str | None) -> ImageEntries:
     positions: list[np.ndarray] = []
     file_names: list[str] = []
     for name in names:
-        images = namespace.dataset(name)["images"]
-        try:
-            found = entries.positions([image["key"] for image in images])
-            held = (found >= 0).tolist()
-            ids.append(np.array([image["id"] for image, h in zip(images, held, strict=True) if h], dtype=np.int64))
-            file_names.extend(str(image["file_name"]) for image, h in zip(images, held, strict=True) if h)
-        except (KeyError, TypeError, ValueError, OverflowError) as error:
-            raise RefineError(
-                f"{namespace.store.url}: dataset {name!r} of encoder {namespace.fingerprint} has a damaged "
-                f"manifest ({type(error).__name__}: {error}); re-run `refine extract`"
-            ) from None
-        positions.append(found[found >= 0])
-        del images  # the manifest's dicts go before the next one is read
+        images = manifest_images(
+            namespace.dataset(name), f"{namespace.store.url}: dataset {name!r} of encoder {namespace.fingerprint}"
+        )
+        found = entries.positions(images.keys)
+        held = found >= 0
+        ids.append(images.ids[held])
+        file_names.extend(itertools.compress(images.file_names, held.tolist()))
+        positions.append(found[held])
+        del images  # one manifest's columns go before the next one is read
     all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     all_positions = np.concatenate(positions) if positions else np.zeros(0, np.int64)
     order = np.argsort(all_ids, kind="stable")  # one id's rows in dataset order: the last one is kept

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline.boxes import coco_to_xyxy, jitter_boxes, match_to_ground_truth, noise_generator, to_input
 from pipeline.coco import load_coco, load_detections
 from pipeline.errors import RefineError
+from pipeline.manifest import manifest_images
 from pipeline.shapes import FEATURE_STRIDE
 from pipeline.store import Entry, FeatureStore, Namespace
 
@@ -102,12 +103,14 @@ def load_split(namespace: Namespace, dataset: str, annotations: Path, coarse: Pa
             f"{namespace.store.url}: dataset {dataset!r} manifest names encoder {manifest.get('fingerprint')}, "
             f"but lives in namespace {namespace.fingerprint}; re-run `refine extract`"
         )
-    by_id = {int(image["id"]): image for image in manifest["images"]}
+    listed = manifest_images(manifest, f"{namespace.store.url}: dataset {dataset!r}")
+    by_id = {image_id: position for position, image_id in enumerate(listed.ids.tolist())}
     skipped = set(manifest.get("skipped", []))
     missing = [
         image
         for image in coco.images
-        if image.file_name not in skipped and (image.id not in by_id or by_id[image.id]["file_name"] != image.file_name)
+        if image.file_name not in skipped
+        and (image.id not in by_id or listed.file_names[by_id[image.id]] != image.file_name)
     ]
     if missing:
         examples = ", ".join(f"id={i.id} {i.file_name!r}" for i in missing[:3])
@@ -127,12 +130,12 @@ def load_split(namespace: Namespace, dataset: str, annotations: Path, coarse: Pa
     for image in coco.images:
         if image.file_name in skipped:
             continue
-        record = by_id[image.id]
-        entry = entries.get(record["key"])
+        key = listed.keys[by_id[image.id]]
+        entry = entries.get(key)
         if entry is None:
             raise RefineError(
                 f"{namespace.store.url}: dataset {dataset!r} lists image id={image.id} {image.file_name!r} "
-                f"with key {record['key']}, which the store does not hold; re-run `refine extract`"
+                f"with key {key}, which the store does not hold; re-run `refine extract`"
             )
         if entry.original_size != (image.height, image.width):
             raise RefineError(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 
 import numpy as np
 
 from pipeline.errors import RefineError
+from pipeline.manifest import manifest_images
 from pipeline.segment_layout import LAYOUTS, LEGACY_LAYOUT
 from pipeline.store import Entry, FeatureStore, Namespace, all_finite
 
@@ -91,24 +93,24 @@ def _check_zarr_view(
     return []
 
 
-def _check_dataset(namespace: Namespace, name: str, entries: dict) -> list[str]:
+def _check_dataset(namespace: Namespace, name: str, entries: Mapping[str, Entry]) -> list[str]:
+    prefix = f"namespace {namespace.fingerprint}: dataset {name}"
     try:
         manifest = namespace.dataset(name)
-        images = manifest["images"]
-    except (RefineError, KeyError, TypeError) as error:
-        return [f"namespace {namespace.fingerprint}: dataset {name}: manifest is damaged ({error})"]
+        images = manifest_images(manifest, prefix)
+    except RefineError as error:
+        return [str(error)]
     problems = []
     if manifest.get("fingerprint") != namespace.fingerprint:
-        problems.append(f"namespace {namespace.fingerprint}: dataset {name}: manifest names another fingerprint")
-    for image in images:
-        entry = entries.get(image.get("key"))
-        where = (
-            f"namespace {namespace.fingerprint}: dataset {name}: image id={image.get('id')} ({image.get('file_name')})"
-        )
+        problems.append(f"{prefix}: manifest names another fingerprint")
+    for position, key in enumerate(images.keys):
+        entry = entries.get(key)
+        where = f"{prefix}: image id={images.ids[position]} ({images.file_names[position]})"
         if entry is None:
-            problems.append(f"{where}: no committed entry for key {image.get('key')}")
-        elif list(entry.original_size) != image.get("original_size") or list(entry.resized_size) != image.get(
-            "resized_size"
+            problems.append(f"{where}: no committed entry for key {key}")
+        elif (entry.original_size, entry.resized_size) != (
+            images.original_size(position),
+            images.resized_size(position),
         ):
             problems.append(f"{where}: sizes differ from the committed entry")
     return problems

@@ -1,6 +1,7 @@
-"""Stores as refine wrote them before segment layouts (layout 1, store version 1), for the tests that
-check such stores keep working and for `bench/store_read.py`'s anchor. Mirrors that writer exactly:
-zstd-compressed sharded chunks, commit rows of seven fields with a BLAKE2b digest and no layout field."""
+"""Stores as refine wrote them before segment layouts (layout 1, store version 1, manifest version 1), for
+the tests that check such stores keep working and for `bench/store_read.py`'s anchor. Mirrors that writer
+exactly: zstd-compressed sharded chunks, commit rows of seven fields with a BLAKE2b digest and no layout
+field, manifests with a list of image objects."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
+from pipeline.manifest import manifest_images
 from pipeline.segment_layout import legacy_digest
 from pipeline.store import EARLY, EMBEDDING, SEGMENT_ROWS, FeatureStore
 
@@ -55,3 +57,22 @@ def mark_version_1(store: FeatureStore) -> None:
     root = store.read_json("zarr.json")
     root["attributes"]["refine"]["version"] = 1
     store.write_json_atomic("zarr.json", root)
+
+
+def legacy_manifest(manifest: dict) -> dict:
+    """A manifest of the current version as the older refine wrote it (version 1: a list of image objects)."""
+    images = manifest_images(manifest, "legacy")
+    return {
+        **manifest,
+        "version": 1,
+        "images": [
+            {
+                "id": int(images.ids[i]),
+                "file_name": images.file_names[i],
+                "key": images.keys[i],
+                "original_size": list(images.original_size(i)),
+                "resized_size": list(images.resized_size(i)),
+            }
+            for i in range(len(images))
+        ],
+    }

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+
+from pipeline.manifest import manifest_images
 from tests.conftest import write_coco
 from tests.test_extract_cache import files_under
 
@@ -131,7 +133,7 @@ def test_unreadable_images_are_reported_and_the_rest_committed(cli, dataset, con
     assert skipped.exit_code == 0, skipped.output
     manifests = list(dataset["store"].glob("*/datasets/with-bad.json"))
     manifest = json.loads(manifests[0].read_text())
-    assert manifest["skipped"] == ["bad.jpg"] and len(manifest["images"]) == 4
+    assert manifest["skipped"] == ["bad.jpg"] and len(manifest_images(manifest, "test")) == 4
 
 
 def test_unwritable_store_path(cli, dataset):
@@ -273,7 +275,7 @@ def test_one_pixel_image_is_valid_input(cli, dataset):
     result = run(cli, dataset, annotations=annotations)
     assert result.exit_code == 0, result.output
     (manifest,) = dataset["store"].glob("*/datasets/dot.json")
-    assert json.loads(manifest.read_text())["images"][0]["resized_size"] == [1024, 1024]
+    assert manifest_images(json.loads(manifest.read_text()), "test").resized_size(0) == (1024, 1024)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from PIL import Image
 
 import pipeline.encoder
 import pipeline.extract
+from pipeline.manifest import manifest_images
 from pipeline.encoder import ENCODERS, build_encoder, identity_for
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.store import FeatureStore
@@ -63,7 +64,8 @@ def test_renamed_moved_and_copied_images_are_hits(dataset, encoder_calls):
     assert encoder_calls == []
     assert (summary.images, summary.unique, summary.hits, summary.computed) == (5, 4, 4, 0)
     manifest = FeatureStore(dataset["store"]).namespace(summary.fingerprint).dataset("moved")
-    keys = {image["file_name"]: image["key"] for image in manifest["images"]}
+    images = manifest_images(manifest, "test")
+    keys = dict(zip(images.file_names, images.keys, strict=True))
     assert keys["copy-of-third.png"] == keys[third.name]
 
 
@@ -86,7 +88,7 @@ def test_new_images_only_are_encoded_and_manifest_grows(dataset, encoder_calls):
     summary = extract(dataset, annotations=annotations)
     assert sum(encoder_calls) == 1 and summary.hits == 4
     manifest = FeatureStore(dataset["store"]).namespace(summary.fingerprint).dataset("train")
-    assert extra[0].name in {image["file_name"] for image in manifest["images"]}
+    assert extra[0].name in manifest_images(manifest, "test").file_names
 
 
 def test_other_checkpoint_or_seed_goes_to_another_namespace(dataset, tmp_path, encoder_calls):
@@ -128,10 +130,10 @@ def test_entries_hold_float16_features_and_sizes(base_dataset):
     namespace = store.namespace(fingerprint)
     manifest = namespace.dataset("train")
     entries = namespace.entries()
-    for image, file in zip(manifest["images"], base_dataset["files"], strict=True):
+    for key, file in zip(manifest_images(manifest, "test").keys, base_dataset["files"], strict=True):
         with Image.open(file) as opened:
             width, height = opened.size
-        entry = entries[image["key"]]
+        entry = entries[key]
         assert entry.original_size == (height, width)
         assert max(entry.resized_size) == 1024
         embedding, early = namespace.read(entry, check=True)
@@ -147,12 +149,12 @@ def test_features_match_a_fresh_encoder_forward(base_dataset):
 
     store = FeatureStore(base_dataset["store"])
     namespace = store.namespace(store.fingerprints()[0])
-    image = namespace.dataset("train")["images"][0]
-    pixels, _, resized = prepare(base_dataset["images"] / image["file_name"])
+    images = manifest_images(namespace.dataset("train"), "test")
+    pixels, _, resized = prepare(base_dataset["images"] / images.file_names[0])
     model = FeatureEncoder(build_encoder(identity_for("vit_tiny", None), None))
     with torch.inference_mode():
         embedding, early = model(torch.from_numpy(pixels)[None], torch.tensor([resized]))
-    stored_embedding, stored_early = namespace.read(namespace.entries()[image["key"]])
+    stored_embedding, stored_early = namespace.read(namespace.entries()[images.keys[0]])
     np.testing.assert_allclose(stored_embedding, embedding[0].half().numpy(), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(stored_early, early[0].half().numpy(), rtol=1e-3, atol=1e-3)
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline.manifest import manifest_images
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.images import content_key, prepare
 from pipeline.store import FeatureStore, all_finite, entry_digest
@@ -184,7 +185,7 @@ def test_two_concurrent_writers_on_overlapping_images(tmp_path):
     assert rows_by_key(store) == dict.fromkeys(stored_digests(store), 1) and orphans(store) == []
     for name, expected in (("first", files[:3]), ("second", files[2:])):
         manifest = namespace.dataset(name)
-        assert [image["file_name"] for image in manifest["images"]] == [f.name for f in expected]
+        assert manifest_images(manifest, "test").file_names == [f.name for f in expected]
     verify = subprocess.run(refine("store", "verify", store), cwd=REPO, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
     assert stored_digests(store) == fresh_digests(files)  # nothing lost, nothing corrupt

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.apply import image_entries
+from pipeline.features import load_split
 from pipeline.segment_layout import CURRENT_LAYOUT, LEGACY_LAYOUT, shard_file
 from pipeline.store import EARLY, FeatureStore, Namespace
 from stages.store import DEFAULT_GRACE_S
-from tests.legacy_store import mark_version_1, write_legacy_segment
+from tests.legacy_store import legacy_manifest, mark_version_1, write_legacy_segment
 from tests.test_faults import orphans
 
 
@@ -24,6 +26,14 @@ def features(store: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {key: namespace.read(entry, check=True) for key, entry in namespace.entries().items()}
 
 
+def joins(store: Path, annotations: Path) -> tuple[dict[int, str], list[int]]:
+    """What `apply` (image id -> key) and `train` (image ids of the split) make of the dataset's manifest."""
+    opened = FeatureStore(store)
+    namespace = opened.namespace(opened.fingerprints()[0])
+    by_apply = {image_id: pair[1].key for image_id, pair in image_entries(namespace, None).items()}
+    return by_apply, [image.image_id for image in load_split(namespace, "train", annotations).images]
+
+
 def make_legacy(store: Path) -> None:
     """Rewrite a store's namespace as the refine before segment layouts wrote it (tests/legacy_store.py)."""
     old = features(store)
@@ -31,7 +41,9 @@ def make_legacy(store: Path) -> None:
     fingerprint = opened.fingerprints()[0]
     shutil.rmtree(store / fingerprint / "segments")
     shutil.rmtree(store / fingerprint / "commits")
-    manifest = json.loads(next((store / fingerprint / "datasets").glob("*.json")).read_text())
+    (manifest_file,) = (store / fingerprint / "datasets").glob("*.json")
+    manifest = legacy_manifest(json.loads(manifest_file.read_text()))
+    manifest_file.write_text(json.dumps(manifest))
     sizes = {image["key"]: (image["original_size"], image["resized_size"]) for image in manifest["images"]}
     keys = list(old)
     write_legacy_segment(
@@ -107,6 +119,8 @@ def test_a_store_of_the_older_layout_reads_verifies_and_migrates(cli, dataset) -
     ]
     assert "store migrate" in info["namespaces"][0]["layouts"][0]["description"]
     assert cli("store", "verify", store).exit_code == 0
+    joined = joins(store, dataset["annotations"])  # a version-1 manifest joins as before
+    assert sorted(joined[0]) == [1, 2, 3, 4] and joined[1] == [1, 2, 3, 4]
 
     migrated = cli("store", "migrate", store)
     assert migrated.exit_code == 0, migrated.output
@@ -116,6 +130,7 @@ def test_a_store_of_the_older_layout_reads_verifies_and_migrates(cli, dataset) -
     assert [(layout["layout"], layout["entries"]) for layout in info["namespaces"][0]["layouts"]] == [
         (CURRENT_LAYOUT, 4)
     ]
+    assert joins(store, dataset["annotations"]) == joined
     after = features(store)
     assert all(np.array_equal(after[k][0], before[k][0]) and np.array_equal(after[k][1], before[k][1]) for k in before)
 

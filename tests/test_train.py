@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from torchvision.ops import box_iou
 from typer.testing import CliRunner
 
+from pipeline.manifest import manifest_images
 from pipeline.boxes import (
     MAX_NOISE,
     clip_to_image,
@@ -220,7 +221,7 @@ def test_missing_dataset_and_features_of_another_encoder(dataset: dict, tmp_path
     manifest = first.dataset("train")
     second = store.ensure_namespace(identity_for("vit_tiny", None, seed=1).provenance())
     entries = first.entries()
-    keys = [image["key"] for image in manifest["images"]]
+    keys = manifest_images(manifest, "test").keys
     features = [first.read(entries[key]) for key in keys]
     second.writer(160, len(keys)).write_batch(
         keys,
