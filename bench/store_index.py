@@ -33,7 +33,8 @@ from pipeline.apply import image_entries
 from pipeline.features import load_split
 from pipeline.manifest import ManifestImage, dataset_manifest
 from pipeline.segment_layout import CURRENT_LAYOUT
-from pipeline.store import SEGMENT_ROWS, FeatureStore, Namespace
+from pipeline.store import FeatureStore, Namespace
+from pipeline.store_writer import SEGMENT_ROWS
 from pipeline.store_index import INDEX_FILE
 
 from results_file import peak_rss_mib, write_and_show  # bench/, next to this script

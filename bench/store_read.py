@@ -33,6 +33,7 @@ from pipeline.encoder import ENCODERS
 from pipeline.features import FeatureDataset, ImageBoxes, feature_loader
 from pipeline.segment_layout import shard_file
 from pipeline.store import EARLY, EMBEDDING, FeatureStore, Namespace
+from pipeline.store_writer import SegmentWriter
 
 from results_file import write_and_show  # bench/, next to this script
 
@@ -60,7 +61,7 @@ def write_stores(root: Path, embedding: np.ndarray, early: np.ndarray) -> dict[s
         namespace = store.ensure_namespace({"fingerprint": "bench", "early_channels": early.shape[1]})
         started = time.perf_counter()
         if name == "current":
-            writer = namespace.writer(early.shape[1], SHARD_ROWS)
+            writer = SegmentWriter(namespace, early.shape[1], SHARD_ROWS)
             for start in range(0, len(keys), SHARD_ROWS):
                 rows = slice(start, start + SHARD_ROWS)
                 count = len(keys[rows])

@@ -35,6 +35,7 @@ from pipeline.extract import ExtractConfig, run_extract
 from pipeline.features import FeatureDataset
 from pipeline.images import prepare
 from pipeline.store import FeatureStore
+from pipeline.store_writer import SegmentWriter
 from pipeline.engine import TrainProgress
 from pipeline.train import prepare_training, train_epoch
 
@@ -112,7 +113,7 @@ def with_shapes(store: Path, fingerprint: str, encoder: str, seed: int = 0) -> s
         "weights_description": f"synthetic random features of {encoder}'s shapes (bench/train.py)",
     }
     target = opened.ensure_namespace(provenance)
-    writer = target.writer(channels, shard_rows=4)
+    writer = SegmentWriter(target, channels, shard_rows=4)
     rng = np.random.default_rng(seed)
     entries = sorted(source.entries().values(), key=lambda entry: entry.key)
     for start in range(0, len(entries), 4):

@@ -36,6 +36,7 @@ from pipeline.extract_writer import BackgroundWriter, writer_threads
 from pipeline.jsonio import write_json
 from pipeline.manifest import ManifestImage, Sizes, dataset_manifest
 from pipeline.store import Entry, FeatureStore, Namespace
+from pipeline.store_writer import SegmentWriter
 
 
 @dataclass
@@ -278,7 +279,7 @@ class _Extraction:
             self.summary.build_s = time.perf_counter() - build_started
             how = computed_with(self.encoder, config.fused_attention, config.compile)
             self.writer = BackgroundWriter(
-                lambda: self.namespace.writer(self.identity.early_channels, self.batch_size, how),
+                lambda: SegmentWriter(self.namespace, self.identity.early_channels, self.batch_size, how),
                 writer_threads(self.device),
             )
         embedding, early, ready = self.encoder(pixels, torch.tensor([s.resized for s in chosen]))

@@ -23,7 +23,8 @@ no lock to prevent it). Every reader resolves a key to the copy in the *latest* 
 are time-ordered), so all readers agree; `refine store gc` later drops the other copies. Latest-wins is
 also how a damaged entry is repaired: `extract` recomputes it into a fresh, later segment.
 
-How an entry's bytes lie in its shards and how a read checks them is `pipeline.segment_layout`. Version 2
+The writer is `pipeline.store_writer`; how an entry's bytes lie in its shards and how a read checks them
+is `pipeline.segment_layout`; the index of the committed entries is `pipeline.store_index`. Version 2
 of the store (the root's marker) is the first with segments of layout 2; a store of version 1 is read as it
 is and marked version 2 by its first new segment, so that an older refine refuses it instead of misreading.
 """
@@ -33,8 +34,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,6 @@ import fsspec
 import numpy as np
 import orjson
 import zarr
-import zarr.codecs
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import RefineError
@@ -51,11 +49,8 @@ from pipeline.shapes import EMBEDDING_SHAPE
 from pipeline.store_index import INDEX_FILE, Entry, EntryIndex, file_stamp, parse_commit
 from pipeline.segment_layout import (
     CURRENT_LAYOUT,
-    INDEX_CRC_BYTES,
-    INDEX_ENTRY_BYTES,
     LEGACY_LAYOUT,
     legacy_digest,
-    parse_shard_index,
     raw_digest,
     read_chunk,
     shard_file,
@@ -66,14 +61,6 @@ STORE_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 EMBEDDING = "embedding"
 EARLY = "early"
-# Rows per segment: bounds the commit file a writer rewrites after every batch (~100 bytes a row).
-SEGMENT_ROWS = 2048
-# A writer that has not written for this long starts a fresh segment instead of appending: `store gc`
-# only touches segments idle for longer (its grace period, default an hour), so gc and a writer never
-# work on the same segment.
-SEGMENT_IDLE_S = 600.0
-# Threads of a writer that check and hash a batch (hashlib and numpy release the GIL on large buffers).
-WRITER_THREADS = min(8, os.cpu_count() or 1)
 # fsspec options of every store file system. Credentials and the endpoint come from the environment
 # (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for an S3-compatible
 # server: botocore reads them itself).
@@ -435,9 +422,6 @@ class Namespace:
             arrays.append(chunk.view("<f2").reshape(shape))
         return arrays[0], arrays[1]
 
-    def writer(self, early_channels: int, shard_rows: int, computed_with: dict | None = None) -> SegmentWriter:
-        return SegmentWriter(self, early_channels, shard_rows, computed_with)
-
     # -- datasets ----------------------------------------------------------------------------------
     def dataset_names(self) -> list[str]:
         names = self.store.list_names(f"{self.fingerprint}/datasets")
@@ -454,116 +438,3 @@ class Namespace:
 
     def write_dataset(self, manifest: dict) -> None:
         self.store.write_json_atomic(f"{self.fingerprint}/datasets/{manifest['dataset']}.json", manifest)
-
-
-class SegmentWriter:
-    """Appends batches to a fresh segment owned by this writer alone; each batch commits atomically."""
-
-    def __init__(
-        self, namespace: Namespace, early_channels: int, shard_rows: int, computed_with: dict | None = None
-    ) -> None:
-        self.namespace = namespace
-        self.early_channels = early_channels
-        self.shard_rows = shard_rows
-        # How this writer's features were computed (device, precision, kernels): provenance that may differ
-        # between segments of one namespace without changing what the features mean.
-        self.computed_with = computed_with or {}
-        self._segment: str | None = None
-        self._arrays: dict[str, zarr.Array] = {}
-        self._entries: list[list] = []
-        self._next_shard = 0
-        self._last_write = 0.0  # time.monotonic() of the segment's last write
-        # Checks and digests run here while zarr writes on its own event-loop thread (both release the GIL).
-        self._pool = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="refine-digest")
-
-    def new_segment(self) -> None:
-        """Put the next batch into a fresh segment (named later than every segment that exists now)."""
-        self._segment = None
-
-    def _open_segment(self) -> None:
-        self.namespace.store.mark_current_version()
-        # Time-ordered and random: unique across processes and machines without coordination.
-        self._segment = f"{time.time_ns():020d}-{secrets.token_hex(4)}"
-        self._entries = []
-        self._next_shard = 0
-        self._last_write = time.monotonic()
-        base = f"{self.namespace.fingerprint}/segments/{self._segment}"
-        zarr.open_group(self.namespace.store.zarr_store, path=base, mode="w-")
-        grid = EMBEDDING_SHAPE[1:]
-        for name, channels in ((EMBEDDING, EMBEDDING_SHAPE[0]), (EARLY, self.early_channels)):
-            self._arrays[name] = zarr.create_array(
-                self.namespace.store.zarr_store,
-                name=f"{base}/{name}",
-                shape=(SEGMENT_ROWS, channels, *grid),
-                chunks=(1, channels, *grid),
-                shards=(self.shard_rows, channels, *grid),
-                dtype="float16",
-                serializer=zarr.codecs.BytesCodec(endian="little"),
-                compressors=None,  # raw chunks: readers map them (see pipeline.segment_layout)
-                fill_value=0,
-                # Rows are never all zero; zarr's test for "empty" chunks otherwise costs as much as the write.
-                config={"write_empty_chunks": True},
-            )
-
-    def _chunk_offsets(self, name: str, shard: int, count: int, channels: int) -> list[int]:
-        """Where the first `count` chunks start in a shard just written, from zarr's own shard index."""
-        relative = shard_file(self.namespace.fingerprint, self._segment or "", name, shard)
-        tail_bytes = self.shard_rows * INDEX_ENTRY_BYTES + INDEX_CRC_BYTES
-        tail = self.namespace.store.fs.cat_file(self.namespace.store.path(relative), start=-tail_bytes)
-        index = parse_shard_index(tail, self.shard_rows, f"{self.namespace.store.url}: {relative}")
-        chunk_bytes = 2 * channels * EMBEDDING_SHAPE[1] * EMBEDDING_SHAPE[2]
-        if (index[:count, 1] != chunk_bytes).any():  # a zarr that wrote another encoding: never guess
-            raise RefineError(f"{self.namespace.store.url}: {relative}: chunks are not raw float16 as expected")
-        return [int(offset) for offset in index[:count, 0]]
-
-    def write_batch(
-        self,
-        keys: list[str],
-        embeddings: np.ndarray,
-        early: np.ndarray,
-        original_sizes: list[tuple[int, int]],
-        resized_sizes: list[tuple[int, int]],
-    ) -> None:
-        """Write up to `shard_rows` entries (n x 256 x 64 x 64 and n x C x 64 x 64 float16) and commit them."""
-        count = len(keys)
-        if not 0 < count <= self.shard_rows:
-            raise ValueError(f"a batch holds 1 to {self.shard_rows} entries, got {count}")
-        finite = self._pool.map(lambda i: all_finite(embeddings[i]) and all_finite(early[i]), range(count))
-        if not all(finite):
-            raise RefineError("the encoder produced non-finite features (NaN or inf); nothing was written")
-        digests = [self._pool.submit(entry_digest, embeddings[i], early[i]) for i in range(count)]
-        full = (self._next_shard + 1) * self.shard_rows > SEGMENT_ROWS
-        if self._segment is None or full or time.monotonic() - self._last_write > SEGMENT_IDLE_S:
-            self._open_segment()
-        assert self._segment is not None
-        shard = self._next_shard
-        start = shard * self.shard_rows
-        rows = slice(start, start + count)
-        # Each batch fills one whole fresh shard per array: no shard is ever rewritten.
-        self._arrays[EMBEDDING][rows] = embeddings
-        self._arrays[EARLY][rows] = early
-        self._next_shard += 1
-        embedding_at = self._chunk_offsets(EMBEDDING, shard, count, EMBEDDING_SHAPE[0])
-        early_at = self._chunk_offsets(EARLY, shard, count, self.early_channels)
-        for i, key in enumerate(keys):
-            self._entries.append(
-                [
-                    key,
-                    start + i,
-                    *original_sizes[i],
-                    *resized_sizes[i],
-                    digests[i].result(),
-                    embedding_at[i],
-                    early_at[i],
-                ]
-            )
-        commit = {
-            "segment": self._segment,
-            "layout": CURRENT_LAYOUT,
-            "shard_rows": self.shard_rows,
-            "early_channels": self.early_channels,
-            "computed_with": self.computed_with,
-            "entries": self._entries,
-        }
-        self.namespace.store.write_json_atomic(f"{self.namespace.fingerprint}/commits/{self._segment}.json", commit)
-        self._last_write = time.monotonic()

@@ -28,7 +28,8 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.errors import RefineError
-from pipeline.store import SEGMENT_IDLE_S, Entry, FeatureStore, Namespace
+from pipeline.store import Entry, FeatureStore, Namespace
+from pipeline.store_writer import SEGMENT_IDLE_S
 
 # Six times SEGMENT_IDLE_S: the margin covers a batch being written while the clocks run.
 DEFAULT_GRACE_S = 6 * SEGMENT_IDLE_S

@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.segment_layout import CURRENT_LAYOUT
 from pipeline.store import Entry, FeatureStore, Namespace
+from pipeline.store_writer import SegmentWriter
 
 
 @dataclass
@@ -42,7 +43,7 @@ def migrate_store(store: FeatureStore, progress: Callable[[int, int], None] | No
         for segment, entries in by_segment.items():
             commit = namespace.read_commit(segment)
             shard_rows = int(commit["shard_rows"])
-            writer = namespace.writer(int(commit["early_channels"]), shard_rows, commit.get("computed_with"))
+            writer = SegmentWriter(namespace, int(commit["early_channels"]), shard_rows, commit.get("computed_with"))
             for start in range(0, len(entries), shard_rows):
                 batch = entries[start : start + shard_rows]
                 features = [namespace.read(entry, check=True) for entry in batch]

@@ -12,7 +12,8 @@ import zarr.codecs
 
 from pipeline.manifest import manifest_images
 from pipeline.segment_layout import legacy_digest
-from pipeline.store import EARLY, EMBEDDING, SEGMENT_ROWS, FeatureStore
+from pipeline.store import EARLY, EMBEDDING, FeatureStore
+from pipeline.store_writer import SEGMENT_ROWS
 
 LEGACY_COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)
 

@@ -18,6 +18,7 @@ import pytest
 
 from pipeline.encoder import identity_for
 from pipeline.store import FeatureStore, Namespace
+from pipeline.store_writer import SegmentWriter
 from pipeline.store_gc import collect_garbage
 from pipeline.store_index import INDEX_FILE
 from pipeline.store_report import verify_store
@@ -65,7 +66,7 @@ def features(seed: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write(namespace: Namespace, keys: list[str], seed: int, shard_rows: int = 2):
     """A fresh writer (own segment) committing `keys` in one batch; returns the writer."""
-    writer = namespace.writer(EARLY, shard_rows)
+    writer = SegmentWriter(namespace, EARLY, shard_rows)
     embedding, early = features(seed, len(keys))
     writer.write_batch(keys, embedding, early, [(64, 64)] * len(keys), [(1024, 1024)] * len(keys))
     return writer

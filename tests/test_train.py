@@ -39,6 +39,7 @@ from pipeline.encoder import identity_for
 from pipeline.engine import TrainProgress
 from pipeline.errors import RefineError
 from pipeline.store import FeatureStore
+from pipeline.store_writer import SegmentWriter
 from pipeline.train import METRICS, run_train
 from stages.train import train
 
@@ -223,7 +224,7 @@ def test_missing_dataset_and_features_of_another_encoder(dataset: dict, tmp_path
     entries = first.entries()
     keys = manifest_images(manifest, "test").keys
     features = [first.read(entries[key]) for key in keys]
-    second.writer(160, len(keys)).write_batch(
+    SegmentWriter(second, 160, len(keys)).write_batch(
         keys,
         np.stack([embedding for embedding, _ in features]),
         np.stack([early for _, early in features]),
