@@ -29,6 +29,7 @@ from typing import Any
 
 from pipeline.errors import RefineError
 from pipeline.store import Entry, FeatureStore, Namespace
+from pipeline.store_index import commit_row
 from pipeline.store_writer import SEGMENT_IDLE_S
 
 # Six times SEGMENT_IDLE_S: the margin covers a batch being written while the clocks run.
@@ -140,8 +141,7 @@ class _Collector:
             return
         raw = namespace.read_commit(segment)
         if entries is not None and len(kept) < len(entries):
-            rows = {(entry.key, entry.row) for entry in kept}
-            raw["entries"] = [row for row in raw["entries"] if (row[0], row[1]) in rows]
+            raw["entries"] = [commit_row(entry) for entry in kept]
             if not self.dry_run:
                 self.store.write_json_atomic(commit_file, raw)
         used = {entry.row // int(raw["shard_rows"]) for entry in kept}

@@ -83,8 +83,19 @@ class SegmentRows:
     channels: np.ndarray  # s int32
 
 
+def commit_row(entry: Entry) -> list[Any]:
+    """An entry as its commit file's row: the one writer of the rows `parse_commit` reads.
+
+    Layout 1: [key, row, height, width, resized height, resized width, digest]; layout 2 adds the offsets
+    of the embedding and early chunk in their shard files.
+    """
+    row = [entry.key, entry.row, *entry.original_size, *entry.resized_size, entry.digest]
+    return row if entry.layout == LEGACY_LAYOUT else [*row, *entry.offsets]
+
+
 def parse_commit(commit: Any, segment: str, where: str) -> SegmentRows:
-    """One commit file's rows as columns; a damaged one is a RefineError naming `where`."""
+    """One commit file's rows as columns (rows as `commit_row` writes them); a damaged one is a RefineError
+    naming `where`."""
     try:
         layout = int(commit.get("layout", LEGACY_LAYOUT))
         if layout not in (LEGACY_LAYOUT, CURRENT_LAYOUT):

@@ -20,6 +20,7 @@ from pipeline.errors import RefineError
 from pipeline.segment_layout import CURRENT_LAYOUT, INDEX_CRC_BYTES, INDEX_ENTRY_BYTES, parse_shard_index, shard_file
 from pipeline.shapes import EMBEDDING_SHAPE
 from pipeline.store import EARLY, EMBEDDING, Namespace, all_finite, entry_digest
+from pipeline.store_index import Entry, commit_row
 
 # Rows per segment: bounds the commit file a writer rewrites after every batch (~100 bytes a row).
 SEGMENT_ROWS = 2048
@@ -121,17 +122,19 @@ class SegmentWriter:
         embedding_at = self._chunk_offsets(EMBEDDING, shard, count, EMBEDDING_SHAPE[0])
         early_at = self._chunk_offsets(EARLY, shard, count, self.early_channels)
         for i, key in enumerate(keys):
-            self._entries.append(
-                [
-                    key,
-                    start + i,
-                    *original_sizes[i],
-                    *resized_sizes[i],
-                    digests[i].result(),
-                    embedding_at[i],
-                    early_at[i],
-                ]
+            entry = Entry(
+                key,
+                self._segment,
+                start + i,
+                original_sizes[i],
+                resized_sizes[i],
+                digests[i].result(),
+                CURRENT_LAYOUT,
+                self.shard_rows,
+                self.early_channels,
+                (embedding_at[i], early_at[i]),
             )
+            self._entries.append(commit_row(entry))
         commit = {
             "segment": self._segment,
             "layout": CURRENT_LAYOUT,
