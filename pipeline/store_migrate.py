@@ -8,6 +8,7 @@ is killed or fails half way loses nothing, and running it again continues where 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,10 +41,16 @@ def migrate_store(store: FeatureStore, progress: Callable[[int, int], None] | No
         by_segment: dict[str, list[Entry]] = {}
         for entry in stale:
             by_segment.setdefault(entry.segment, []).append(entry)
+        # One writer (and its thread pool) per way of writing, not per old segment: a store has hundreds.
+        writers: dict[str, SegmentWriter] = {}
         for segment, entries in by_segment.items():
             commit = namespace.read_commit(segment)
             shard_rows = int(commit["shard_rows"])
-            writer = SegmentWriter(namespace, int(commit["early_channels"]), shard_rows, commit.get("computed_with"))
+            how = (int(commit["early_channels"]), shard_rows, commit.get("computed_with") or {})
+            key = json.dumps(how, sort_keys=True)
+            if key not in writers:
+                writers[key] = SegmentWriter(namespace, *how)
+            writer = writers[key]
             for start in range(0, len(entries), shard_rows):
                 batch = entries[start : start + shard_rows]
                 features = [namespace.read(entry, check=True) for entry in batch]
