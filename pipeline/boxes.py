@@ -20,7 +20,7 @@ from torchvision.ops import box_convert, box_iou, clip_boxes_to_image
 # the box on each axis, so it never collapses when clipped to the image.
 MAX_NOISE = 0.5
 # Independent random streams of `seeded_generator`, so that no two purposes ever share draws.
-SHUFFLE_STREAM, TRAIN_NOISE_STREAM, EVAL_NOISE_STREAM = 0, 1, 2
+SHUFFLE_STREAM, TRAIN_NOISE_STREAM, EVAL_NOISE_STREAM, HOLDOUT_STREAM = 0, 1, 2, 3
 
 
 def coco_to_xyxy(bboxes: Sequence[Sequence[float]]) -> Tensor:

@@ -3,7 +3,8 @@
 `train` writes it after every epoch (atomically: a crash while saving leaves the previous one intact);
 `train --resume`, `evaluate` and `apply` read it. It holds the model, optimizer and scaler state, the
 epoch, the resolved training config, the refiner's name and config, the store fingerprint of the features
-it was trained on and the encoder they came from. It is read with `weights_only=True` (no pickled code)
+it was trained on, the encoder they came from, and the epoch's metrics, among them the abstention threshold
+chosen on held-out training images (`min_score_of`). It is read with `weights_only=True` (no pickled code)
 and refused, in one line, when it is not a refine checkpoint or is of another version.
 """
 
@@ -21,11 +22,12 @@ from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refi
 CHECKPOINT = "model.pt"
 CHECKPOINT_FORMAT = "refine-refiner"
 # Raised whenever a refiner's computation changes: the weights of an older one would load and silently mean
-# something else. 2: similarity cues computed on the feature grid instead of in each window.
-CHECKPOINT_VERSION = 2
+# something else. 2: similarity cues computed on the feature grid instead of in each window. 3: a score
+# head and the abstention threshold.
+CHECKPOINT_VERSION = 3
 # Options that may change between a run and its --resume. Workers and device do not change what is
 # computed; a larger --epochs trains longer (the learning-rate schedule then stretches to the new total).
-RESUMABLE = {"epochs", "workers", "device", "resume"}
+RESUMABLE = {"epochs", "workers", "device", "resume", "max_worse"}
 
 
 def checkpoint_payload(
@@ -85,6 +87,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{CHECKPOINT_VERSION}; train the refiner again with `refine train`"
         )
     return checkpoint
+
+
+def min_score_of(checkpoint: dict[str, Any]) -> float:
+    """The abstention threshold `train` chose on its held-out images (0: refine every box)."""
+    return float(checkpoint["metrics"]["abstention"]["min_score"])
 
 
 def refiner_from_checkpoint(checkpoint: dict[str, Any]) -> SimilarityCascadeRefiner:

@@ -26,7 +26,9 @@ CATEGORIES = ("ellipse", "polygon", "rounded_rectangle", "bar", "ring", "star")
 SPLITS = ("train", "val")
 JPEG_QUALITY = 92
 SIDE_RANGE = (300, 900)  # width and height are drawn independently, so aspect ratios vary too
-MAX_OBJECTS = 6
+MAX_OBJECTS = (
+    16  # objects per scene are drawn from 1..MAX_OBJECTS: the encoder costs per image, training learns per box
+)
 MIN_SIZE = 15.0  # smallest object extent in pixels
 MAX_SIZE_FRACTION = 0.6  # largest object extent, as a fraction of the shorter image side
 BAR_WIDTH_RANGE = (4.0, 12.0)
@@ -36,6 +38,8 @@ MIN_VISIBLE_PIXELS = 30
 ATTEMPTS_PER_OBJECT = 4
 # How often a new object is placed onto an existing one, so that scenes have occlusions.
 OVERLAP_PROBABILITY = 0.35
+# How often an object is centred on the image border, so that the border cuts it (as in real photos).
+BORDER_PROBABILITY = 0.1
 COLOUR_CANDIDATES = 16
 # Objects this close (in pixels) get distinct colours too, so a shared edge is never ambiguous.
 TOUCH_DISTANCE = 3
@@ -88,14 +92,15 @@ def image_name(split: str, index: int) -> str:
     return f"{split}_{index:04d}.jpg"
 
 
-def render_scene(seed: int, split: str, index: int) -> Scene:
-    """Draw one scene; it depends only on (seed, split, index), so growing one split leaves the rest alone."""
+def render_scene(seed: int, split: str, index: int, max_objects: int = MAX_OBJECTS) -> Scene:
+    """Draw one scene; it depends only on (seed, split, index, max_objects), so growing one split leaves the
+    rest alone."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     height, width = (int(v) for v in rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1, size=2))
     canvas = _background(rng, height, width)
     _add_clutter(rng, canvas)
     placed: list[_Placed] = []
-    target = int(rng.integers(1, MAX_OBJECTS + 1))
+    target = int(rng.integers(1, max_objects + 1))
     attempts = 0
     # Keep trying past the budget while the scene is empty: every image has at least one object.
     while len(placed) < target and (attempts < ATTEMPTS_PER_OBJECT * target or not placed):
@@ -105,10 +110,14 @@ def render_scene(seed: int, split: str, index: int) -> Scene:
     return Scene(image, [SceneObject(p.category_id, p.visible) for p in placed])
 
 
-def make_demo_dataset(out_dir: Path, seed: int = 0, n_train: int = 1280, n_val: int = 40) -> dict[str, dict[str, int]]:
+def make_demo_dataset(
+    out_dir: Path, seed: int = 0, n_train: int = 1280, n_val: int = 40, max_objects: int = MAX_OBJECTS
+) -> dict[str, dict[str, int]]:
     """Write out_dir/images/*.jpg, train.json and val.json; return image and box counts per split."""
     if seed < 0:
         raise RefineError(f"seed must be a non-negative integer, got {seed}")
+    if max_objects < 1:
+        raise RefineError(f"max_objects must be at least 1, got {max_objects}")
     counts = {"train": n_train, "val": n_val}
     for split, count in counts.items():
         if count < 1:
@@ -120,7 +129,9 @@ def make_demo_dataset(out_dir: Path, seed: int = 0, n_train: int = 1280, n_val: 
         images_dir.mkdir(parents=True, exist_ok=True)
         datasets: dict[str, dict[str, Any]] = {}
         for split, count in counts.items():
-            datasets[split] = _write_split(images_dir, seed, split, count, next_image_id, next_annotation_id)
+            datasets[split] = _write_split(
+                images_dir, seed, split, count, max_objects, next_image_id, next_annotation_id
+            )
             next_image_id += count
             next_annotation_id += len(datasets[split]["annotations"])
             summary[split] = {"images": count, "annotations": len(datasets[split]["annotations"])}
@@ -137,10 +148,16 @@ def make_demo_dataset(out_dir: Path, seed: int = 0, n_train: int = 1280, n_val: 
 
 
 def _write_split(
-    images_dir: Path, seed: int, split: str, count: int, first_image_id: int, first_annotation_id: int
+    images_dir: Path,
+    seed: int,
+    split: str,
+    count: int,
+    max_objects: int,
+    first_image_id: int,
+    first_annotation_id: int,
 ) -> dict[str, Any]:
     """Render and save one split's images (in parallel for large splits); return its COCO dataset."""
-    jobs = [(images_dir, seed, split, index) for index in range(count)]
+    jobs = [(images_dir, seed, split, index, max_objects) for index in range(count)]
     workers = min(os.cpu_count() or 1, count // IMAGES_PER_WORKER)
     if workers > 1:
         # forkserver: the caller may hold zarr's or torch's threads, which a plain fork would copy mid-lock.
@@ -169,10 +186,12 @@ def _write_split(
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def _render_and_save(job: tuple[Path, int, str, int]) -> tuple[int, int, list[tuple[int, list[float], int]]]:
+def _render_and_save(
+    job: tuple[Path, int, str, int, int],
+) -> tuple[int, int, list[tuple[int, list[float], int]]]:
     """Render one scene and save its JPEG; return its height, width and (category, bbox, area) per object."""
-    images_dir, seed, split, index = job
-    scene = render_scene(seed, split, index)
+    images_dir, seed, split, index, max_objects = job
+    scene = render_scene(seed, split, index, max_objects)
     # No EXIF, no timestamps: Pillow's JPEG writer is then a pure function of the pixels.
     Image.fromarray(scene.image).save(images_dir / image_name(split, index), format="JPEG", quality=JPEG_QUALITY)
     height, width = scene.image.shape[:2]
@@ -244,8 +263,10 @@ def _try_place(rng: np.random.Generator, canvas: np.ndarray, placed: list[_Place
     height, width = canvas.shape[:2]
     category = int(rng.integers(len(CATEGORIES)))
     outline, holes = _SHAPES[CATEGORIES[category]](rng, _object_size(rng, height, width), height, width)
-    centre = _centre(rng, placed, height, width)
-    offset = _offset(outline, centre, height, width)
+    if rng.random() < BORDER_PROBABILITY:
+        offset = _on_border(rng, height, width)
+    else:
+        offset = _offset(outline, _centre(rng, placed, height, width), height, width)
     mask = _rasterise(outline + offset, [h + offset for h in holes], height, width)
     own_area = int(mask.sum())
     if own_area < MIN_VISIBLE_PIXELS:
@@ -292,6 +313,15 @@ def _offset(outline: np.ndarray, centre: np.ndarray, height: int, width: int) ->
     high = np.array([width - 1.0, height - 1.0]) - outline.max(axis=0)
     # Shapes are sized to fit, but guard anyway: a shape wider than the image is centred.
     return np.where(low <= high, np.clip(centre, low, high), (low + high) / 2)
+
+
+def _on_border(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A centre on a random point of the image's border: the border cuts the shape about in half."""
+    along = rng.uniform(0.0, 1.0)
+    side = int(rng.integers(4))
+    if side < 2:  # left or right edge
+        return np.array([side * (width - 1.0), along * (height - 1.0)])
+    return np.array([along * (width - 1.0), (side - 2) * (height - 1.0)])
 
 
 def _rotate(points: np.ndarray, angle: float) -> np.ndarray:

@@ -11,7 +11,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,16 +21,16 @@ from pipeline.boxes import valid_boxes
 from pipeline.devices import autocast
 from pipeline.errors import RefineError
 from pipeline.features import FeatureBatch, ImageBoxes, coarse_and_targets
-from pipeline.loss import box_loss
-from pipeline.metrics import iou_summary, paired_iou
-from pipeline.refiner import SimilarityCascadeRefiner
+from pipeline.loss import box_loss, score_loss
+from pipeline.metrics import paired_iou
+from pipeline.refiner import Refinement, SimilarityCascadeRefiner
 
 
 @dataclass
 class TrainProgress:
     """What the training loop reports after each step (train) or batch (val)."""
 
-    phase: str  # "train" or "val"
+    phase: str  # "train", "val" or "hold-out" (the images the abstention threshold is chosen on)
     epoch: int  # 1-based
     epochs: int
     step: int
@@ -59,8 +58,8 @@ class CoarseBoxes:
     """The coarse boxes of a split's images and the ground truth each should become.
 
     From the split's results file when it has one; otherwise the noise protocol with `noise` and `seed`:
-    in training `copies` noisy versions of every ground-truth box, drawn for (seed, epoch, image); in
-    validation (epoch None) one fixed draw per image, the same every epoch and every run of the seed.
+    `copies` noisy versions of every ground-truth box, drawn for (seed, epoch, image) in training, and in
+    validation (epoch None) from a fixed draw per image, the same every epoch and every run of the seed.
     """
 
     images: list[ImageBoxes]
@@ -70,8 +69,7 @@ class CoarseBoxes:
 
     def of(self, indices: list[int], epoch: int | None) -> tuple[list[Tensor], list[Tensor]]:
         """Coarse boxes and targets of the images at `indices` (lists of N_i x 4, encoder-input pixels)."""
-        copies = self.copies if epoch is not None else 1
-        pairs = [coarse_and_targets(self.images[i], self.noise, self.seed, epoch, copies) for i in indices]
+        pairs = [coarse_and_targets(self.images[i], self.noise, self.seed, epoch, self.copies) for i in indices]
         return [coarse for coarse, _ in pairs], [targets for _, targets in pairs]
 
 
@@ -83,9 +81,9 @@ class TrainForward(torch.nn.Module):
         super().__init__()
         self.refiner = refiner
 
-    def forward(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> list[Tensor]:
+    def forward(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> Refinement:
         """embedding: B x 256 x 64 x 64, early: B x C x 64 x 64, boxes: B lists of N_i x 4 -> per stage
-        sum(N_i) x 4 boxes."""
+        sum(N_i) x 4 boxes, and the score logits."""
         return self.refiner.forward_stages(embedding, early, boxes)
 
 
@@ -145,10 +143,13 @@ def train_one_epoch(
         coarse = [b.to(device) for b in coarse]
         targets = torch.cat(per_image).to(device)
         with autocast(device, precision.amp_dtype):
-            stages = model(
+            refinement = model(
                 batch.embedding.to(device, non_blocking=True), batch.early.to(device, non_blocking=True), coarse
             )
-        loss = box_loss([s.float() for s in stages], torch.cat(coarse), targets)
+        stages, all_coarse = [s.float() for s in refinement.stages], torch.cat(coarse)
+        loss = box_loss(stages, all_coarse, targets) + score_loss(
+            refinement.score_logits, stages[-1], all_coarse, targets
+        )
         value = distributed.mean(loss)  # over the ranks: a NaN on one stops every rank at the same step
         if not math.isfinite(value):
             raise RefineError(
@@ -171,8 +172,17 @@ def train_one_epoch(
     return sum(losses) / max(len(losses), 1)
 
 
+@dataclass
+class BoxOutcomes:
+    """What the refiner did to each box of a split, against the ground truth (N each, all ranks' boxes)."""
+
+    iou_coarse: Tensor
+    iou_refined: Tensor  # of the refined box as `apply` would write it (clipped to the image)
+    score: Tensor
+
+
 @torch.inference_mode()
-def validate(
+def predict_outcomes(
     model: SimilarityCascadeRefiner,
     loader: DataLoader,
     boxes: CoarseBoxes,
@@ -180,32 +190,31 @@ def validate(
     epoch: int,
     epochs: int,
     progress: OnProgress | None = None,
-) -> dict[str, Any]:
-    """Mean IoU of coarse and refined boxes against the ground truth on the validation images
-    (`iou_summary`'s keys), over every rank's part; `epoch` (0-based) of `epochs` is for the progress only.
-
-    The coarse boxes are the fixed validation draw of `boxes`, so epochs are comparable.
-    """
+    phase: str = "val",
+) -> BoxOutcomes:
+    """Refine and score the fixed coarse draw of `boxes` over every rank's part; `epoch` (0-based) of
+    `epochs` and `phase` are for the progress only. The draw is the same every epoch, so epochs compare."""
     model.eval()
     device = precision.device
     steps = len(loader)
     timer = _Timer()
-    coarse_iou, refined_iou = [], []
+    coarse_iou, refined_iou, scores = [], [], []
     for step, batch in enumerate(_batches(loader, timer)):
         coarse, targets = boxes.of(batch.indices, None)
         with autocast(device, precision.amp_dtype):
-            refined = model(batch.embedding.to(device), batch.early.to(device), [c.to(device) for c in coarse])
-        for index, before, after, target in zip(batch.indices, coarse, refined, targets, strict=True):
+            refined, score = model(batch.embedding.to(device), batch.early.to(device), [c.to(device) for c in coarse])
+        for index, before, after, target, box_score in zip(batch.indices, coarse, refined, targets, score, strict=True):
             # The boxes `apply` would write (clipped to the image), so these figures match `refine evaluate`.
             final = valid_boxes(after.float().cpu(), before, boxes.images[index].resized_hw)
             coarse_iou.append(paired_iou(before, target))
             refined_iou.append(paired_iou(final, target))
+            scores.append(box_score.float().cpu())
             timer.boxes += len(target)
         if progress:
             boxes_per_s, waiting = timer.rates()
-            progress(TrainProgress("val", epoch + 1, epochs, step + 1, steps, math.nan, boxes_per_s, waiting))
-    # Under torchrun each rank evaluated its part of the images: every rank gets all the IoUs.
+            progress(TrainProgress(phase, epoch + 1, epochs, step + 1, steps, math.nan, boxes_per_s, waiting))
+    # Under torchrun each rank refined its part of the images: every rank gets all the outcomes.
     parts = distributed.all_gather(
-        (torch.cat(coarse_iou or [torch.empty(0)]), torch.cat(refined_iou or [torch.empty(0)]))
+        tuple(torch.cat(values or [torch.empty(0)]) for values in (coarse_iou, refined_iou, scores))
     )
-    return iou_summary(torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]))
+    return BoxOutcomes(*(torch.cat([part[i] for part in parts]) for i in range(3)))

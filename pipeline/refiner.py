@@ -33,6 +33,8 @@ from pipeline.shapes import EMBEDDING_SHAPE, FEATURE_STRIDE, IMAGE_SIZE
 # Cue maps computed from the two features: (object, background, object - background) similarity for each,
 # the inside-the-box mask, and the early feature's local change.
 FIXED_CUES = 8
+# Which score head output is the box's score (`ScoreHead`): 0 the predicted IoU, 1 the chance of beating the coarse box.
+SCORE_OUTPUT = 1
 
 
 @dataclass(frozen=True)
@@ -214,8 +216,9 @@ class SideHead(nn.Module):
             nn.init.zeros_(layer.bias)
         self.register_buffer("centres", (torch.arange(pool, dtype=torch.float32) + 0.5) / pool)
 
-    def forward(self, window: Tensor, current: Tensor) -> Tensor:
-        """window: K x width x P x P; current: K x 2 sides (low, high) in window units -> K x 2 in window units."""
+    def forward(self, window: Tensor, current: Tensor) -> tuple[Tensor, Tensor]:
+        """window: K x width x P x P; current: K x 2 sides (low, high) in window units -> the sides (K x 2,
+        window units) and the spread of each side's distribution (K x 2 standard deviations, window units)."""
         across = 5 - self.axis  # the other spatial dimension
         weights = self.attention(window).softmax(dim=across)
         features = self.profile((window * weights).sum(dim=across))  # K x width x P
@@ -224,11 +227,48 @@ class SideHead(nn.Module):
         offsets = torch.tanh(self.offsets(features).float()) / len(self.centres)  # at most one bin either way
         # The window's edges truncate the prior, pulling its mean inwards; shift it back onto the side.
         prior_bias = current - (prior.softmax(dim=-1) * self.centres).sum(dim=-1)
-        return (probability * (self.centres + offsets)).sum(dim=-1) + prior_bias
+        mean = (probability * self.centres).sum(dim=-1)
+        spread = (probability * (self.centres - mean[:, :, None]) ** 2).sum(dim=-1).clamp_min(0).sqrt()
+        return (probability * (self.centres + offsets)).sum(dim=-1) + prior_bias, spread
+
+
+@dataclass
+class StageOutput:
+    """What one cascade stage gives: its boxes and the evidence the score head reads about them."""
+
+    boxes: Tensor  # K x 4 pixels
+    evidence: Tensor  # K x (2 * width + 8): the net's pooled features, each side's spread and move (window units)
+
+
+@dataclass
+class Refinement:
+    """Every stage's boxes (K x 4 each, last = final, all images' boxes in order) and the score logits
+    (K x 2: the final box's IoU with the truth, and whether it beats the coarse box)."""
+
+    stages: list[Tensor]
+    score_logits: Tensor
+
+
+class ScoreHead(nn.Module):
+    """How far to trust each refined box, from what the cascade saw on the way: K x features -> K x 2 logits.
+
+    Its input is detached, so learning it leaves the boxes exactly as they would be without it.
+    Two outputs, both trained with binary cross-entropy: the IoU of the final box with the truth (a soft
+    target in [0, 1]), and whether the final box is closer to the truth than the coarse box was.
+    """
+
+    def __init__(self, features: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(features)
+        self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, 2))
+
+    def forward(self, evidence: Tensor) -> Tensor:
+        return self.mlp(self.norm(evidence.detach().float()))
 
 
 class CascadeStage(nn.Module):
-    """One refinement step: the batch's CellMaps and K boxes (pixels) -> K refined boxes (pixels)."""
+    """One refinement step: the batch's CellMaps and K boxes (pixels) -> K refined boxes (pixels), and what
+    the score head reads of the step (`StageOutput`)."""
 
     def __init__(self, config: RefinerConfig, context: float) -> None:
         super().__init__()
@@ -287,9 +327,12 @@ class CascadeStage(nn.Module):
             dim=1,
         )
         x = self.net(torch.cat([cues, pooled], dim=1))
-        x0, x1 = self.along_x(x, current[:, 0::2]).unbind(dim=1)
-        y0, y1 = self.along_y(x, current[:, 1::2]).unbind(dim=1)
-        return origin + torch.stack([x0, y0, x1, y1], dim=1) * size
+        sides_x, spread_x = self.along_x(x, current[:, 0::2])
+        sides_y, spread_y = self.along_y(x, current[:, 1::2])
+        sides = torch.stack([sides_x[:, 0], sides_y[:, 0], sides_x[:, 1], sides_y[:, 1]], dim=1)
+        spread = torch.stack([spread_x[:, 0], spread_y[:, 0], spread_x[:, 1], spread_y[:, 1]], dim=1)
+        evidence = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1).float()
+        return StageOutput(origin + sides * size, torch.cat([evidence, spread, sides - current], dim=1))
 
 
 class SimilarityCascadeRefiner(nn.Module):
@@ -301,6 +344,8 @@ class SimilarityCascadeRefiner(nn.Module):
         self.early = EarlyProjection(config.early_channels, config.dim, config.trunk)
         self.embedding_norm = Whitening(EMBEDDING_SHAPE[0])
         self.stages = nn.ModuleList(CascadeStage(config, context) for context in config.contexts)
+        # Built last, so that every other weight starts as it did before the head existed.
+        self.score = ScoreHead(len(config.contexts) * (2 * config.width + 8) + 2)
 
     def set_feature_statistics(self, stats: dict[str, Tensor]) -> None:
         """Install training-set statistics {embedding_mean, embedding_cov, early_mean, early_cov}."""
@@ -314,8 +359,8 @@ class SimilarityCascadeRefiner(nn.Module):
         unit = tuple(F.normalize(f, dim=1) for f in flat)
         return CellMaps(projected, flat, unit, local_change(unit[0].unflatten(-1, projected.shape[-2:])))
 
-    def forward_stages(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> list[Tensor]:
-        """Every stage's boxes, K x 4 each (all images' boxes concatenated in order), last = final.
+    def forward_stages(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> Refinement:
+        """Every stage's boxes and the score logits of the final ones (all images' boxes concatenated).
 
         Each stage starts from the previous stage's boxes without gradient through them (as in Cascade
         R-CNN), so every stage learns to refine the distribution of boxes it is actually given.
@@ -325,17 +370,25 @@ class SimilarityCascadeRefiner(nn.Module):
         batch_index = torch.cat(
             [torch.full((n,), i, dtype=torch.int64, device=maps.early.device) for i, n in enumerate(counts)]
         )
-        current = torch.cat(boxes).float()
-        outputs = []
+        coarse = torch.cat(boxes).float()
+        current = coarse
+        outputs, evidence = [], []
         for stage in self.stages:
-            current = stage(maps, current.detach(), batch_index, counts).float()
+            step = stage(maps, current.detach(), batch_index, counts)
+            current = step.boxes.float()
             outputs.append(current)
-        return outputs
+            evidence.append(step.evidence)
+        # Small boxes are harder: the head also sees the coarse box's size (log, in units of the 1024 frame).
+        size = (coarse[:, 2:] - coarse[:, :2]).clamp_min(1.0) / IMAGE_SIZE
+        return Refinement(outputs, self.score(torch.cat([*evidence, size.log()], dim=1)))
 
-    def forward(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> list[Tensor]:
-        """Refined boxes, one N_i x 4 tensor per image, in the order of `boxes`."""
-        final = self.forward_stages(embedding, early, boxes)[-1]
-        return list(final.split([len(b) for b in boxes]))
+    def forward(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Refined boxes (N_i x 4) and their scores (N_i, in [0, 1]), one tensor each per image in the order of
+        `boxes`. The score is the predicted chance that the refined box beats the coarse one."""
+        refinement = self.forward_stages(embedding, early, boxes)
+        counts = [len(b) for b in boxes]
+        scores = torch.sigmoid(refinement.score_logits[:, SCORE_OUTPUT].float())
+        return list(refinement.stages[-1].split(counts)), list(scores.split(counts))
 
 
 Builder = Callable[[RefinerConfig], SimilarityCascadeRefiner]

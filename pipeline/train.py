@@ -30,13 +30,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from pipeline import distributed
+from pipeline.abstention import choose_min_score, written_iou
+from pipeline.boxes import HOLDOUT_STREAM, seeded_generator
 from pipeline.checkpoints import CHECKPOINT, check_resume, checkpoint_payload, load_checkpoint, save_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.devices import resolve_amp, resolve_device
-from pipeline.engine import CoarseBoxes, OnProgress, Precision, TrainForward, train_one_epoch, validate
+from pipeline.engine import CoarseBoxes, OnProgress, Precision, TrainForward, predict_outcomes, train_one_epoch
 from pipeline.errors import RefineError
 from pipeline.features import (
     FeatureDataset,
+    ImageBoxes,
     Split,
     feature_loader,
     feature_statistics,
@@ -44,6 +47,7 @@ from pipeline.features import (
     resolve_namespace,
 )
 from pipeline.jsonio import write_json
+from pipeline.metrics import iou_summary
 from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refiner
 from pipeline.sampler import EpochShuffle
 from pipeline.store import FeatureStore
@@ -84,6 +88,19 @@ def _workers(config: TrainConfig, device: torch.device) -> int:
     return 2 if device.type == "cuda" else 0
 
 
+def hold_out(images: list[ImageBoxes], share: float, seed: int) -> tuple[list[ImageBoxes], list[ImageBoxes]]:
+    """(images to train on, images held out to choose the abstention threshold on): `share` of them, at
+    least one when share > 0, picked by a draw keyed by (seed, image id), so the order of the file does not matter."""
+    if share <= 0:
+        return images, []
+    if len(images) < 2:
+        raise RefineError(f"--holdout {share} needs at least 2 training images with boxes, got {len(images)}")
+    draws = [torch.rand(1, generator=seeded_generator(seed, HOLDOUT_STREAM, image.image_id)).item() for image in images]
+    count = min(len(images) - 1, max(1, round(share * len(images))))
+    held = set(sorted(range(len(images)), key=draws.__getitem__)[:count])
+    return [im for i, im in enumerate(images) if i not in held], [im for i, im in enumerate(images) if i in held]
+
+
 @dataclass
 class Training:
     """What a run trains with, built from its TrainConfig by `prepare_training`."""
@@ -96,6 +113,7 @@ class Training:
     val_split: Split
     train_boxes: CoarseBoxes
     val_boxes: CoarseBoxes  # of this rank's part of the validation images
+    holdout_boxes: CoarseBoxes  # of this rank's part of the held-out training images
     model: SimilarityCascadeRefiner
     step_model: torch.nn.Module  # returns every cascade stage's boxes (DDP-wrapped under torchrun)
     refiner_config: RefinerConfig
@@ -103,6 +121,7 @@ class Training:
     sampler: EpochShuffle
     train_loader: DataLoader
     val_loader: DataLoader
+    holdout_loader: DataLoader
     learning_rate: Callable[[int], float]
     start_epoch: int
     checkpoint: dict[str, Any] | None  # the one resumed from
@@ -128,14 +147,19 @@ def prepare_training(
     val_dataset = config.val_dataset or (val_annotations.stem if config.val_annotations else dataset)
     val_split = load_split(namespace, val_dataset, val_annotations, config.val_coarse)
     provenance = namespace.provenance
+    if not 0.0 <= config.holdout < 1.0:
+        raise RefineError(f"--holdout must lie in [0, 1), got {config.holdout}")
+    trained_images, held_images = hold_out(train_split.images, config.holdout, config.seed)
 
     torch.manual_seed(config.seed)
     refiner_config = config.refiner_config(int(provenance["early_channels"]))
     model = build_refiner(config.model, refiner_config)
     rank, world_size, main = distributed.rank(), distributed.world_size(), distributed.is_main()
-    train_data = FeatureDataset(store.url, namespace.fingerprint, train_split.images)
+    train_data = FeatureDataset(store.url, namespace.fingerprint, trained_images)
     val_images = val_split.images[rank::world_size]  # under torchrun: each rank validates its part
     val_data = FeatureDataset(store.url, namespace.fingerprint, val_images)
+    held_part = held_images[rank::world_size]
+    holdout_data = FeatureDataset(store.url, namespace.fingerprint, held_part)
     checkpoint_path = config.out / CHECKPOINT
     # The main rank reads the checkpoint and hands it over: the other ranks' machines need no copy of <out>.
     checkpoint = distributed.broadcast(load_checkpoint(checkpoint_path) if main else None) if config.resume else None
@@ -164,6 +188,7 @@ def prepare_training(
     loaded = wrap_train_data(train_data) if wrap_train_data is not None else train_data
     train_loader = feature_loader(loaded, rank_batch, workers, sampler, pin=device.type == "cuda")
     val_loader = feature_loader(val_data, rank_batch, workers, pin=device.type == "cuda")
+    holdout_loader = feature_loader(holdout_data, rank_batch, workers, pin=device.type == "cuda")
     return Training(
         config=config,
         precision=Precision(device, amp_dtype, scaler),
@@ -171,8 +196,10 @@ def prepare_training(
         encoder={"model_type": provenance["model_type"], "early_channels": refiner_config.early_channels},
         train_split=train_split,
         val_split=val_split,
-        train_boxes=CoarseBoxes(train_split.images, config.noise, config.seed, config.jitters),
+        train_boxes=CoarseBoxes(trained_images, config.noise, config.seed, config.jitters),
         val_boxes=CoarseBoxes(val_images, config.noise, config.seed),
+        # As many noisy copies per box as training draws: the threshold rests on a few percent of the boxes.
+        holdout_boxes=CoarseBoxes(held_part, config.noise, config.seed, config.jitters),
         model=model,
         step_model=step_model,
         refiner_config=refiner_config,
@@ -180,6 +207,7 @@ def prepare_training(
         sampler=sampler,
         train_loader=train_loader,
         val_loader=val_loader,
+        holdout_loader=holdout_loader,
         learning_rate=cosine_schedule(config.lr, config.warmup_steps, config.epochs * len(train_loader)),
         start_epoch=checkpoint["epoch"] if checkpoint is not None else 0,
         checkpoint=checkpoint,
@@ -203,19 +231,24 @@ def train_epoch(training: Training, epoch: int, progress: OnProgress | None = No
 
 
 def run_epoch(training: Training, epoch: int, progress: OnProgress | None = None) -> dict[str, Any]:
-    """Train one epoch (0-based), then validate: {epoch (1-based), train_loss, val}."""
+    """Train one epoch (0-based), choose the abstention threshold on the held-out images, then validate:
+    {epoch (1-based), train_loss, abstention (`choose_min_score`), val (`iou_summary`, every box refined,
+    with "abstained": the same with the threshold)}."""
     loss = train_epoch(training, epoch, progress)
-    # The bare refiner: DDP's forward expects every rank to take the same number of steps.
-    val = validate(
-        training.model,
-        training.val_loader,
-        training.val_boxes,
-        training.precision,
-        epoch,
-        training.config.epochs,
-        progress,
-    )
-    return {"epoch": epoch + 1, "train_loss": loss, "val": val}
+    config = training.config
+
+    def outcomes(loader: DataLoader, boxes: CoarseBoxes, phase: str) -> Any:
+        # The bare refiner: DDP's forward expects every rank to take the same number of steps.
+        return predict_outcomes(
+            training.model, loader, boxes, training.precision, epoch, config.epochs, progress, phase
+        )
+
+    held = outcomes(training.holdout_loader, training.holdout_boxes, "hold-out")
+    abstention = choose_min_score(held.iou_coarse, held.iou_refined, held.score, config.max_worse)
+    val = outcomes(training.val_loader, training.val_boxes, "val")
+    written = written_iou(val.iou_coarse, val.iou_refined, val.score, abstention["min_score"])
+    summary = {**iou_summary(val.iou_coarse, val.iou_refined), "abstained": iou_summary(val.iou_coarse, written)}
+    return {"epoch": epoch + 1, "train_loss": loss, "abstention": abstention, "val": summary}
 
 
 def run_train(config: TrainConfig, progress: OnProgress | None = None) -> TrainSummary:
@@ -246,6 +279,8 @@ def run_train(config: TrainConfig, progress: OnProgress | None = None) -> TrainS
             for name in VAL_CURVES:
                 if metrics["val"][name] is not None:  # None: no validation boxes
                     live.log_metric(f"val/{name}", metrics["val"][name])
+                    live.log_metric(f"val_abstained/{name}", metrics["val"]["abstained"][name])
+            live.log_metric("abstention/min_score", metrics["abstention"]["min_score"])
             live.next_step()
             save_checkpoint(config.out / CHECKPOINT, _checkpoint(training, metrics))
     if training.checkpoint is not None and not metrics:  # resumed a finished run: report what it reached

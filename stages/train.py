@@ -74,6 +74,23 @@ def train(
             min=1, help="Noisy copies of each ground-truth box per epoch, all trained from one read of the image."
         ),
     ] = DEFAULTS.jitters,
+    holdout: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.95,
+            help="Share of the training images not trained on: the abstention threshold is chosen on them.",
+        ),
+    ] = DEFAULTS.holdout,
+    max_worse: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="The threshold keeps the share of held-out boxes made worse at most this (highest mean IoU "
+            "among those that do).",
+        ),
+    ] = DEFAULTS.max_worse,
     epochs: Annotated[
         int,
         typer.Option(
@@ -128,6 +145,8 @@ def train(
         val_coarse=val_coarse,
         noise=noise,
         jitters=jitters,
+        holdout=holdout,
+        max_worse=max_worse,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -180,7 +199,7 @@ class TrainProgressDisplay:
         assert self.bar is not None
         key = (event.phase, event.epoch)
         if key not in self.tasks:
-            description = f"epoch {event.epoch}/{event.epochs}" if event.phase == "train" else "  validate"
+            description = f"epoch {event.epoch}/{event.epochs}" if event.phase == "train" else f"  {_label(event)}"
             self.tasks[key] = self.bar.add_task(description, total=event.steps, stats="")
         loss = "" if math.isnan(event.loss) else f"loss {event.loss:.4f}  "
         stats = f"{loss}{event.boxes_per_s:7.1f} boxes/s  data wait {event.data_wait_share:4.0%}"
@@ -189,7 +208,7 @@ class TrainProgressDisplay:
     def status_line(self, event: TrainProgress) -> None:
         if event.phase != "train":
             self.status(
-                f"epoch {event.epoch}/{event.epochs} validate {event.step}/{event.steps}, "
+                f"epoch {event.epoch}/{event.epochs} {_label(event)} {event.step}/{event.steps}, "
                 f"{event.boxes_per_s:.1f} boxes/s"
             )
             return
@@ -209,8 +228,13 @@ class TrainProgressDisplay:
             self.bar.__exit__(*exc)
 
 
+def _label(event: TrainProgress) -> str:
+    """How a phase other than training is named: validation, or the pass over the held-out images."""
+    return "validate" if event.phase == "val" else event.phase
+
+
 def _print_summary(summary: TrainSummary) -> None:
-    val = summary.metrics["val"]
+    val, abstention = summary.metrics["val"], summary.metrics["abstention"]
     ran = (
         f"epochs {summary.start_epoch + 1}-{summary.metrics['epoch']} on {summary.device} (amp {summary.amp}) "
         f"in {summary.wall_s:.1f} s"
@@ -221,8 +245,12 @@ def _print_summary(summary: TrainSummary) -> None:
         f"trained on {len(summary.train.images)} images ({summary.train.boxes} boxes), validated on "
         f"{len(summary.val.images)} images ({val['count']} boxes); features of encoder {summary.fingerprint}",
         f"{ran}; train loss {summary.metrics['train_loss']:.4f}",
-        f"val mean IoU {val['mean_iou_coarse']:.3f} -> {val['mean_iou_refined']:.3f}, "
-        f"improved {val['share_improved']:.1%}, worse {val['share_worse']:.1%}"
+        f"min score {abstention['min_score']:.3f}, chosen on {abstention['boxes']} boxes of held-out training "
+        f"images for at most {abstention['max_worse']:.1%} made worse"
+        + ("" if abstention["reached"] else f" (not reached: {abstention.get('share_worse', 1.0):.1%} at best)"),
+        f"val mean IoU {val['mean_iou_coarse']:.3f} -> {val['abstained']['mean_iou_refined']:.3f}, "
+        f"improved {val['abstained']['share_improved']:.1%}, worse {val['abstained']['share_worse']:.1%} "
+        f"(every box refined: {val['mean_iou_refined']:.3f}, worse {val['share_worse']:.1%})"
         if val["count"]
         else "no validation boxes",
         f"wrote {summary.out / 'model.pt'} and {summary.out / 'train_metrics.json'}",

@@ -18,9 +18,10 @@ def test_an_untrained_refiner_returns_the_boxes_it_is_given() -> None:
         torch.tensor([[900.0, 900.0, 1100.0, 1000.0]]),
     ]
     with torch.no_grad():
-        refined = model(torch.randn(2, 256, 64, 64), torch.randn(2, 160, 64, 64), boxes)
-    for before, after in zip(boxes, refined, strict=True):
+        refined, scores = model(torch.randn(2, 256, 64, 64), torch.randn(2, 160, 64, 64), boxes)
+    for before, after, score in zip(boxes, refined, scores, strict=True):
         torch.testing.assert_close(after, before, atol=1e-3, rtol=0)
+        assert score.shape == (len(before),) and ((score >= 0) & (score <= 1)).all()
 
 
 def test_the_early_projection_whitens_then_projects() -> None:
