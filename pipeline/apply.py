@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from torch import Tensor
 
 from pipeline.boxes import coco_to_xyxy, to_input, to_original, valid_boxes, xyxy_to_coco
 from pipeline.checkpoints import load_checkpoint, refiner_from_checkpoint
-from pipeline.coco import BoxFile, ImageRecord, check_box, read_json
+from pipeline.coco import BoxFile, ImageRecord, coarse_box, read_json
 from pipeline.errors import RefineError
 from pipeline.manifest import manifest_images
 from pipeline.refiner import SimilarityCascadeRefiner
@@ -40,22 +42,30 @@ def load_model(path: Path, store: FeatureStore) -> tuple[SimilarityCascadeRefine
 @torch.inference_mode()
 def refine_boxes(
     model: SimilarityCascadeRefiner, namespace: Namespace, entry: Entry, boxes: Tensor, device: torch.device
-) -> Tensor:
-    """Refine one image's boxes (N x 4 xyxy, original pixels) from one read of its features.
+) -> tuple[Tensor, Tensor]:
+    """Refine one image's boxes (N x 4 xyxy, original pixels, inside the image) from one read of its features.
 
-    Returns N x 4 valid xyxy boxes in original pixels inside the image (see `valid_boxes`).
+    Returns the refined boxes (N x 4 valid xyxy, original pixels, inside the image; see `valid_boxes`) and
+    their scores (N, in [0, 1]).
     """
     if boxes.numel() == 0:
-        return boxes.reshape(0, 4)
+        return boxes.reshape(0, 4), boxes.new_zeros(0)
     embedding, early = namespace.read(entry, check=True)  # never refine from damaged features
     inputs = to_input(boxes.float(), entry.original_size, entry.resized_size)
-    (refined,) = model(
+    (refined,), (score,) = model(
         torch.tensor(embedding[None], dtype=torch.float32, device=device),  # the stored arrays are read-only
         torch.tensor(early[None], dtype=torch.float32, device=device),
         [inputs.to(device)],
     )
     refined = to_original(refined.float().cpu(), entry.original_size, entry.resized_size)
-    return valid_boxes(refined, boxes, entry.original_size)
+    return valid_boxes(refined, boxes, entry.original_size), score.float().cpu()
+
+
+def recommend(coarse: Tensor, refined: Tensor, score: Tensor, min_score: float) -> tuple[Tensor, Tensor]:
+    """The boxes `refine` recommends (N x 4): the refined box where its score reaches `min_score`, else the
+    coarse box; and which kept the coarse box (N bools)."""
+    kept = score < min_score
+    return torch.where(kept[:, None], coarse, refined), kept
 
 
 class ImageEntries(Mapping[int, tuple[ImageRecord, Entry]]):
@@ -132,27 +142,45 @@ def image_entries(namespace: Namespace, dataset: str | None) -> ImageEntries:
     return ImageEntries(entries, all_ids[kept], [file_names[i] for i in kept.tolist()], all_positions[kept])
 
 
+@dataclass
+class ApplySummary:
+    """What `apply_to_file` did to a file's boxes."""
+
+    boxes: int = 0
+    kept_coarse: int = 0  # scored below the threshold: the coarse box stays
+    clipped: int = 0  # coarse boxes that crossed the image border, clipped to it
+    area_updated: int = 0  # COCO annotations whose `area` was their box's and now follows the new box
+
+
 def apply_to_file(
     model: SimilarityCascadeRefiner,
     namespace: Namespace,
     boxes_path: Path,
     dataset: str | None,
     device: torch.device,
-) -> tuple[Any, int]:
-    """Refine every box of a COCO results list or COCO dataset; returns (same structure, boxes refined).
+    min_score: float,
+) -> tuple[Any, ApplySummary]:
+    """Refine every box of a COCO results list or COCO dataset; returns (the same structure, what was done).
 
-    Every field but `bbox` is kept, nothing is dropped and the order is kept.
+    Every input field is kept, nothing is dropped and the order is kept. Each record gets `bbox`, the box
+    `refine` recommends (the coarse box clipped to the image where the score is below `min_score`), and
+    `refine`: {"score", "coarse_bbox" (the box as given), "kept_coarse"}. An annotation's `area` follows the
+    new box where it was the area of the old one and there is no segmentation it could have come from.
     """
     data = read_json(boxes_path)
     boxes_file = BoxFile.parse(boxes_path, data, datasets=True)
     known = image_entries(namespace, dataset)
     by_image: dict[Any, list[int]] = {}
+    clipped_boxes: dict[int, tuple[float, float, float, float]] = {}
     missing: set = set()
+    summary = ApplySummary()
     for index, record, image_id in boxes_file.checked():
         if image_id not in known:
             missing.add(image_id)
             continue
-        check_box(record.get("bbox"), known[image_id][0], boxes_file.where(index, record))
+        box, clipped = coarse_box(record.get("bbox"), known[image_id][0], boxes_file.where(index, record))
+        clipped_boxes[index] = box
+        summary.clipped += clipped
         by_image.setdefault(image_id, []).append(index)
     if missing:
         listed = ", ".join(str(i) for i in sorted(missing)[:10]) + (" ..." if len(missing) > 10 else "")
@@ -165,8 +193,32 @@ def apply_to_file(
     out_records = output if isinstance(output, list) else output["annotations"]
     model = model.to(device)
     for image_id, indices in by_image.items():
-        coarse = coco_to_xyxy([boxes_file.records[i]["bbox"] for i in indices])
-        refined = xyxy_to_coco(refine_boxes(model, namespace, known[image_id][1], coarse, device))
-        for index, box in zip(indices, refined, strict=True):
-            out_records[index]["bbox"] = [round(v, 2) for v in box]
-    return output, sum(len(i) for i in by_image.values())
+        coarse = coco_to_xyxy([clipped_boxes[i] for i in indices])
+        refined, score = refine_boxes(model, namespace, known[image_id][1], coarse, device)
+        written, kept = recommend(coarse, refined, score, min_score)
+        for index, box, box_score, kept_coarse in zip(
+            indices, xyxy_to_coco(written), score.tolist(), kept.tolist(), strict=True
+        ):
+            record = out_records[index]
+            new_box = [round(v, 2) for v in box]
+            if _area_is_the_box(record):
+                record["area"] = round(new_box[2] * new_box[3], 2)
+                summary.area_updated += 1
+            record["refine"] = {
+                "score": round(box_score, 4),
+                "coarse_bbox": record["bbox"],
+                "kept_coarse": kept_coarse,
+            }
+            record["bbox"] = new_box
+            summary.kept_coarse += kept_coarse
+    summary.boxes = sum(len(i) for i in by_image.values())
+    return output, summary
+
+
+def _area_is_the_box(record: dict[str, Any]) -> bool:
+    """Whether a record's `area` is its box's (to a rounding): pycocotools buckets objects by it, so it must
+    not go stale. An area that came from a mask (a segmentation, or one smaller than its box) is left alone."""
+    area, (_, _, w, h) = record.get("area"), record["bbox"]
+    if record.get("segmentation") or isinstance(area, bool) or not isinstance(area, (int, float)):
+        return False
+    return math.isclose(float(area), float(w) * float(h), rel_tol=1e-3, abs_tol=0.5)

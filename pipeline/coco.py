@@ -119,16 +119,8 @@ def _annotation(path: Path, index: int, entry: Any, images: dict[int, ImageRecor
 
 
 def check_box(raw: Any, image: ImageRecord, where: str) -> tuple[float, float, float, float]:
-    """A COCO [x, y, w, h] box: four finite numbers, positive size, inside the image."""
-    if not isinstance(raw, (list, tuple)) or len(raw) != 4:
-        raise RefineError(f"{where}: 'bbox' must be [x, y, w, h], got {_short(raw)}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
-        raise RefineError(f"{where}: 'bbox' must hold numbers, got {_short(raw)}")
-    x, y, w, h = (float(v) for v in raw)
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        raise RefineError(f"{where}: 'bbox' has a NaN or infinite value {_short(raw)}")
-    if w <= 0 or h <= 0:
-        raise RefineError(f"{where}: 'bbox' has zero or negative size {_short(raw)}")
+    """A ground-truth COCO [x, y, w, h] box: four finite numbers, positive size, inside the image."""
+    x, y, w, h = _box_values(raw, where)
     if (
         x < -BORDER_SLACK
         or y < -BORDER_SLACK
@@ -138,6 +130,35 @@ def check_box(raw: Any, image: ImageRecord, where: str) -> tuple[float, float, f
         raise RefineError(
             f"{where}: 'bbox' {_short(raw)} lies outside image {image.id} ({image.width} x {image.height})"
         )
+    return x, y, w, h
+
+
+def coarse_box(raw: Any, image: ImageRecord, where: str) -> tuple[tuple[float, float, float, float], bool]:
+    """A coarse COCO [x, y, w, h] box (a detection, a loose box) clipped to its image, and whether clipping
+    changed it. Loose boxes and raw detector output cross the border all the time; a box that does not
+    overlap the image at all is an error, like a non-finite or non-positive one."""
+    x, y, w, h = _box_values(raw, where)
+    x0, y0 = max(x, 0.0), max(y, 0.0)
+    x1, y1 = min(x + w, float(image.width)), min(y + h, float(image.height))
+    if x1 <= x0 or y1 <= y0:
+        raise RefineError(
+            f"{where}: 'bbox' {_short(raw)} does not overlap image {image.id} ({image.width} x {image.height})"
+        )
+    clipped = (x0, y0, x1 - x0, y1 - y0)
+    return clipped, clipped != (x, y, w, h)
+
+
+def _box_values(raw: Any, where: str) -> tuple[float, float, float, float]:
+    """Four finite numbers with a positive width and height, or a one-line error."""
+    if not isinstance(raw, (list, tuple)) or len(raw) != 4:
+        raise RefineError(f"{where}: 'bbox' must be [x, y, w, h], got {_short(raw)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
+        raise RefineError(f"{where}: 'bbox' must hold numbers, got {_short(raw)}")
+    x, y, w, h = (float(v) for v in raw)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise RefineError(f"{where}: 'bbox' has a NaN or infinite value {_short(raw)}")
+    if w <= 0 or h <= 0:
+        raise RefineError(f"{where}: 'bbox' has zero or negative size {_short(raw)}")
     return x, y, w, h
 
 
@@ -178,19 +199,22 @@ class BoxFile:
             yield index, record, image_id
 
 
-def load_detections(path: Path, coco: CocoDataset) -> dict[int, list[tuple[float, float, float, float]]]:
-    """A COCO results file (a list of {image_id, bbox, score, ...}) -> [x, y, w, h] boxes by image id, each
-    checked to lie in an image of `coco`."""
+def load_detections(path: Path, coco: CocoDataset) -> tuple[dict[int, list[tuple[float, float, float, float]]], int]:
+    """A COCO results file (a list of {image_id, bbox, score, ...}) -> ([x, y, w, h] boxes by image id, each
+    clipped to its image of `coco`; how many of them clipping changed)."""
     boxes_file = BoxFile.parse(path, read_json(path))
     images = {image.id: image for image in coco.images}
     boxes: dict[int, list[tuple[float, float, float, float]]] = {}
+    clipped = 0
     for index, detection, image_id in boxes_file.checked():
         where = boxes_file.where(index, detection)
         image = images.get(image_id)
         if image is None:
             raise RefineError(f"{where}: image_id {image_id!r} is not in {coco.path}")
-        boxes.setdefault(image.id, []).append(check_box(detection.get("bbox"), image, where))
-    return boxes
+        box, changed = coarse_box(detection.get("bbox"), image, where)
+        boxes.setdefault(image.id, []).append(box)
+        clipped += changed
+    return boxes, clipped
 
 
 def _integer(value: Any, where: str) -> int:

@@ -63,6 +63,7 @@ class Split:
     images: list[ImageBoxes]
     without_boxes: int  # images with no annotation (or no matched detection): nothing to learn from
     skipped_by_extract: int  # images `extract --skip-bad-images` could not read
+    clipped_boxes: int = 0  # coarse boxes of the results file that crossed the image border, clipped to it
 
     @property
     def boxes(self) -> int:
@@ -123,7 +124,7 @@ def load_split(namespace: Namespace, dataset: str, annotations: Path, coarse: Pa
     gt_boxes: dict[int, list[tuple[float, float, float, float]]] = {}
     for annotation in coco.annotations:
         gt_boxes.setdefault(annotation.image_id, []).append(annotation.bbox)
-    detections = load_detections(coarse, coco) if coarse is not None else {}
+    detections, clipped = load_detections(coarse, coco) if coarse is not None else ({}, 0)
 
     images: list[ImageBoxes] = []
     without_boxes = 0
@@ -159,7 +160,7 @@ def load_split(namespace: Namespace, dataset: str, annotations: Path, coarse: Pa
         images.append(ImageBoxes(image.id, image.file_name, entry, gt, coarse_boxes, coarse_target))
     if not images:
         raise RefineError(f"{annotations}: no image has a box to train or evaluate on")
-    return Split(dataset, images, without_boxes, len(skipped))
+    return Split(dataset, images, without_boxes, len(skipped), clipped)
 
 
 @dataclass

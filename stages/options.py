@@ -34,3 +34,18 @@ DatasetOption = Annotated[
     ),
 ]
 RefinerDeviceOption = Annotated[Device, typer.Option(help="Where the refiner runs; auto picks CUDA when available.")]
+MinScoreOption = Annotated[
+    Optional[float],
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="Boxes scoring below this keep their coarse box. Default: the threshold `refine train` chose on "
+        "held-out training images (stored in the checkpoint); 0 refines every box.",
+    ),
+]
+
+
+def threshold_line(min_score: float, given: bool) -> str:
+    """The line `apply`, `evaluate` and `review` print to say which threshold they use."""
+    source = "given with --min-score" if given else "chosen by `refine train` on held-out training images"
+    return f"min score {min_score:.3f} ({source})"
