@@ -127,10 +127,13 @@ def _views(cards: Sequence[ReviewCard], changes: list[float]) -> list[_View]:
         _View("score", "lowest score first", sorted(indices, key=lambda i: cards[i].score)),
         _View("change", "largest change first", sorted(indices, key=lambda i: -changes[i])),
     ]
-    judged = [i for i in indices if cards[i].iou_coarse is not None and cards[i].iou_refined is not None]
-    if judged:
-        gain = {i: cards[i].iou_refined - cards[i].iou_coarse for i in judged}  # type: ignore[operator]
-        views.append(_View("worse", "made worse first", sorted(judged, key=gain.__getitem__)))
+    gains = {
+        i: card.iou_refined - card.iou_coarse
+        for i, card in enumerate(cards)
+        if card.iou_coarse is not None and card.iou_refined is not None
+    }
+    if gains:  # only with ground truth, and only over the cards that have it
+        views.append(_View("worse", "made worse first", sorted(gains, key=gains.__getitem__)))
     return views
 
 
@@ -289,14 +292,13 @@ def _rounded(box: Iterable[float]) -> list[float]:
 
 
 def _page(title: str, figures: Mapping[str, str], data: dict[str, Any]) -> str:
-    """index.html: the template with the escaped header, the colours and the data filled in."""
+    """index.html: the template with the escaped header, the box colours and the data filled in."""
     try:
         # In a <script> element only "</" and "<!--" end or confuse it; escaping every <, > and & is simplest.
         payload = json.dumps(data, allow_nan=False, separators=(",", ":"))
     except ValueError:
         raise RefineError("review: a score, box or IoU is not a finite number") from None
     payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    swatches = {"truth": GT_COLOUR, "coarse": COARSE_COLOUR, "refined": REFINED_COLOUR, "proposed": PROPOSED_COLOUR}
     values = {
         "nonce": secrets.token_urlsafe(16),
         "title": html.escape(title),
@@ -304,10 +306,10 @@ def _page(title: str, figures: Mapping[str, str], data: dict[str, Any]) -> str:
             f"<div><dt>{html.escape(str(label))}</dt><dd>{html.escape(str(value))}</dd></div>"
             for label, value in figures.items()
         ),
-        "swatches": "\n".join(
-            f".legend .sw-{name}::before {{ border-color: rgb{colour}; }}" for name, colour in swatches.items()
-        )
-        + "\n.legend .sw-coarse::before { border-style: dashed; }\n.legend .sw-proposed::before { border-width: 1px; }",
+        "truth_colour": f"rgb{GT_COLOUR}",
+        "coarse_colour": f"rgb{COARSE_COLOUR}",
+        "refined_colour": f"rgb{REFINED_COLOUR}",
+        "proposed_colour": f"rgb{PROPOSED_COLOUR}",
         "data": payload,
     }
     template = resources.files("pipeline").joinpath("review_page.html").read_text(encoding="utf-8")

@@ -184,6 +184,12 @@ def test_each_list_on_the_page_is_the_head_of_the_full_list(tmp_path: Path):
         assert view["listed"][str(names.index("very rare"))] == 4  # a rare category is listed whole
 
 
+def test_no_cards_is_a_page_that_says_so(tmp_path: Path):
+    write_review(tmp_path / "review", tmp_path, [], {"boxes": "0"}, "empty")
+    data = _data(tmp_path / "review")
+    assert data["cards"] == [] and [view["total"] for view in data["views"]] == [{}, {}]
+
+
 def test_missing_image_is_one_line_naming_it_and_writes_nothing(tmp_path: Path):
     root = _dataset(tmp_path / "images", ("a.png",))
     out = tmp_path / "review"
