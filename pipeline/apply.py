@@ -143,13 +143,81 @@ def image_entries(namespace: Namespace, dataset: str | None) -> ImageEntries:
 
 
 @dataclass
+class RefinedFile:
+    """Every box of a COCO results list or dataset, refined: K boxes in file order (xyxy, original pixels).
+
+    Boxes of records whose image is left out (none are: a missing image is an error) do not occur; `order`
+    gives each row's index in `box_file.records`.
+    """
+
+    data: Any  # the parsed file, untouched
+    box_file: BoxFile
+    order: list[int]  # K record indices
+    images: list[ImageRecord]  # K: each box's image
+    coarse: Tensor  # K x 4, clipped to the image
+    refined: Tensor  # K x 4, what the refiner proposes
+    score: Tensor  # K
+    written: Tensor  # K x 4, what `refine` recommends: `refined`, or `coarse` where the score is too low
+    kept: Tensor  # K bools: the coarse box was kept
+    clipped: int  # coarse boxes that crossed the image border
+
+
+def refine_file(
+    model: SimilarityCascadeRefiner,
+    namespace: Namespace,
+    boxes_path: Path,
+    dataset: str | None,
+    device: torch.device,
+    min_score: float,
+) -> RefinedFile:
+    """Refine and score every box of a COCO results list or COCO dataset, one read per image."""
+    data = read_json(boxes_path)
+    box_file = BoxFile.parse(boxes_path, data, datasets=True)
+    known = image_entries(namespace, dataset)
+    by_image: dict[Any, list[int]] = {}
+    coarse_boxes: dict[int, tuple[float, float, float, float]] = {}
+    missing: set = set()
+    clipped = 0
+    for index, record, image_id in box_file.checked():
+        if image_id not in known:
+            missing.add(image_id)
+            continue
+        box, changed = coarse_box(record.get("bbox"), known[image_id][0], box_file.where(index, record))
+        coarse_boxes[index] = box
+        clipped += changed
+        by_image.setdefault(image_id, []).append(index)
+    if missing:
+        listed = ", ".join(str(i) for i in sorted(missing)[:10]) + (" ..." if len(missing) > 10 else "")
+        raise RefineError(
+            f"{boxes_path}: {len(missing)} image id(s) have no features in {namespace.store.url} "
+            f"for encoder {namespace.fingerprint}: {listed}; run `refine extract --images <dir> "
+            f"--annotations <their COCO file> --store {namespace.store.url}` first"
+        )
+    model = model.to(device)
+    order: list[int] = []
+    images: list[ImageRecord] = []
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    for image_id, indices in by_image.items():
+        record, entry = known[image_id]
+        coarse = coco_to_xyxy([coarse_boxes[i] for i in indices])
+        refined, score = refine_boxes(model, namespace, entry, coarse, device)
+        parts.append((coarse, refined, score))
+        order.extend(indices)
+        images.extend([record] * len(indices))
+    coarse, refined = (torch.cat([p[i] for p in parts]) if parts else torch.zeros(0, 4) for i in (0, 1))
+    score = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0)
+    written, kept = recommend(coarse, refined, score, min_score)
+    return RefinedFile(data, box_file, order, images, coarse, refined, score, written, kept, clipped)
+
+
+@dataclass
 class ApplySummary:
     """What `apply_to_file` did to a file's boxes."""
 
-    boxes: int = 0
-    kept_coarse: int = 0  # scored below the threshold: the coarse box stays
-    clipped: int = 0  # coarse boxes that crossed the image border, clipped to it
-    area_updated: int = 0  # COCO annotations whose `area` was their box's and now follows the new box
+    boxes: int
+    kept_coarse: int  # scored below the threshold: the coarse box stays
+    clipped: int  # coarse boxes that crossed the image border, clipped to it
+    area_updated: int  # COCO annotations whose `area` was their box's and now follows the new box
 
 
 def apply_to_file(
@@ -167,51 +235,21 @@ def apply_to_file(
     `refine`: {"score", "coarse_bbox" (the box as given), "kept_coarse"}. An annotation's `area` follows the
     new box where it was the area of the old one and there is no segmentation it could have come from.
     """
-    data = read_json(boxes_path)
-    boxes_file = BoxFile.parse(boxes_path, data, datasets=True)
-    known = image_entries(namespace, dataset)
-    by_image: dict[Any, list[int]] = {}
-    clipped_boxes: dict[int, tuple[float, float, float, float]] = {}
-    missing: set = set()
-    summary = ApplySummary()
-    for index, record, image_id in boxes_file.checked():
-        if image_id not in known:
-            missing.add(image_id)
-            continue
-        box, clipped = coarse_box(record.get("bbox"), known[image_id][0], boxes_file.where(index, record))
-        clipped_boxes[index] = box
-        summary.clipped += clipped
-        by_image.setdefault(image_id, []).append(index)
-    if missing:
-        listed = ", ".join(str(i) for i in sorted(missing)[:10]) + (" ..." if len(missing) > 10 else "")
-        raise RefineError(
-            f"{boxes_path}: {len(missing)} image id(s) have no features in {namespace.store.url} "
-            f"for encoder {namespace.fingerprint}: {listed}; run `refine extract --images <dir> "
-            f"--annotations <their COCO file> --store {namespace.store.url}` first"
-        )
-    output = copy.deepcopy(data)
+    result = refine_file(model, namespace, boxes_path, dataset, device, min_score)
+    output = copy.deepcopy(result.data)
     out_records = output if isinstance(output, list) else output["annotations"]
-    model = model.to(device)
-    for image_id, indices in by_image.items():
-        coarse = coco_to_xyxy([clipped_boxes[i] for i in indices])
-        refined, score = refine_boxes(model, namespace, known[image_id][1], coarse, device)
-        written, kept = recommend(coarse, refined, score, min_score)
-        for index, box, box_score, kept_coarse in zip(
-            indices, xyxy_to_coco(written), score.tolist(), kept.tolist(), strict=True
-        ):
-            record = out_records[index]
-            new_box = [round(v, 2) for v in box]
-            if _area_is_the_box(record):
-                record["area"] = round(new_box[2] * new_box[3], 2)
-                summary.area_updated += 1
-            record["refine"] = {
-                "score": round(box_score, 4),
-                "coarse_bbox": record["bbox"],
-                "kept_coarse": kept_coarse,
-            }
-            record["bbox"] = new_box
-            summary.kept_coarse += kept_coarse
-    summary.boxes = sum(len(i) for i in by_image.values())
+    area_updated = 0
+    for index, box, score, kept in zip(
+        result.order, xyxy_to_coco(result.written), result.score.tolist(), result.kept.tolist(), strict=True
+    ):
+        record = out_records[index]
+        new_box = [round(v, 2) for v in box]
+        if _area_is_the_box(record):
+            record["area"] = round(new_box[2] * new_box[3], 2)
+            area_updated += 1
+        record["refine"] = {"score": round(score, 4), "coarse_bbox": record["bbox"], "kept_coarse": kept}
+        record["bbox"] = new_box
+    summary = ApplySummary(len(result.order), int(result.kept.sum()), result.clipped, area_updated)
     return output, summary
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from torch import Tensor
 
 from pipeline.abstention import auroc, reliability, risk_coverage
 from pipeline.apply import apply_to_file, load_model, recommend, refine_boxes
@@ -14,11 +15,12 @@ from pipeline.boxes import to_original
 from pipeline.checkpoints import min_score_of
 from pipeline.coco import read_json
 from pipeline.devices import resolve_device
-from pipeline.features import coarse_and_targets, load_split
+from pipeline.features import ImageBoxes, Split, coarse_and_targets, load_split
 from pipeline.images import load_rgb
 from pipeline.metrics import CHANGE_EPS, box_metrics, coco_ap, paired_iou, write_metrics
 from pipeline.overlays import save_overlays
-from pipeline.store import FeatureStore
+from pipeline.refiner import SimilarityCascadeRefiner
+from pipeline.store import FeatureStore, Namespace
 
 
 @dataclass
@@ -37,6 +39,40 @@ class EvaluateConfig:
     min_score: float | None = None  # None: the threshold stored in the checkpoint
 
 
+@dataclass
+class ImageOutcome:
+    """One image's boxes in original pixels (N x 4 xyxy each, row i the same object) and scores (N)."""
+
+    image: ImageBoxes
+    truth: Tensor
+    coarse: Tensor
+    written: Tensor  # what `apply` writes: refined, or coarse where the score is below the threshold
+    refined: Tensor
+    score: Tensor
+    kept: Tensor  # N bools: the score was below the threshold
+
+
+def refine_split(
+    model: SimilarityCascadeRefiner,
+    namespace: Namespace,
+    split: Split,
+    noise: float,
+    seed: int,
+    min_score: float,
+    device: torch.device,
+) -> list[ImageOutcome]:
+    """Refine the coarse boxes of every image of a split: its results file's, or the fixed noise draw."""
+    outcomes = []
+    for image in split.images:
+        coarse, target = coarse_and_targets(image, noise, seed, None)
+        coarse = to_original(coarse, image.original_hw, image.resized_hw)
+        target = to_original(target, image.original_hw, image.resized_hw)
+        refined, score = refine_boxes(model, namespace, image.entry, coarse, device)
+        written, kept = recommend(coarse, refined, score, min_score)
+        outcomes.append(ImageOutcome(image, target, coarse, written, refined, score, kept))
+    return outcomes
+
+
 def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Write `<out>/metrics.json`, the curves `<out>/risk_coverage.json` and `<out>/reliability.json` (and
     overlays under `<out>/overlays/`); returns the metrics.
@@ -53,15 +89,11 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     min_score = config.min_score if config.min_score is not None else min_score_of(checkpoint)
     split = load_split(namespace, config.dataset or config.annotations.stem, config.annotations, config.coarse)
 
-    per_image = []
-    for image in split.images:
-        coarse, target = coarse_and_targets(image, noise, seed, None)
-        coarse = to_original(coarse, image.original_hw, image.resized_hw)
-        target = to_original(target, image.original_hw, image.resized_hw)
-        refined, score = refine_boxes(model, namespace, image.entry, coarse, device)
-        written, _ = recommend(coarse, refined, score, min_score)
-        per_image.append((image, target, coarse, written, refined, score))
-    gt, coarse, written, refined, score = (torch.cat([row[i] for row in per_image]) for i in range(1, 6))
+    per_image = refine_split(model, namespace, split, noise, seed, min_score, device)
+    gt, coarse, written, refined, score = (
+        torch.cat([getattr(row, name) for row in per_image])
+        for name in ("truth", "coarse", "written", "refined", "score")
+    )
     iou_coarse, iou_refined = paired_iou(gt, coarse), paired_iou(gt, refined)
     metrics: dict[str, Any] = {
         **box_metrics(gt, coarse, written),
@@ -99,6 +131,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     return metrics
 
 
-def _overlay_items(image_root: Path, per_image: list) -> Iterator[tuple]:
-    for image, target, coarse, written, _, _ in per_image:
-        yield Path(image.file_name).stem, load_rgb(image_root / image.file_name), target, coarse, written
+def _overlay_items(image_root: Path, per_image: list[ImageOutcome]) -> Iterator[tuple]:
+    for row in per_image:
+        picture = load_rgb(image_root / row.image.file_name)
+        yield Path(row.image.file_name).stem, picture, row.truth, row.coarse, row.written

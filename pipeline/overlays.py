@@ -39,11 +39,11 @@ def draw_overlay(image: Image.Image, gt: Boxes, coarse: Boxes, refined: Boxes) -
     width = max(1, round(min(canvas.size) * LINE_PER_PIXEL))
     draw = ImageDraw.Draw(canvas)
     for box in _rows(gt):
-        _solid_box(draw, box, GT_COLOUR, 2 * width)
+        solid_box(draw, box, GT_COLOUR, 2 * width)
     for box in _rows(coarse):
-        _dashed_box(draw, box, COARSE_COLOUR, width, dash=4 * width + 4)
+        dashed_box(draw, box, COARSE_COLOUR, width, dash=4 * width + 4)
     for box in _rows(refined):
-        _solid_box(draw, box, REFINED_COLOUR, width)
+        solid_box(draw, box, REFINED_COLOUR, width)
     return _with_legend(canvas)
 
 
@@ -73,14 +73,14 @@ def _rows(boxes: Boxes) -> list[tuple[float, float, float, float]]:
     return rows
 
 
-def _solid_box(draw: ImageDraw.ImageDraw, box: tuple[float, ...], colour: tuple[int, int, int], width: int) -> None:
+def solid_box(draw: ImageDraw.ImageDraw, box: tuple[float, ...], colour: tuple[int, int, int], width: int) -> None:
     """A rectangle whose lines are centred on the box edges (PIL draws `width` inward from the outline)."""
     x1, y1, x2, y2 = box
     half = width // 2
     draw.rectangle((x1 - half, y1 - half, x2 + half, y2 + half), outline=colour, width=width)
 
 
-def _dashed_box(
+def dashed_box(
     draw: ImageDraw.ImageDraw, box: tuple[float, ...], colour: tuple[int, int, int], width: int, dash: int
 ) -> None:
     """A rectangle of dashes `dash` pixels long with gaps as long, walking each edge from its first corner."""

@@ -37,7 +37,7 @@ from pipeline.coco import check_relative_path
 from pipeline.errors import RefineError
 from pipeline.images import load_rgb, read_file
 from pipeline.metrics import paired_iou
-from pipeline.overlays import COARSE_COLOUR, GT_COLOUR, REFINED_COLOUR, _dashed_box, _solid_box
+from pipeline.overlays import COARSE_COLOUR, GT_COLOUR, REFINED_COLOUR, dashed_box, solid_box
 
 Box = tuple[float, float, float, float]
 
@@ -217,11 +217,11 @@ def _crop(image: Image.Image, card: ReviewCard) -> Image.Image:
     # As in the overlays: truth wide and first, coarse dashed, refined on top; the untaken proposal thin.
     draw = ImageDraw.Draw(crop)
     if card.truth is not None:
-        _solid_box(draw, place(card.truth), GT_COLOUR, 4)
-    _dashed_box(draw, place(card.coarse), COARSE_COLOUR, 2, dash=8)
+        solid_box(draw, place(card.truth), GT_COLOUR, 4)
+    dashed_box(draw, place(card.coarse), COARSE_COLOUR, 2, dash=8)
     if card.kept_coarse:
-        _solid_box(draw, place(card.proposed), PROPOSED_COLOUR, 1)
-    _solid_box(draw, place(card.refined), REFINED_COLOUR, 2)
+        solid_box(draw, place(card.proposed), PROPOSED_COLOUR, 1)
+    solid_box(draw, place(card.refined), REFINED_COLOUR, 2)
     return crop
 
 

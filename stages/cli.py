@@ -11,6 +11,7 @@ from stages.common import state
 from stages.demo_data import demo_data
 from stages.evaluate import evaluate
 from stages.extract import extract
+from stages.review import review
 from stages.store import store_app
 from stages.train import train
 
@@ -35,6 +36,7 @@ app.command("extract")(extract)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
 app.command("apply")(apply)
+app.command("review")(review)
 app.add_typer(store_app, name="store")
 
 

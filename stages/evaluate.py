@@ -8,7 +8,15 @@ from typing import Annotated, Optional
 import typer
 
 from stages.common import console, domain_errors
-from stages.options import DatasetOption, Device, ModelOption, RefinerDeviceOption, StoreOption
+from stages.options import (
+    DatasetOption,
+    Device,
+    MinScoreOption,
+    ModelOption,
+    RefinerDeviceOption,
+    StoreOption,
+    threshold_line,
+)
 
 
 def evaluate(
@@ -35,21 +43,29 @@ def evaluate(
     ] = None,
     overlays: Annotated[int, typer.Option(min=0, help="How many overlay PNGs to draw.")] = 8,
     device: RefinerDeviceOption = Device.auto,
+    min_score: MinScoreOption = None,
 ) -> None:
     """Mean IoU, improved/worse shares and recall at IoU 0.5/0.75/0.9 (by object size) of coarse vs refined boxes."""
     # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
     from pipeline.evaluate import EvaluateConfig, run_evaluate
 
     config = EvaluateConfig(
-        store, annotations, model, out, coarse, images, dataset, noise, seed, overlays, device.value
+        store, annotations, model, out, coarse, images, dataset, noise, seed, overlays, device.value, min_score
     )
     with domain_errors():
         metrics = run_evaluate(config)
-    console.print(
+    every, abstention = metrics["without_abstention"], metrics["abstention"]
+    auroc = abstention["auroc_worse"]
+    lines = [
+        threshold_line(abstention["min_score"], min_score is not None),
         f"{metrics['count']} boxes on {metrics['images']} images: mean IoU {metrics['mean_iou_coarse']:.3f} -> "
         f"{metrics['mean_iou_refined']:.3f}, improved {metrics['share_improved']:.1%}, "
-        f"worse {metrics['share_worse']:.1%}; "
-        f"written to {out / 'metrics.json'}",
-        markup=False,
-        highlight=False,
-    )
+        f"worse {metrics['share_worse']:.1%}, changed {abstention['share_changed']:.1%}",
+        f"every box refined: mean IoU {every['mean_iou_refined']:.3f}, worse {every['share_worse']:.1%}; "
+        f"score AUROC for the boxes made worse {'n/a' if auroc is None else f'{auroc:.3f}'}",
+    ]
+    if metrics["clipped_boxes"]:
+        lines.append(f"{metrics['clipped_boxes']} boxes clipped to the image")
+    lines.append(f"written to {out / 'metrics.json'}")
+    for line in lines:
+        console.print(line, markup=False, highlight=False)

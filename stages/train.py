@@ -256,6 +256,8 @@ def _print_summary(summary: TrainSummary) -> None:
         f"wrote {summary.out / 'model.pt'} and {summary.out / 'train_metrics.json'}",
     ]
     for split in (summary.train, summary.val):
+        if split.clipped_boxes:
+            lines.append(f"dataset {split.dataset}: {split.clipped_boxes} boxes clipped to the image")
         if split.without_boxes or split.skipped_by_extract:
             lines.append(
                 f"dataset {split.dataset}: {split.without_boxes} image(s) without boxes and "

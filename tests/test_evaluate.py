@@ -186,10 +186,16 @@ def test_training_validation_matches_evaluate(cli, base_dataset, trained, tmp_pa
     )
     assert result.exit_code == 0, result.output
     evaluated = json.loads((out / "metrics.json").read_text())
-    validated = json.loads((trained.parent / "train_metrics.json").read_text())["val"]
-    assert validated["mean_iou_coarse"] == pytest.approx(evaluated["mean_iou_coarse"], abs=1e-4)
-    assert validated["mean_iou_refined"] == pytest.approx(evaluated["mean_iou_refined"], abs=1e-4)
-    # One summary function for both: the same keys, and the same rule for what counts as a change.
-    for key in ("share_improved", "share_worse"):
-        assert validated[key] == pytest.approx(evaluated[key], abs=1e-6)
-    assert validated["recall_at_iou"]["refined"] == pytest.approx(evaluated["recall_at_iou"]["refined"], abs=1e-6)
+    trained_metrics = json.loads((trained.parent / "train_metrics.json").read_text())
+    assert evaluated["abstention"]["min_score"] == pytest.approx(trained_metrics["abstention"]["min_score"])
+    # Training's "val" refines every box; its "abstained" keeps the coarse box below the threshold, as apply does.
+    for validated, judged in (
+        (trained_metrics["val"], evaluated["without_abstention"]),
+        (trained_metrics["val"]["abstained"], evaluated),
+    ):
+        assert validated["mean_iou_coarse"] == pytest.approx(judged["mean_iou_coarse"], abs=1e-4)
+        assert validated["mean_iou_refined"] == pytest.approx(judged["mean_iou_refined"], abs=1e-4)
+        # One summary function for both: the same keys, and the same rule for what counts as a change.
+        for key in ("share_improved", "share_worse"):
+            assert validated[key] == pytest.approx(judged[key], abs=1e-6)
+        assert validated["recall_at_iou"]["refined"] == pytest.approx(judged["recall_at_iou"]["refined"], abs=1e-6)

@@ -1,0 +1,331 @@
+"""Do no harm: a score per box, abstention below a threshold chosen on held-out training images, the coarse box
+kept beside the new one, border-crossing coarse boxes clipped, and the review page from the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.abstention import auroc, choose_min_score, reliability, risk_coverage
+from pipeline.checkpoints import load_checkpoint
+from pipeline.config import TrainConfig
+from pipeline.train import hold_out, run_train
+from tests.test_bad_input import assert_clean_error
+
+
+@pytest.fixture(scope="module")
+def border_annotations(base_dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The base images with ground truth cut by the image border (two boxes each, in opposite corners);
+    named train.json, so it joins the store's `train` dataset."""
+    coco = json.loads(base_dataset["annotations"].read_text())
+    annotations = []
+    for image in coco["images"]:
+        w, h = image["width"], image["height"]
+        for j, box in enumerate(([0, 0, w / 2, h / 3], [w / 2, h / 2, w / 2, h / 2])):
+            annotations.append({"id": image["id"] * 10 + j, "image_id": image["id"], "category_id": 1, "bbox": box})
+    path = tmp_path_factory.mktemp("border") / "train.json"
+    path.write_text(json.dumps({**coco, "annotations": annotations}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(base_dataset: dict, border_annotations: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("refiner")
+    run_train(
+        TrainConfig(store=str(base_dataset["store"]), annotations=border_annotations, out=out, epochs=1, batch_size=2)
+    )
+    return out / "model.pt"
+
+
+def _scores(refined: list[dict]) -> list[float]:
+    return [r["refine"]["score"] for r in refined]
+
+
+# --- abstention, as pure functions ----------------------------------------------------------------------
+
+
+def test_the_threshold_is_the_best_mean_iou_within_the_share_worse_allowed() -> None:
+    iou_coarse = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    iou_refined = torch.tensor([0.9, 0.8, 0.4, 0.7])
+    score = torch.tensor([0.9, 0.7, 0.3, 0.6])
+    strict = choose_min_score(iou_coarse, iou_refined, score, max_worse=0.0)
+    # Refusing only the one box it makes worse (score 0.3) is the best there is.
+    assert strict["reached"] and strict["share_worse"] == 0.0
+    assert 0.3 < strict["min_score"] <= 0.6 and strict["mean_iou"] == pytest.approx((0.9 + 0.8 + 0.5 + 0.7) / 4)
+    # Allowing worse boxes changes nothing here: refining the bad one would lower the mean IoU.
+    assert choose_min_score(iou_coarse, iou_refined, score, max_worse=0.25)["min_score"] == strict["min_score"]
+    all_better = choose_min_score(iou_coarse, iou_refined.clamp_min(0.6), score, max_worse=0.0)
+    assert all_better["min_score"] == 0.0 and all_better["share_changed"] == 1.0
+
+
+def test_refining_nothing_always_meets_the_bar_and_no_boxes_refine_everything() -> None:
+    # A box made worse that scores highest: only keeping every coarse box makes none worse.
+    choice = choose_min_score(torch.tensor([0.5, 0.5]), torch.tensor([0.4, 0.9]), torch.tensor([0.9, 0.1]), 0.0)
+    assert choice["reached"] is True and choice["share_changed"] == 0.0 and choice["min_score"] > 0.9
+    empty = choose_min_score(torch.zeros(0), torch.zeros(0), torch.zeros(0), 0.03)
+    assert empty == {"min_score": 0.0, "max_worse": 0.03, "boxes": 0, "reached": False}
+
+
+def test_auroc_matches_counting_pairs_with_ties_as_half() -> None:
+    generator = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 5, (200,), generator=generator).double() / 4  # many ties
+    worse = torch.rand(200, generator=generator) < 0.3
+    pairs = score[~worse][:, None] - score[worse][None, :]
+    expected = ((pairs > 0).double() + 0.5 * (pairs == 0).double()).mean().item()
+    assert auroc(score, worse) == pytest.approx(expected)
+    assert auroc(score, torch.zeros(200, dtype=torch.bool)) is None
+
+
+def test_risk_coverage_and_reliability_add_up() -> None:
+    iou_coarse = torch.tensor([0.5, 0.6, 0.7])
+    iou_refined = torch.tensor([0.8, 0.5, 0.9])
+    score = torch.tensor([0.95, 0.05, 0.55])
+    points = risk_coverage(iou_coarse, iou_refined, score)
+    assert points[0] == {
+        "min_score": 0.0,
+        "share_changed": 1.0,
+        "share_worse": pytest.approx(1 / 3),
+        "mean_iou": pytest.approx(2.2 / 3),
+    }
+    assert points[-1]["share_changed"] == 0.0 and points[-1]["mean_iou"] == pytest.approx(0.6)
+    rows = reliability(score, torch.tensor([1.0, 0.0, 1.0]))
+    assert [r["count"] for r in rows] == [1, 1, 1] and rows[0]["low"] == 0.0 and rows[-1]["high"] == 1.0
+
+
+def test_held_out_images_are_a_keyed_share_never_trained_on(base_dataset: dict) -> None:
+    class Image:
+        def __init__(self, image_id: int) -> None:
+            self.image_id = image_id
+
+    boxes = [Image(i) for i in range(40)]
+    trained, held = hold_out(boxes, 0.25, seed=0)
+    assert len(held) == 10 and not {b.image_id for b in trained} & {b.image_id for b in held}
+    _, held_again = hold_out(list(reversed(boxes)), 0.25, seed=0)  # the file's order does not matter
+    assert {b.image_id for b in held_again} == {b.image_id for b in held}
+    assert {b.image_id for b in hold_out(boxes, 0.25, seed=1)[1]} != {b.image_id for b in held}
+    assert hold_out(boxes, 0.0, seed=0) == (boxes, [])
+
+
+# --- train, apply and evaluate ------------------------------------------------------------------------
+
+
+def test_the_checkpoint_holds_the_threshold_chosen_on_held_out_images(trained: Path) -> None:
+    checkpoint = load_checkpoint(trained)
+    abstention = checkpoint["metrics"]["abstention"]
+    # Four images, a tenth held out: one image, two boxes, four noisy copies each.
+    assert abstention["boxes"] == 8 and abstention["max_worse"] == 0.03
+    assert 0.0 <= abstention["min_score"] <= 1.0
+    assert "score.mlp.0.weight" in checkpoint["model"]
+
+
+def test_apply_adds_a_refine_object_and_keeps_the_coarse_box_below_the_threshold(
+    cli, base_dataset, border_annotations, trained, tmp_path
+):
+    coco = json.loads(border_annotations.read_text())
+    rows = [
+        {"image_id": a["image_id"], "category_id": 1, "bbox": [a["bbox"][0] + 1, a["bbox"][1] + 1, 10, 12], "n": i}
+        for i, a in enumerate(coco["annotations"])
+    ]
+    source = tmp_path / "detections.json"
+    source.write_text(json.dumps(rows))
+    everything = tmp_path / "all.json"
+    result = cli(
+        "apply",
+        "--store",
+        base_dataset["store"],
+        "--boxes",
+        source,
+        "--model",
+        trained,
+        "--out",
+        everything,
+        "--min-score",
+        "0",
+    )
+    assert result.exit_code == 0, result.output
+    assert "min score 0.000 (given with --min-score)" in result.output
+    refined = json.loads(everything.read_text())
+    assert [r["n"] for r in refined] == [r["n"] for r in rows]
+    assert all(
+        r["refine"]["coarse_bbox"] == row["bbox"] and not r["refine"]["kept_coarse"]
+        for r, row in zip(refined, rows, strict=True)
+    )
+    scores = sorted(_scores(refined))
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    # A threshold between two scores: the lower half keeps its coarse box, the upper half is refined.
+    middle = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
+    if scores[len(scores) // 2 - 1] == scores[len(scores) // 2]:
+        pytest.skip("tied scores")
+    half = tmp_path / "half.json"
+    result = cli(
+        "apply",
+        "--store",
+        base_dataset["store"],
+        "--boxes",
+        source,
+        "--model",
+        trained,
+        "--out",
+        half,
+        "--min-score",
+        str(middle),
+    )
+    assert result.exit_code == 0, result.output
+    for row, every, partly in zip(rows, refined, json.loads(half.read_text()), strict=True):
+        kept = partly["refine"]["kept_coarse"]
+        assert kept == (every["refine"]["score"] < middle)
+        assert partly["bbox"] == (row["bbox"] if kept else every["bbox"])
+    assert f"kept the coarse box of {len(rows) // 2}" in result.output
+
+
+def test_apply_uses_the_checkpoint_threshold_by_default(cli, base_dataset, trained, tmp_path):
+    out = tmp_path / "refined.json"
+    result = cli(
+        "apply",
+        "--store",
+        base_dataset["store"],
+        "--boxes",
+        base_dataset["annotations"],
+        "--model",
+        trained,
+        "--out",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    threshold = load_checkpoint(trained)["metrics"]["abstention"]["min_score"]
+    assert f"min score {threshold:.3f} (chosen by `refine train` on held-out training images)" in result.output
+    for annotation in json.loads(out.read_text())["annotations"]:
+        score, kept = annotation["refine"]["score"], annotation["refine"]["kept_coarse"]
+        assert kept if score < threshold - 1e-4 else not kept if score > threshold + 1e-4 else True
+
+
+def test_a_coarse_box_across_the_border_is_clipped_and_counted(cli, base_dataset, trained, tmp_path):
+    image = json.loads(base_dataset["annotations"].read_text())["images"][0]
+    rows = [
+        {"image_id": image["id"], "bbox": [-5.0, -3.0, 20.0, 15.0]},
+        {"image_id": image["id"], "bbox": [image["width"] - 10.0, 2.0, 30.0, 10.0]},
+        {"image_id": image["id"], "bbox": [2.0, 2.0, 10.0, 10.0]},
+    ]
+    source = tmp_path / "detections.json"
+    source.write_text(json.dumps(rows))
+    out = tmp_path / "refined.json"
+    result = cli(
+        "apply",
+        "--store",
+        base_dataset["store"],
+        "--boxes",
+        source,
+        "--model",
+        trained,
+        "--out",
+        out,
+        "--min-score",
+        "1",
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 boxes clipped to the image" in result.output
+    refined = json.loads(out.read_text())
+    # Every box kept (threshold 1): the written box is the coarse box clipped to the image, the given one is kept.
+    assert [r["bbox"] for r in refined] == [
+        [0.0, 0.0, 15.0, 12.0],
+        [image["width"] - 10.0, 2.0, 10.0, 10.0],
+        [2.0, 2.0, 10.0, 10.0],
+    ]
+    assert [r["refine"]["coarse_bbox"] for r in refined] == [row["bbox"] for row in rows]
+
+
+def test_a_box_wholly_outside_the_image_is_still_refused(cli, base_dataset, trained, tmp_path):
+    source = tmp_path / "detections.json"
+    source.write_text(json.dumps([{"image_id": 1, "bbox": [-50.0, 2.0, 20.0, 10.0]}]))
+    out = tmp_path / "refined.json"
+    result = cli("apply", "--store", base_dataset["store"], "--boxes", source, "--model", trained, "--out", out)
+    assert_clean_error(result, "detections.json: detection [0]", "does not overlap image 1")
+    assert not out.exists()
+
+
+def test_area_follows_the_box_only_where_it_was_the_box_area(cli, base_dataset, trained, tmp_path):
+    coco = json.loads(base_dataset["annotations"].read_text())
+    first, second, third, fourth = coco["annotations"]
+    w, h = first["bbox"][2:]
+    first["area"] = w * h  # the box's area: follows the new box
+    second["area"] = 7.0  # a mask's area: stays
+    third["area"] = third["bbox"][2] * third["bbox"][3]
+    third["segmentation"] = [[0, 0, 1, 0, 1, 1]]  # area from a polygon: stays
+    source = tmp_path / "coco.json"
+    source.write_text(json.dumps(coco))
+    out = tmp_path / "refined.json"
+    result = cli(
+        "apply",
+        "--store",
+        base_dataset["store"],
+        "--boxes",
+        source,
+        "--model",
+        trained,
+        "--out",
+        out,
+        "--min-score",
+        "0",
+    )
+    assert result.exit_code == 0, result.output
+    refined = json.loads(out.read_text())["annotations"]
+    x, y, w2, h2 = refined[0]["bbox"]
+    assert refined[0]["area"] == pytest.approx(w2 * h2, abs=0.01)
+    assert refined[1]["area"] == 7.0 and refined[2]["area"] == third["area"] and "area" not in refined[3]
+    assert "1 annotation areas follow their new box" in result.output
+
+
+def test_evaluate_reports_abstention_and_the_trade_off(cli, base_dataset, border_annotations, trained, tmp_path):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--store", base_dataset["store"], "--annotations", border_annotations, "--model", trained]
+    result = cli(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    checkpoint_threshold = load_checkpoint(trained)["metrics"]["abstention"]["min_score"]
+    assert metrics["abstention"]["min_score"] == pytest.approx(checkpoint_threshold, abs=1e-6)
+    assert f"min score {checkpoint_threshold:.3f}" in result.output
+    every = metrics["without_abstention"]
+    assert every["count"] == metrics["count"] == 8
+    points = metrics["risk_coverage"]
+    assert points[0]["share_changed"] == 1.0 and points[0]["share_worse"] == pytest.approx(
+        every["share_worse"], abs=1e-6
+    )
+    assert points[0]["mean_iou"] == pytest.approx(every["mean_iou_refined"], abs=1e-6)
+    assert sum(row["count"] for row in metrics["reliability"]) == 8
+    auroc_value = metrics["abstention"]["auroc_worse"]
+    assert auroc_value is None or 0.0 <= auroc_value <= 1.0
+    assert json.loads((out / "risk_coverage.json").read_text()) == points
+    # With threshold 0 the top-level figures are those of refining every box.
+    result = cli(*args, "--out", tmp_path / "all", "--min-score", "0")
+    assert result.exit_code == 0, result.output
+    refined_all = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert refined_all["mean_iou_refined"] == pytest.approx(every["mean_iou_refined"], abs=1e-6)
+    assert refined_all["share_worse"] == pytest.approx(every["share_worse"], abs=1e-6)
+
+
+# --- the review page from the CLI ---------------------------------------------------------------------
+
+
+def test_review_of_annotations_and_of_detections(cli, base_dataset, border_annotations, trained, tmp_path):
+    coco = json.loads(border_annotations.read_text())
+    coco["categories"] = [{"id": 1, "name": "<script>alert(1)</script>"}]
+    annotations = tmp_path / "train.json"
+    annotations.write_text(json.dumps(coco))
+    out = tmp_path / "review"
+    common = ["review", "--store", base_dataset["store"], "--model", trained, "--images", base_dataset["images"]]
+    result = cli(*common, "--annotations", annotations, "--out", out)
+    assert result.exit_code == 0, result.output
+    page = (out / "index.html").read_text()
+    assert "<script>alert(1)</script>" not in page and len(list((out / "crops").iterdir())) == 8
+    assert "boxes 8" in result.output and "worse" in result.output
+    detections = tmp_path / "detections.json"
+    detections.write_text(json.dumps([{"image_id": a["image_id"], "bbox": a["bbox"]} for a in coco["annotations"][:3]]))
+    result = cli(*common, "--boxes", detections, "--out", tmp_path / "review2", "--min-score", "0")
+    assert result.exit_code == 0, result.output
+    assert "boxes 3" in result.output and len(list((tmp_path / "review2" / "crops").iterdir())) == 3
+    both = cli(*common, "--boxes", detections, "--annotations", annotations, "--out", tmp_path / "review3")
+    assert both.exit_code == 2 and "exactly one of --boxes and --annotations" in both.output
+    assert not (tmp_path / "review3").exists()
