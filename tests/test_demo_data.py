@@ -128,6 +128,23 @@ def test_scenes_vary_in_size_count_shape_and_overlap() -> None:
     assert any(_boxes_overlap(scene.objects) for scene in scenes)
 
 
+def test_some_objects_are_cut_by_the_image_border() -> None:
+    """Real photos cut objects at the border; a refiner must not learn that every object lies inside."""
+    scenes = [render_scene(7, "train", index) for index in range(20)]
+    cut = 0
+    for scene in scenes:
+        height, width = scene.image.shape[:2]
+        for obj in scene.objects:
+            x, y, w, h = obj.bbox
+            cut += x == 0 or y == 0 or x + w == width or y + h == height
+    objects = sum(len(scene.objects) for scene in scenes)
+    assert 0.05 * objects < cut < 0.6 * objects
+
+
+def test_max_objects_bounds_every_scene() -> None:
+    assert all(len(render_scene(3, "val", index, max_objects=2).objects) <= 2 for index in range(10))
+
+
 def _boxes_overlap(objects: list) -> bool:
     boxes = [obj.bbox for obj in objects]
     return any(
