@@ -242,11 +242,13 @@ class StageOutput:
 
 @dataclass
 class Refinement:
-    """Every stage's boxes (K x 4 each, last = final, all images' boxes in order) and the score logits
-    (K x 2: the final box's IoU with the truth, and whether it beats the coarse box)."""
+    """Every stage's boxes (K x 4 each, last = final, all images' boxes in order), the score logits
+    (K x 2: the final box's IoU with the truth, and whether it beats the coarse box) and the evidence
+    the score head read (K x features)."""
 
     stages: list[Tensor]
     score_logits: Tensor
+    evidence: Tensor
 
 
 class ScoreHead(nn.Module):
@@ -380,7 +382,8 @@ class SimilarityCascadeRefiner(nn.Module):
             evidence.append(step.evidence)
         # Small boxes are harder: the head also sees the coarse box's size (log, in units of the 1024 frame).
         size = (coarse[:, 2:] - coarse[:, :2]).clamp_min(1.0) / IMAGE_SIZE
-        return Refinement(outputs, self.score(torch.cat([*evidence, size.log()], dim=1)))
+        features = torch.cat([*evidence, size.log()], dim=1)
+        return Refinement(outputs, self.score(features), features)
 
     def forward(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Refined boxes (N_i x 4) and their scores (N_i, in [0, 1]), one tensor each per image in the order of
