@@ -1,4 +1,4 @@
-"""Data flows one way: inference (`apply`, `evaluate`) loads no extraction and no training code."""
+"""Data flows one way: inference (`apply`, `evaluate`, `review`) loads no extraction and no training code."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ TRAINING_OR_EXTRACTION = {
 
 def test_inference_loads_no_training_or_extraction_code() -> None:
     code = (
-        "import json, sys; import pipeline.apply, pipeline.evaluate, stages.apply, stages.evaluate; "
+        "import json, sys; import pipeline.apply, pipeline.evaluate, pipeline.review_run, stages.apply, "
+        "stages.evaluate, stages.review; "
         "print(json.dumps(sorted(sys.modules)))"
     )
     loaded = json.loads(
