@@ -131,15 +131,23 @@ def check_model_type(model_type: str) -> None:
         raise RefineError(f"unknown encoder {model_type!r}; choose one of {', '.join(ENCODERS)}")
 
 
-def _build_sam_image_encoder(model_type: str) -> nn.Module:
-    with warnings.catch_warnings():
-        # segment-anything-hq imports timm through paths timm has deprecated; not ours to fix.
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        from segment_anything_hq import sam_model_registry  # heavy: imported only to build an encoder
+def build_seeded_sam(model_type: str, seed: int = DEFAULT_SEED) -> nn.Module:
+    """The whole HQ-SAM model (`Sam`: image encoder, prompt encoder, mask decoder) with seeded random weights.
 
-    builder: Callable[[], nn.Module] = sam_model_registry[model_type]
-    return builder().image_encoder
+    The seed covers the whole build, so the prompt encoder and mask decoder that go with a random-init
+    image encoder come out the same in every process (`pipeline.snap` builds them this way).
+    """
+    # Seed only our own RNG stream so building a model never perturbs the caller's randomness.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            # segment-anything-hq imports timm through paths timm has deprecated; not ours to fix.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            from segment_anything_hq import sam_model_registry  # heavy: imported only to build a model
+
+        builder: Callable[[], nn.Module] = sam_model_registry[model_type]
+        return builder()
 
 
 def build_encoder(
@@ -150,10 +158,7 @@ def build_encoder(
     With `fused_attention` its attention runs through SDPA (`pipeline.attention`): the same features within
     float rounding, so it is not part of the fingerprint, without ever building the attention matrix.
     """
-    # Seed only our own RNG stream so building an encoder never perturbs the caller's randomness.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = _build_sam_image_encoder(identity.model_type)
+    encoder = build_seeded_sam(identity.model_type, seed).image_encoder
     if checkpoint is not None:
         encoder.load_state_dict(load_encoder_state(checkpoint, identity.model_type, encoder))
     if fused_attention:
@@ -165,6 +170,21 @@ def build_encoder(
 
 def load_encoder_state(checkpoint: Path, model_type: str, encoder: nn.Module) -> dict[str, torch.Tensor]:
     """Read a SAM / HQ-SAM checkpoint safely and return the image encoder's part, checked against the model."""
+    state = read_state_dict(checkpoint)
+    prefix = "image_encoder."
+    if any(key.startswith(prefix) for key in state):
+        state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    problems = fit_problems(state, encoder)
+    if problems:
+        guess = guess_model_type(state)
+        hint = f"; it looks like a {guess} checkpoint" if guess and guess != model_type else ""
+        raise RefineError(f"{checkpoint}: does not fit encoder {model_type}: {', '.join(problems)}{hint}")
+    return state
+
+
+def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, read safely (`weights_only`) and unwrapped from a {"model": ...} or
+    {"state_dict": ...} wrapper; anything else is a one-line RefineError naming the file."""
     try:
         raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
@@ -173,25 +193,23 @@ def load_encoder_state(checkpoint: Path, model_type: str, encoder: nn.Module) ->
     state = _unwrap_state_dict(raw)
     if state is None:
         raise RefineError(f"{checkpoint}: expected a state dict of tensors, found {type(raw).__name__}")
-    prefix = "image_encoder."
-    if any(key.startswith(prefix) for key in state):
-        state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-    expected = encoder.state_dict()
+    return state
+
+
+def fit_problems(state: dict[str, torch.Tensor], module: nn.Module) -> list[str]:
+    """What keeps `state` from loading into `module` strictly: missing, unexpected and mis-shaped keys."""
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[0]})")
-        guess = guess_model_type(state)
-        hint = f"; it looks like a {guess} checkpoint" if guess and guess != model_type else ""
-        raise RefineError(f"{checkpoint}: does not fit encoder {model_type}: {', '.join(problems)}{hint}")
-    return state
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[0]})")
+    return problems
 
 
 def _unwrap_state_dict(raw: object) -> dict[str, torch.Tensor] | None:

@@ -1,4 +1,4 @@
-"""Data flows one way: inference (`apply`, `evaluate`, `review`) loads no extraction and no training code."""
+"""Data flows one way: inference (`apply`, `evaluate`, `review`, snap) loads no extraction and no training code."""
 
 from __future__ import annotations
 
@@ -23,19 +23,40 @@ TRAINING_OR_EXTRACTION = {
     "pipeline.store_writer",
     "segment_anything_hq",
 }
+# Snap runs HQ-SAM's own prompt encoder and mask decoder with the weights that made the features.
+SNAP_NEEDS = {"pipeline.encoder", "segment_anything_hq"}
+
+
+def loaded_modules(code: str, *args: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `code` (which prints nothing), packages of the
+    HQ-SAM package counted as the package."""
+    code = f"import json, sys\n{code}\nprint(json.dumps(sorted(sys.modules)))"
+    run = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, check=True)
+    return {name.split(".")[0] if name.startswith("segment") else name for name in json.loads(run.stdout)}
 
 
 def test_inference_loads_no_training_or_extraction_code() -> None:
-    code = (
-        "import json, sys; import pipeline.apply, pipeline.evaluate, pipeline.review_run, stages.apply, "
-        "stages.evaluate, stages.review; "
-        "print(json.dumps(sorted(sys.modules)))"
-    )
-    loaded = json.loads(
-        subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    loaded = loaded_modules(
+        "import pipeline.apply, pipeline.evaluate, pipeline.review_run, stages.apply, stages.evaluate, stages.review"
     )
     assert "pipeline.apply" in loaded and "pipeline.checkpoints" in loaded
-    assert (
-        sorted(TRAINING_OR_EXTRACTION & {name.split(".")[0] if name.startswith("segment") else name for name in loaded})
-        == []
+    assert sorted(TRAINING_OR_EXTRACTION & loaded) == []
+
+
+def test_snap_loads_no_training_or_extraction_code(base_dataset: dict) -> None:
+    """Building a snapper and snapping a box, not only importing: the package is imported when building."""
+    code = (
+        "import torch\n"
+        "from pipeline.apply import image_entries\n"
+        "from pipeline.snap import build_snapper, snap_boxes\n"
+        "from pipeline.store import FeatureStore\n"
+        "store = FeatureStore(sys.argv[1])\n"
+        "namespace = store.namespace(store.fingerprints()[0])\n"
+        "entries = image_entries(namespace, None)\n"
+        "entry = entries[next(iter(entries))][1]\n"
+        "box = torch.tensor([[1.0, 1.0, 20.0, 20.0]])\n"
+        "snap_boxes(build_snapper(namespace), namespace, entry, box, torch.device('cpu'))"
     )
+    loaded = loaded_modules(code, str(base_dataset["store"]))
+    assert "pipeline.snap" in loaded and SNAP_NEEDS <= loaded
+    assert sorted((TRAINING_OR_EXTRACTION - SNAP_NEEDS) & loaded) == []
