@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from torch import Tensor
 
 from pipeline.boxes import coco_to_xyxy, to_input, to_original, valid_boxes, xyxy_to_coco
@@ -142,12 +143,36 @@ def image_entries(namespace: Namespace, dataset: str | None) -> ImageEntries:
     return ImageEntries(entries, all_ids[kept], [file_names[i] for i in kept.tolist()], all_positions[kept])
 
 
+@dataclass(frozen=True)
+class Proposal:
+    """What a box method proposes for one image's N boxes (xyxy, original pixels, inside the image)."""
+
+    boxes: Tensor  # N x 4
+    scores: Tensor  # N, in [0, 1]
+    failed: Tensor  # N bools: no proposal (an empty snap mask); the coarse box stays
+    masks: list[dict[str, Any]] | None = None  # N COCO RLEs, from methods that make masks
+
+
+# entry, N x 4 coarse boxes (original pixels, inside the image) -> the method's proposal for them
+Proposer = Callable[[Entry, Tensor], Proposal]
+
+
+def refiner_proposer(model: SimilarityCascadeRefiner, namespace: Namespace, device: torch.device) -> Proposer:
+    """The trained refiner as a box method: one read of each image's features for all its boxes."""
+    model = model.to(device)
+
+    def propose(entry: Entry, coarse: Tensor) -> Proposal:
+        refined, score = refine_boxes(model, namespace, entry, coarse, device)
+        return Proposal(refined, score, torch.zeros(len(coarse), dtype=torch.bool))
+
+    return propose
+
+
 @dataclass
 class RefinedFile:
     """Every box of a COCO results list or dataset, refined: K boxes in file order (xyxy, original pixels).
 
-    Boxes of records whose image is left out (none are: a missing image is an error) do not occur; `order`
-    gives each row's index in `box_file.records`.
+    `order` gives each row's index in `box_file.records`.
     """
 
     data: Any  # the parsed file, untouched
@@ -155,22 +180,18 @@ class RefinedFile:
     order: list[int]  # K record indices
     images: list[ImageRecord]  # K: each box's image
     coarse: Tensor  # K x 4, clipped to the image
-    refined: Tensor  # K x 4, what the refiner proposes
+    refined: Tensor  # K x 4, what the method proposes
     score: Tensor  # K
-    written: Tensor  # K x 4, what `refine` recommends: `refined`, or `coarse` where the score is too low
-    kept: Tensor  # K bools: the coarse box was kept
+    written: Tensor  # K x 4, what `refine` recommends: `refined`, or `coarse` where it is not trusted
+    kept: Tensor  # K bools: the coarse box was kept (a score below the threshold, or no proposal)
     clipped: int  # coarse boxes that crossed the image border
+    masks: list[dict[str, Any]] | None  # K COCO RLEs, from methods that make masks
 
 
 def refine_file(
-    model: SimilarityCascadeRefiner,
-    namespace: Namespace,
-    boxes_path: Path,
-    dataset: str | None,
-    device: torch.device,
-    min_score: float,
+    propose: Proposer, namespace: Namespace, boxes_path: Path, dataset: str | None, min_score: float
 ) -> RefinedFile:
-    """Refine and score every box of a COCO results list or COCO dataset, one read per image."""
+    """Propose a box for every box of a COCO results list or COCO dataset, one read per image."""
     data = read_json(boxes_path)
     box_file = BoxFile.parse(boxes_path, data, datasets=True)
     known = image_entries(namespace, dataset)
@@ -193,21 +214,24 @@ def refine_file(
             f"for encoder {namespace.fingerprint}: {listed}; run `refine extract --images <dir> "
             f"--annotations <their COCO file> --store {namespace.store.url}` first"
         )
-    model = model.to(device)
     order: list[int] = []
     images: list[ImageRecord] = []
-    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    coarse_parts: list[Tensor] = []
+    proposals: list[Proposal] = []
     for image_id, indices in by_image.items():
         record, entry = known[image_id]
         coarse = coco_to_xyxy([coarse_boxes[i] for i in indices])
-        refined, score = refine_boxes(model, namespace, entry, coarse, device)
-        parts.append((coarse, refined, score))
+        coarse_parts.append(coarse)
+        proposals.append(propose(entry, coarse))
         order.extend(indices)
         images.extend([record] * len(indices))
-    coarse, refined = (torch.cat([p[i] for p in parts]) if parts else torch.zeros(0, 4) for i in (0, 1))
-    score = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0)
-    written, kept = recommend(coarse, refined, score, min_score)
-    return RefinedFile(data, box_file, order, images, coarse, refined, score, written, kept, clipped)
+    coarse = torch.cat(coarse_parts) if coarse_parts else torch.zeros(0, 4)
+    refined = torch.cat([p.boxes for p in proposals]) if proposals else torch.zeros(0, 4)
+    score = torch.cat([p.scores for p in proposals]) if proposals else torch.zeros(0)
+    failed = torch.cat([p.failed for p in proposals]) if proposals else torch.zeros(0, dtype=torch.bool)
+    written, kept = recommend(coarse, refined, torch.where(failed, -1.0, score), min_score)
+    masks = [rle for p in proposals for rle in p.masks or []] if proposals and proposals[0].masks is not None else None
+    return RefinedFile(data, box_file, order, images, coarse, refined, score, written, kept, clipped, masks)
 
 
 @dataclass
@@ -221,30 +245,29 @@ class ApplySummary:
 
 
 def apply_to_file(
-    model: SimilarityCascadeRefiner,
-    namespace: Namespace,
-    boxes_path: Path,
-    dataset: str | None,
-    device: torch.device,
-    min_score: float,
+    propose: Proposer, namespace: Namespace, boxes_path: Path, dataset: str | None, min_score: float
 ) -> tuple[Any, ApplySummary]:
     """Refine every box of a COCO results list or COCO dataset; returns (the same structure, what was done).
 
     Every input field is kept, nothing is dropped and the order is kept. Each record gets `bbox`, the box
     `refine` recommends (the coarse box clipped to the image where the score is below `min_score`), and
     `refine`: {"score", "coarse_bbox" (the box as given), "kept_coarse"}. An annotation's `area` follows the
-    new box where it was the area of the old one and there is no segmentation it could have come from.
+    new box where it was the area of the old one and there is no segmentation it could have come from. A
+    method that makes masks gives each box it changes its mask as COCO RLE `segmentation`, and its `area`.
     """
-    result = refine_file(model, namespace, boxes_path, dataset, device, min_score)
+    result = refine_file(propose, namespace, boxes_path, dataset, min_score)
     output = copy.deepcopy(result.data)
     out_records = output if isinstance(output, list) else output["annotations"]
     area_updated = 0
-    for index, box, score, kept in zip(
-        result.order, xyxy_to_coco(result.written), result.score.tolist(), result.kept.tolist(), strict=True
+    for row, (index, box, score, kept) in enumerate(
+        zip(result.order, xyxy_to_coco(result.written), result.score.tolist(), result.kept.tolist(), strict=True)
     ):
         record = out_records[index]
         new_box = [round(v, 2) for v in box]
-        if _area_is_the_box(record):
+        if result.masks is not None and not kept:
+            record["segmentation"] = result.masks[row]
+            record["area"] = float(mask_utils.area(result.masks[row]))
+        elif _area_is_the_box(record):
             record["area"] = round(new_box[2] * new_box[3], 2)
             area_updated += 1
         record["refine"] = {"score": round(score, 4), "coarse_bbox": record["bbox"], "kept_coarse": kept}

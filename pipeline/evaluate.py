@@ -10,11 +10,12 @@ import torch
 from torch import Tensor
 
 from pipeline.abstention import auroc, reliability, risk_coverage
-from pipeline.apply import apply_to_file, load_model, recommend, refine_boxes
+from pipeline.apply import apply_to_file, load_model, recommend, refine_boxes, refiner_proposer
 from pipeline.boxes import to_original
 from pipeline.checkpoints import min_score_of
 from pipeline.coco import read_json
 from pipeline.devices import resolve_device
+from pipeline.errors import RefineError
 from pipeline.features import ImageBoxes, Split, coarse_and_targets, load_split
 from pipeline.images import load_rgb
 from pipeline.metrics import CHANGE_EPS, box_metrics, coco_ap, paired_iou, write_metrics
@@ -37,6 +38,13 @@ class EvaluateConfig:
     overlays: int = 8
     device: str = "auto"
     min_score: float | None = None  # None: the threshold stored in the checkpoint
+    methods: tuple[str, ...] = ("refiner",)  # of METHODS, side by side under "methods"
+    snap_checkpoint: Path | None = None  # HQ-SAM checkpoint that made the store; None: its seeded random init
+
+
+# The box methods `evaluate --methods` compares: the coarse boxes as they are, the zero-shot HQ-SAM snap, and
+# the trained refiner (with its abstention).
+METHODS = ("coarse", "snap", "refiner")
 
 
 @dataclass
@@ -89,7 +97,13 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     min_score = config.min_score if config.min_score is not None else min_score_of(checkpoint)
     split = load_split(namespace, config.dataset or config.annotations.stem, config.annotations, config.coarse)
 
+    unknown = sorted(set(config.methods) - set(METHODS))
+    if unknown or not config.methods:
+        raise RefineError(
+            f"--methods: unknown method(s) {', '.join(unknown) or 'none given'}; choose from {', '.join(METHODS)}"
+        )
     per_image = refine_split(model, namespace, split, noise, seed, min_score, device)
+    snapped = _snapped(namespace, config, per_image, device) if "snap" in config.methods else None
     gt, coarse, written, refined, score = (
         torch.cat([getattr(row, name) for row in per_image])
         for name in ("truth", "coarse", "written", "refined", "score")
@@ -115,10 +129,14 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "reliability": reliability(score, (iou_refined > iou_coarse + CHANGE_EPS).double()),
     }
     metrics.update(curves)
+    by_method = {"coarse": coarse, "refiner": written, "snap": torch.cat(snapped) if snapped is not None else None}
+    # Each method's boxes scored as the refiner's are at the top level: mean_iou_refined is the method's.
+    metrics["methods"] = {name: box_metrics(gt, coarse, by_method[name]) for name in config.methods}
     if config.coarse is not None:
         ground_truth = read_json(config.annotations)
         detections = read_json(config.coarse)
-        refined_detections, _ = apply_to_file(model, namespace, config.coarse, config.dataset, device, min_score)
+        propose = refiner_proposer(model, namespace, device)
+        refined_detections, _ = apply_to_file(propose, namespace, config.coarse, config.dataset, min_score)
         metrics["coco_ap"] = {
             "coarse": coco_ap(ground_truth, detections),
             "refined": coco_ap(ground_truth, refined_detections),
@@ -127,11 +145,24 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     for name, rows in curves.items():  # DVC plots read these (dvc.yaml)
         write_metrics(config.out / f"{name}.json", rows)
     if config.images is not None and config.overlays > 0:
-        save_overlays(config.out / "overlays", _overlay_items(config.images, per_image), config.overlays)
+        items = _overlay_items(config.images, per_image, snapped)
+        save_overlays(config.out / "overlays", items, config.overlays)
     return metrics
 
 
-def _overlay_items(image_root: Path, per_image: list[ImageOutcome]) -> Iterator[tuple]:
-    for row in per_image:
+def _snapped(
+    namespace: Namespace, config: EvaluateConfig, per_image: list[ImageOutcome], device: torch.device
+) -> list[Tensor]:
+    """Every image's coarse boxes snapped by HQ-SAM (N_i x 4 each), with the weights that made the namespace."""
+    # HQ-SAM's decoder loads only when snap is asked for: the refiner alone needs none of it.
+    from pipeline.snap import build_snapper, snap_boxes
+
+    snapper = build_snapper(namespace, config.snap_checkpoint).to(device)
+    return [snap_boxes(snapper, namespace, row.image.entry, row.coarse, device).boxes for row in per_image]
+
+
+def _overlay_items(image_root: Path, per_image: list[ImageOutcome], snapped: list[Tensor] | None) -> Iterator[tuple]:
+    for index, row in enumerate(per_image):
         picture = load_rgb(image_root / row.image.file_name)
-        yield Path(row.image.file_name).stem, picture, row.truth, row.coarse, row.written
+        snap = snapped[index] if snapped is not None else None
+        yield Path(row.image.file_name).stem, picture, row.truth, row.coarse, row.written, snap

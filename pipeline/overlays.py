@@ -1,4 +1,4 @@
-"""Overlay images to look at: ground-truth, coarse and refined boxes drawn on the image, with a legend."""
+"""Overlay images to look at: ground-truth, coarse, refined (and snapped) boxes drawn on the image, with a legend."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
 GT_COLOUR = (0, 220, 0)  # green
 COARSE_COLOUR = (255, 140, 0)  # orange, dashed
 REFINED_COLOUR = (0, 190, 255)  # cyan
+SNAP_COLOUR = (255, 230, 0)  # yellow: zero-shot HQ-SAM snap, beside the refiner
 LEGEND = (("ground truth", GT_COLOUR), ("coarse", COARSE_COLOUR), ("refined", REFINED_COLOUR))
 LEGEND_BACKGROUND = (0, 0, 0, 170)  # dark and semi-opaque: boxes under the strip stay visible
 
@@ -28,12 +29,15 @@ FONT_PER_PIXEL = 1 / 28
 MIN_FONT, MAX_FONT = 10, 26
 
 
-def draw_overlay(image: Image.Image, gt: Boxes, coarse: Boxes, refined: Boxes) -> Image.Image:
+def draw_overlay(
+    image: Image.Image, gt: Boxes, coarse: Boxes, refined: Boxes, snapped: Boxes | None = None
+) -> Image.Image:
     """A copy of `image` as RGB, same size, with the boxes and a legend strip at the top.
 
-    gt, coarse, refined: xyxy pixel boxes (N x 4 each; the counts may differ). Ground truth is drawn
-    twice as wide and first, the dashed coarse boxes next, the refined boxes last, so a refined box lying
-    on its ground-truth box shows as a cyan line inside a green frame. Lines are centred on the box edges.
+    gt, coarse, refined (and snapped): xyxy pixel boxes (N x 4 each; the counts may differ). Ground truth is
+    drawn twice as wide and first, the dashed coarse boxes next, the snapped ones thin, the refined boxes
+    last, so a refined box lying on its ground-truth box shows as a cyan line inside a green frame. Lines
+    are centred on the box edges.
     """
     canvas = image.convert("RGB")  # always a copy, whatever the mode
     width = max(1, round(min(canvas.size) * LINE_PER_PIXEL))
@@ -42,24 +46,30 @@ def draw_overlay(image: Image.Image, gt: Boxes, coarse: Boxes, refined: Boxes) -
         solid_box(draw, box, GT_COLOUR, 2 * width)
     for box in _rows(coarse):
         dashed_box(draw, box, COARSE_COLOUR, width, dash=4 * width + 4)
+    legend = LEGEND
+    if snapped is not None:
+        for box in _rows(snapped):
+            solid_box(draw, box, SNAP_COLOUR, max(1, width // 2))
+        legend = (*LEGEND, ("snap", SNAP_COLOUR))
     for box in _rows(refined):
         solid_box(draw, box, REFINED_COLOUR, width)
-    return _with_legend(canvas)
+    return _with_legend(canvas, legend)
 
 
 def save_overlays(
-    out_dir: Path, items: Iterable[tuple[str, Image.Image, Boxes, Boxes, Boxes]], limit: int = 8
+    out_dir: Path, items: Iterable[tuple[str, Image.Image, Boxes, Boxes, Boxes, Boxes | None]], limit: int = 8
 ) -> list[Path]:
-    """Write `overlay_<name>.png` for the first `limit` of (name, image, gt, coarse, refined); return the paths.
+    """Write `overlay_<name>.png` for the first `limit` of (name, image, gt, coarse, refined, snapped or None);
+    return the paths.
 
     `items` is read lazily, so only the images written are ever loaded. Characters other than letters,
     digits, '.', '_' and '-' in a name (a '/' from a nested file name) become '_'.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, image, gt, coarse, refined in itertools.islice(items, max(0, limit)):
+    for name, image, gt, coarse, refined, snapped in itertools.islice(items, max(0, limit)):
         path = out_dir / f"overlay_{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.png"
-        draw_overlay(image, gt, coarse, refined).save(path)
+        draw_overlay(image, gt, coarse, refined, snapped).save(path)
         written.append(path)
     return written
 
@@ -93,7 +103,7 @@ def dashed_box(
             draw.line((ax + ux * start, ay + uy * start, ax + ux * end, ay + uy * end), fill=colour, width=width)
 
 
-def _with_legend(canvas: Image.Image) -> Image.Image:
+def _with_legend(canvas: Image.Image, legend: Sequence[tuple[str, tuple[int, int, int]]]) -> Image.Image:
     """`canvas` with a dark semi-opaque strip across the top holding a swatch and a label per box kind.
 
     Entries that do not fit the image width wrap onto another line of the strip (narrow images).
@@ -101,25 +111,30 @@ def _with_legend(canvas: Image.Image) -> Image.Image:
     size = min(MAX_FONT, max(MIN_FONT, round(min(canvas.size) * FONT_PER_PIXEL)))
     font = ImageFont.load_default(size=size)
     pad = max(2, size // 3)
-    positions = _legend_layout(ImageDraw.Draw(canvas), font, size, pad, canvas.width)
+    positions = _legend_layout(ImageDraw.Draw(canvas), font, size, pad, canvas.width, legend)
     strip = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     bottom = max(y for _, _, y in positions) + size + pad
     ImageDraw.Draw(strip).rectangle((0, 0, canvas.width, bottom), fill=LEGEND_BACKGROUND)
     canvas = Image.alpha_composite(canvas.convert("RGBA"), strip).convert("RGB")
     draw = ImageDraw.Draw(canvas)
-    for (label, colour), (swatch_x, text_x, y) in zip(LEGEND, positions, strict=True):
+    for (label, colour), (swatch_x, text_x, y) in zip(legend, positions, strict=True):
         draw.rectangle((swatch_x, y, swatch_x + size - 1, y + size - 1), fill=colour)
         draw.text((text_x, y), label, fill=colour, font=font)
     return canvas
 
 
 def _legend_layout(
-    draw: ImageDraw.ImageDraw, font: Font, size: int, pad: int, width: int
+    draw: ImageDraw.ImageDraw,
+    font: Font,
+    size: int,
+    pad: int,
+    width: int,
+    legend: Sequence[tuple[str, tuple[int, int, int]]],
 ) -> list[tuple[int, int, int]]:
     """Per legend entry (swatch x, label x, top y) for a `font` of `size` px, wrapped at `width` px."""
     positions = []
     x, y = pad, pad
-    for label, _ in LEGEND:
+    for label, _ in legend:
         entry = size + pad + round(draw.textlength(label, font=font))
         if x > pad and x + entry > width:
             x, y = pad, y + size + pad

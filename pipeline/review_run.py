@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.apply import RefinedFile, load_model, refine_file
+from pipeline.apply import RefinedFile, load_model, refine_file, refiner_proposer
 from pipeline.checkpoints import min_score_of
 from pipeline.coco import CocoDataset, load_coco, read_json
 from pipeline.devices import resolve_device
@@ -44,7 +44,8 @@ def run_review(config: ReviewConfig) -> tuple[float, dict[str, str]]:
     model = model.to(device)
     min_score = config.min_score if config.min_score is not None else min_score_of(checkpoint)
     if config.boxes is not None:
-        result = refine_file(model, namespace, config.boxes, config.dataset, device, min_score)
+        propose = refiner_proposer(model, namespace, device)
+        result = refine_file(propose, namespace, config.boxes, config.dataset, min_score)
         cards = cards_from_file(result, category_names(result.data))
         source = config.boxes.name
     else:

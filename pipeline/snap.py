@@ -20,18 +20,22 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import masks_to_boxes
 
+from pipeline.apply import Proposal, Proposer
 from pipeline.boxes import to_input, valid_boxes
 from pipeline.encoder import (
     DEFAULT_SEED,
+    ENCODERS,
+    EncoderIdentity,
     build_seeded_sam,
     check_model_type,
     fit_problems,
     identity_for,
     read_state_dict,
+    sha256_file,
 )
 from pipeline.errors import RefineError
 from pipeline.shapes import IMAGE_SIZE
-from pipeline.store import Entry, Namespace
+from pipeline.store import Entry, FeatureStore, Namespace
 
 if TYPE_CHECKING:
     from segment_anything_hq.modeling import MaskDecoderHQ, PromptEncoder
@@ -90,8 +94,48 @@ class BoxSnapper(nn.Module):
         )
 
 
+def recorded_seed(namespace: Namespace) -> int:
+    """The seed of a random-init namespace's weights, as its provenance records them (else the default)."""
+    weights = str(namespace.provenance.get("weights", ""))
+    prefix = "random-init:seed="
+    return int(weights[len(prefix) :]) if weights.startswith(prefix) else DEFAULT_SEED
+
+
+def snap_namespace(store: FeatureStore, checkpoint: Path | None, model_type: str | None = None) -> Namespace:
+    """The namespace of `store` whose features `checkpoint`'s encoder made (None: a seeded random init, with
+    the seed the namespace records); one-line error when none or several match."""
+    if checkpoint is not None and not checkpoint.is_file():
+        raise RefineError(f"{checkpoint}: checkpoint file not found")
+    weights = f"sha256:{sha256_file(checkpoint)}" if checkpoint is not None else None
+    matches = []
+    for fingerprint in store.fingerprints():
+        namespace = store.namespace(fingerprint)
+        variant = model_type or namespace.provenance.get("model_type")
+        if variant not in ENCODERS:
+            continue
+        name = checkpoint.name if checkpoint is not None else None
+        identity = EncoderIdentity(variant, weights or f"random-init:seed={recorded_seed(namespace)}", name)
+        if identity.fingerprint == fingerprint:
+            matches.append(namespace)
+    source = checkpoint if checkpoint is not None else "random init"
+    if not matches:
+        held = ", ".join(
+            f"{f} ({store.namespace(f).provenance.get('weights_description', '?')})" for f in store.fingerprints()
+        )
+        raise RefineError(
+            f"{source}: {store.url} holds no features of these weights (it has: {held or 'none'}); snap with the "
+            "checkpoint that extracted them, or extract with this one first"
+        )
+    if len(matches) > 1:
+        raise RefineError(
+            f"{source}: several namespaces of {store.url} fit ({', '.join(n.fingerprint for n in matches)}); "
+            "name the encoder with --encoder"
+        )
+    return matches[0]
+
+
 def build_snapper(
-    namespace: Namespace, checkpoint: Path | None = None, *, model_type: str | None = None, seed: int = DEFAULT_SEED
+    namespace: Namespace, checkpoint: Path | None = None, *, model_type: str | None = None, seed: int | None = None
 ) -> BoxSnapper:
     """The prompt encoder and HQ mask decoder of the encoder that made `namespace`, in eval mode, on the CPU.
 
@@ -101,7 +145,7 @@ def build_snapper(
         seeded random init of `pipeline.encoder` (the whole model is built with the seed, so its decoder is
         the one that goes with the random image encoder).
       model_type (str or None): the HQ-SAM variant; None: the one the namespace records.
-      seed (int): the seed of the random init, when there is no checkpoint.
+      seed (int or None): the seed of the random init, when there is no checkpoint; None: the namespace's.
 
     Weights whose encoder fingerprint is not the namespace's (another variant, seed or checkpoint) are a
     one-line RefineError naming both fingerprints; an unreadable checkpoint is one naming the file.
@@ -113,6 +157,7 @@ def build_snapper(
             f"{namespace.store.url}: namespace {namespace.fingerprint} records no model type; name the encoder"
         )
     check_model_type(model_type)
+    seed = recorded_seed(namespace) if seed is None else seed
     identity = identity_for(model_type, checkpoint, seed)
     state = None
     if checkpoint is not None:
@@ -253,3 +298,37 @@ def masks_to_rle(masks: Tensor) -> list[dict[str, Any]]:
     # pycocotools encodes H x W x N uint8 in Fortran order; its counts are bytes.
     encoded = mask_utils.encode(np.asfortranarray(masks.cpu().numpy().transpose(1, 2, 0).astype(np.uint8)))
     return [{"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in encoded]
+
+
+@dataclass(frozen=True)
+class SnapOptions:
+    """How boxes are snapped (`snap_boxes`'s options)."""
+
+    multimask_output: bool = False
+    hq_token_only: bool = False
+    mask_threshold: float = MASK_THRESHOLD
+
+
+def snap_proposer(
+    snapper: BoxSnapper, namespace: Namespace, device: torch.device, options: SnapOptions, masks: bool = False
+) -> Proposer:
+    """Snap as a box method for `pipeline.apply`: the decoder's predicted IoU as the score, an empty mask as
+    no proposal, and (with `masks`) each mask as COCO RLE."""
+    snapper = snapper.to(device)
+
+    def propose(entry: Entry, coarse: Tensor) -> Proposal:
+        result = snap_boxes(
+            snapper,
+            namespace,
+            entry,
+            coarse,
+            device,
+            multimask_output=options.multimask_output,
+            hq_token_only=options.hq_token_only,
+            mask_threshold=options.mask_threshold,
+            return_masks=masks,
+        )
+        rles = masks_to_rle(result.masks) if result.masks is not None else None
+        return Proposal(result.boxes, result.scores, result.kept_coarse, rles)
+
+    return propose

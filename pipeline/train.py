@@ -64,6 +64,7 @@ class TrainSummary:
     fingerprint: str
     train: Split
     val: Split
+    held_out: int = 0  # training images held out to choose the abstention threshold on
     epochs_run: int = 0
     start_epoch: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -114,6 +115,7 @@ class Training:
     train_boxes: CoarseBoxes
     val_boxes: CoarseBoxes  # of this rank's part of the validation images
     holdout_boxes: CoarseBoxes  # of this rank's part of the held-out training images
+    held_out: int  # training images held out (over all ranks)
     model: SimilarityCascadeRefiner
     step_model: torch.nn.Module  # returns every cascade stage's boxes (DDP-wrapped under torchrun)
     refiner_config: RefinerConfig
@@ -200,6 +202,7 @@ def prepare_training(
         val_boxes=CoarseBoxes(val_images, config.noise, config.seed),
         # As many noisy copies per box as training draws: the threshold rests on a few percent of the boxes.
         holdout_boxes=CoarseBoxes(held_part, config.noise, config.seed, config.jitters),
+        held_out=len(held_images),
         model=model,
         step_model=step_model,
         refiner_config=refiner_config,
@@ -265,6 +268,7 @@ def run_train(config: TrainConfig, progress: OnProgress | None = None) -> TrainS
         training.train_split,
         training.val_split,
         start_epoch=training.start_epoch,
+        held_out=training.held_out,
         amp=str(precision.amp_dtype).removeprefix("torch.") if precision.amp_dtype else "off",
         device=str(precision.device),
     )

@@ -1,22 +1,30 @@
-"""`refine apply`: refine every box of a file with a trained refiner."""
+"""`refine apply`: tighten every box of a file, with a trained refiner or by zero-shot HQ-SAM snap."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from stages.common import console, domain_errors
+from stages.common import console, domain_errors, err_console
 from stages.options import (
     DatasetOption,
     Device,
+    EncoderName,
     MinScoreOption,
     ModelOption,
     RefinerDeviceOption,
+    SnapCheckpointOption,
     StoreOption,
     threshold_line,
 )
+
+
+class Method(str, Enum):
+    refiner = "refiner"
+    snap = "snap"
 
 
 def apply(
@@ -27,25 +35,61 @@ def apply(
     dataset: DatasetOption = None,
     device: RefinerDeviceOption = Device.auto,
     min_score: MinScoreOption = None,
+    method: Annotated[
+        Method,
+        typer.Option(help="refiner: the trained refiner (--model); snap: HQ-SAM's mask for each box, its tight box."),
+    ] = Method.refiner,
+    checkpoint: SnapCheckpointOption = None,
+    encoder: Annotated[
+        Optional[EncoderName], typer.Option(help="snap: the HQ-SAM variant, when several of the store's fit.")
+    ] = None,
+    masks: Annotated[
+        bool, typer.Option(help="snap: also write each mask as COCO RLE `segmentation` (and its area).")
+    ] = False,
+    multimask: Annotated[
+        bool, typer.Option(help="snap: three masks per box, the one with the highest predicted IoU kept.")
+    ] = False,
+    hq_token_only: Annotated[bool, typer.Option(help="snap: the HQ token's mask alone, not fused with SAM's.")] = False,
+    mask_threshold: Annotated[float, typer.Option(help="snap: mask logit above which a pixel is in the mask.")] = 0.0,
 ) -> None:
     """Refine every box of a file: `bbox` becomes the recommended box and `refine` says how far to trust it
     ({score, coarse_bbox, kept_coarse}); every other field kept, nothing dropped, order kept."""
     # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
-    from pipeline.apply import apply_to_file, load_model
+    from pipeline.apply import apply_to_file, load_model, refiner_proposer
     from pipeline.checkpoints import min_score_of
     from pipeline.devices import resolve_device
     from pipeline.jsonio import write_json
     from pipeline.store import FeatureStore
 
     with domain_errors():
-        refiner, namespace, checkpoint = load_model(model, FeatureStore(store))
-        threshold = min_score if min_score is not None else min_score_of(checkpoint)
-        console.print(threshold_line(threshold, min_score is not None), markup=False, highlight=False)
-        refined, summary = apply_to_file(refiner, namespace, boxes, dataset, resolve_device(device.value), threshold)
+        feature_store = FeatureStore(store)
+        where = resolve_device(device.value)
+        if method is Method.snap:
+            # HQ-SAM's decoder loads only for snap: the refiner needs none of it.
+            from pipeline.snap import SnapOptions, build_snapper, snap_namespace, snap_proposer
+
+            namespace = snap_namespace(feature_store, checkpoint, encoder.value if encoder else None)
+            if namespace.provenance.get("random_init"):
+                err_console.print(
+                    "WARNING: snap with RANDOM-INIT HQ-SAM weights: its masks mean nothing; pass the --checkpoint "
+                    "that extracted the store for real snaps",
+                    markup=False,
+                    highlight=False,
+                )
+            snapper = build_snapper(namespace, checkpoint, model_type=encoder.value if encoder else None)
+            options = SnapOptions(multimask, hq_token_only, mask_threshold)
+            propose = snap_proposer(snapper, namespace, where, options, masks)
+            threshold = min_score if min_score is not None else 0.0  # snap has no threshold of its own
+        else:
+            refiner, namespace, trained = load_model(model, feature_store)
+            propose = refiner_proposer(refiner, namespace, where)
+            threshold = min_score if min_score is not None else min_score_of(trained)
+        console.print(threshold_line(threshold, min_score is not None or method is Method.snap), markup=False)
+        refined, summary = apply_to_file(propose, namespace, boxes, dataset, threshold)
         write_json(out, refined)
     lines = [
-        f"refined {summary.boxes - summary.kept_coarse} of {summary.boxes} boxes, kept the coarse box of "
-        f"{summary.kept_coarse} (score below {threshold:.3f}); written to {out}"
+        f"{'snapped' if method is Method.snap else 'refined'} {summary.boxes - summary.kept_coarse} of "
+        f"{summary.boxes} boxes, kept the coarse box of {summary.kept_coarse}; written to {out}"
     ]
     if summary.clipped:
         lines.append(f"{summary.clipped} boxes clipped to the image")

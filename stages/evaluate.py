@@ -14,6 +14,7 @@ from stages.options import (
     MinScoreOption,
     ModelOption,
     RefinerDeviceOption,
+    SnapCheckpointOption,
     StoreOption,
     threshold_line,
 )
@@ -44,13 +45,34 @@ def evaluate(
     overlays: Annotated[int, typer.Option(min=0, help="How many overlay PNGs to draw.")] = 8,
     device: RefinerDeviceOption = Device.auto,
     min_score: MinScoreOption = None,
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated box methods to score side by side under `methods` in metrics.json: "
+            "coarse, snap (zero-shot HQ-SAM), refiner."
+        ),
+    ] = "refiner",
+    checkpoint: SnapCheckpointOption = None,
 ) -> None:
     """Mean IoU, improved/worse shares and recall at IoU 0.5/0.75/0.9 (by object size) of coarse vs refined boxes."""
     # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
     from pipeline.evaluate import EvaluateConfig, run_evaluate
 
     config = EvaluateConfig(
-        store, annotations, model, out, coarse, images, dataset, noise, seed, overlays, device.value, min_score
+        store,
+        annotations,
+        model,
+        out,
+        coarse,
+        images,
+        dataset,
+        noise,
+        seed,
+        overlays,
+        device.value,
+        min_score,
+        tuple(m.strip() for m in methods.split(",") if m.strip()),
+        checkpoint,
     )
     with domain_errors():
         metrics = run_evaluate(config)
@@ -64,6 +86,11 @@ def evaluate(
         f"every box refined: mean IoU {every['mean_iou_refined']:.3f}, worse {every['share_worse']:.1%}; "
         f"score AUROC for the boxes made worse {'n/a' if auroc is None else f'{auroc:.3f}'}",
     ]
+    for name, figures in metrics["methods"].items():
+        lines.append(
+            f"  {name:<8} mean IoU {figures['mean_iou_refined']:.3f}, improved {figures['share_improved']:.1%}, "
+            f"worse {figures['share_worse']:.1%}"
+        )
     if metrics["clipped_boxes"]:
         lines.append(f"{metrics['clipped_boxes']} boxes clipped to the image")
     lines.append(f"written to {out / 'metrics.json'}")

@@ -47,5 +47,14 @@ MinScoreOption = Annotated[
 
 def threshold_line(min_score: float, given: bool) -> str:
     """The line `apply`, `evaluate` and `review` print to say which threshold they use."""
-    source = "given with --min-score" if given else "chosen by `refine train` on held-out training images"
+    source = "given" if given else "chosen by `refine train` on held-out training images"
     return f"min score {min_score:.3f} ({source})"
+
+
+SnapCheckpointOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="snap: the HQ-SAM checkpoint (sam_hq_vit_*.pth) that extracted the store. Default: the seeded "
+        "random init the store records."
+    ),
+]

@@ -242,7 +242,8 @@ def _print_summary(summary: TrainSummary) -> None:
         else f"nothing to do: the checkpoint already holds {summary.metrics['epoch']} epochs"
     )
     lines = [
-        f"trained on {len(summary.train.images)} images ({summary.train.boxes} boxes), validated on "
+        f"trained on {len(summary.train.images) - summary.held_out} images and held out {summary.held_out} of "
+        f"{summary.train.dataset} ({summary.train.boxes} boxes), validated on "
         f"{len(summary.val.images)} images ({val['count']} boxes); features of encoder {summary.fingerprint}",
         f"{ran}; train loss {summary.metrics['train_loss']:.4f}",
         f"min score {abstention['min_score']:.3f}, chosen on {abstention['boxes']} boxes of held-out training "

@@ -146,7 +146,7 @@ def test_apply_adds_a_refine_object_and_keeps_the_coarse_box_below_the_threshold
         "0",
     )
     assert result.exit_code == 0, result.output
-    assert "min score 0.000 (given with --min-score)" in result.output
+    assert "min score 0.000 (given)" in result.output
     refined = json.loads(everything.read_text())
     assert [r["n"] for r in refined] == [r["n"] for r in rows]
     assert all(

@@ -266,7 +266,7 @@ def test_save_overlays_writes_at_most_limit_and_reads_no_further(tmp_path: Path)
     def items():
         for i in range(5):
             taken.append(i)
-            yield f"dir/img{i}.jpg", Image.new("RGB", (320, 240)), [(10, 40, 100, 100)], [], []
+            yield f"dir/img{i}.jpg", Image.new("RGB", (320, 240)), [(10, 40, 100, 100)], [], [], None
 
     paths = save_overlays(tmp_path / "overlays", items(), limit=2)
     assert [p.name for p in paths] == ["overlay_dir_img0.jpg.png", "overlay_dir_img1.jpg.png"]
