@@ -165,6 +165,7 @@ def test_a_refiner_with_any_weights_returns_valid_boxes(
     x0 = data.draw(st.floats(0, width - 1))
     y0 = data.draw(st.floats(0, height - 1))
     coarse = torch.tensor([[x0, y0, data.draw(st.floats(x0 + 0.5, width)), data.draw(st.floats(y0 + 0.5, height))]])
-    refined = refine_boxes(model, namespace, entry, coarse, torch.device("cpu"))
+    refined, score = refine_boxes(model, namespace, entry, coarse, torch.device("cpu"))
     assert torch.isfinite(refined).all() and (refined[:, 2:] > refined[:, :2]).all()
+    assert torch.isfinite(score).all() and ((score >= 0) & (score <= 1)).all()
     assert (refined[:, :2] >= 0).all() and (refined[:, 2] <= width).all() and (refined[:, 3] <= height).all()
