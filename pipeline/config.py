@@ -28,7 +28,7 @@ class TrainConfig:
     holdout: float = 0.1  # share of the training images held out to choose the abstention threshold on
     max_worse: float = 0.03  # the threshold keeps at most this share of the held-out boxes made worse
     jitters: int = 4  # noisy copies of each ground-truth box per epoch (all from one read of the image)
-    epochs: int = 8  # demo, 1280 images: 0.842 mean IoU, 7.9% worse on val (640 images: 0.809 at 4, 0.827 at 8)
+    epochs: int = 8  # the demo (docs/experiments.md: images, boxes per image and epochs against quality)
     batch_size: int = 8  # images per step
     lr: float = 2e-3
     weight_decay: float = 1e-4

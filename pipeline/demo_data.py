@@ -111,7 +111,7 @@ def render_scene(seed: int, split: str, index: int, max_objects: int = MAX_OBJEC
 
 
 def make_demo_dataset(
-    out_dir: Path, seed: int = 0, n_train: int = 1280, n_val: int = 40, max_objects: int = MAX_OBJECTS
+    out_dir: Path, seed: int = 0, n_train: int = 288, n_val: int = 48, max_objects: int = MAX_OBJECTS
 ) -> dict[str, dict[str, int]]:
     """Write out_dir/images/*.jpg, train.json and val.json; return image and box counts per split."""
     if seed < 0:

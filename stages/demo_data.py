@@ -15,8 +15,8 @@ def demo_data(
         "data/demo"
     ),
     seed: Annotated[int, typer.Option(min=0, help="Random seed; the same seed gives byte-identical files.")] = 0,
-    n_train: Annotated[int, typer.Option(min=1, help="Number of training images.")] = 1280,
-    n_val: Annotated[int, typer.Option(min=1, help="Number of validation images.")] = 40,
+    n_train: Annotated[int, typer.Option(min=1, help="Number of training images.")] = 288,
+    n_val: Annotated[int, typer.Option(min=1, help="Number of validation images.")] = 48,
     max_objects: Annotated[
         int, typer.Option(min=1, help="Most objects per image (each image draws 1 to this many).")
     ] = 16,
