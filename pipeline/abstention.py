@@ -16,9 +16,8 @@ from torch import Tensor
 
 from pipeline.metrics import CHANGE_EPS
 
-# Thresholds tried when one is chosen, and those `risk_coverage` reports.
-CHOICE_GRID = torch.linspace(0.0, 1.0, 201, dtype=torch.float64)
-REPORT_GRID = torch.linspace(0.0, 1.0, 21, dtype=torch.float64)
+# Operating points `risk_coverage` reports: evenly spaced in the share of boxes changed.
+REPORT_POINTS = 21
 RELIABILITY_BINS = 10
 
 
@@ -27,43 +26,60 @@ def written_iou(iou_coarse: Tensor, iou_refined: Tensor, score: Tensor, min_scor
     return torch.where(score >= min_score, iou_refined, iou_coarse)
 
 
-def _operating_point(iou_coarse: Tensor, iou_refined: Tensor, score: Tensor, min_score: float) -> dict[str, float]:
-    changed = score >= min_score
-    written = torch.where(changed, iou_refined, iou_coarse)
+def frontier(iou_coarse: Tensor, iou_refined: Tensor, score: Tensor) -> dict[str, Tensor]:
+    """Every distinct operating point, from refining every box to refining none: the thresholds (each a score
+    that occurs, highest first, then one above them all) and, at each, the share of boxes changed, the share
+    made worse and the mean IoU written (M + 1 each, float64). Exact, in O(N log N)."""
+    count = len(score)
+    order = torch.argsort(score.double(), descending=True, stable=True)
+    ranked = score.double()[order]
+    worse = (iou_refined < iou_coarse - CHANGE_EPS).double()[order]
+    gain = (iou_refined.double() - iou_coarse.double())[order]
+    # The last box of each run of equal scores: a threshold at that score changes everything up to it.
+    last = torch.ones(count, dtype=torch.bool)
+    last[:-1] = ranked[1:] != ranked[:-1]
+    changed = torch.arange(1, count + 1, dtype=torch.float64)[last]
+    base = iou_coarse.double().sum()
+    zero = torch.zeros(1, dtype=torch.float64)
+    thresholds = torch.cat([torch.nextafter(ranked[:1], torch.tensor([2.0], dtype=torch.float64)), ranked[last]])
     return {
-        "min_score": float(min_score),
-        "share_changed": changed.double().mean().item(),
-        "share_worse": (written < iou_coarse - CHANGE_EPS).double().mean().item(),
-        "mean_iou": written.double().mean().item(),
+        "min_score": thresholds.flip(0),
+        "share_changed": (torch.cat([zero, changed]) / count).flip(0),
+        "share_worse": (torch.cat([zero, worse.cumsum(0)[last]]) / count).flip(0),
+        "mean_iou": ((base + torch.cat([zero, gain.cumsum(0)[last]])) / count).flip(0),
     }
 
 
-def risk_coverage(
-    iou_coarse: Tensor, iou_refined: Tensor, score: Tensor, thresholds: Tensor = REPORT_GRID
-) -> list[dict[str, float]]:
-    """For each threshold: the share of boxes changed, the share made worse and the mean IoU written.
+def _point(points: dict[str, Tensor], index: int) -> dict[str, float]:
+    return {name: float(values[index]) for name, values in points.items()}
 
-    An empty group gives an empty list.
-    """
+
+def risk_coverage(iou_coarse: Tensor, iou_refined: Tensor, score: Tensor) -> list[dict[str, float]]:
+    """The abstention trade-off at about REPORT_POINTS thresholds, evenly spaced in the share of boxes changed
+    (1 to 0): each {"min_score", "share_changed", "share_worse", "mean_iou"}. An empty group gives []."""
     if len(score) == 0:
         return []
-    return [_operating_point(iou_coarse, iou_refined, score, float(t)) for t in thresholds]
+    points = frontier(iou_coarse, iou_refined, score)
+    targets = torch.linspace(1.0, 0.0, REPORT_POINTS, dtype=torch.float64)
+    # The point whose share changed is closest to each target, once each.
+    nearest = torch.unique_consecutive((points["share_changed"][None, :] - targets[:, None]).abs().argmin(dim=1))
+    return [_point(points, int(i)) for i in nearest]
 
 
 def choose_min_score(iou_coarse: Tensor, iou_refined: Tensor, score: Tensor, max_worse: float) -> dict[str, Any]:
     """The threshold with the highest mean IoU among those that make at most `max_worse` of the boxes worse.
 
-    Returns that operating point (`risk_coverage`'s keys) with "max_worse", "boxes" and "reached"; where
-    no threshold meets `max_worse` (it is then never met, not even by refining nothing), the threshold
-    that makes the fewest boxes worse, with "reached" False. No boxes: threshold 0 (refine everything).
+    Returns that operating point (`risk_coverage`'s keys) with "max_worse", "boxes" and "reached". Refining
+    nothing makes no box worse, so the bar is always reached with boxes; ties keep the lowest threshold (it
+    changes the most boxes for the same mean IoU). No boxes: threshold 0 (refine everything), not reached.
     """
     if len(score) == 0:
         return {"min_score": 0.0, "max_worse": max_worse, "boxes": 0, "reached": False}
-    points = risk_coverage(iou_coarse, iou_refined, score, CHOICE_GRID)
-    allowed = [p for p in points if p["share_worse"] <= max_worse]
-    # Ties keep the lowest threshold: it changes the most boxes for the same mean IoU.
-    best = max(allowed, key=lambda p: p["mean_iou"]) if allowed else min(points, key=lambda p: p["share_worse"])
-    return {**best, "max_worse": max_worse, "boxes": len(score), "reached": bool(allowed)}
+    points = frontier(iou_coarse, iou_refined, score)
+    allowed = points["share_worse"] <= max_worse + 1e-12
+    mean = torch.where(allowed, points["mean_iou"], torch.tensor(-1.0, dtype=torch.float64))
+    best = int(torch.nonzero(mean == mean.max()).min())  # the lowest threshold among the best
+    return {**_point(points, best), "max_worse": max_worse, "boxes": len(score), "reached": bool(allowed.any())}
 
 
 def auroc(score: Tensor, worse: Tensor) -> float | None:
