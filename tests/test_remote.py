@@ -103,12 +103,22 @@ def test_s3_workflow_extract_verify_train_evaluate_apply(s3_bucket: str, cli, tm
     )
     assert applied.exit_code == 0, applied.output
     assert len(json.loads((tmp_path / "refined.json").read_text())["annotations"]) == 2
+    snapped = cli("apply", "--method", "snap", "--store", store, "--boxes", annotations, "--out", "snapped.json")
+    assert snapped.exit_code == 0, snapped.output
+    assert all("refine" in a for a in json.loads((tmp_path / "snapped.json").read_text())["annotations"])
 
     again = cli(
         "extract", "--images", tmp_path / "images", "--annotations", annotations, "--store", store, "--workers", 0
     )
     assert again.exit_code == 0 and "2 hits, 0 computed" in again.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "images", "refined.json", "refiner", "train.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "eval",
+        "images",
+        "refined.json",
+        "refiner",
+        "snapped.json",
+        "train.json",
+    ]
 
 
 def test_s3_store_sees_other_writers_and_creates_exclusively(s3_bucket: str) -> None:
