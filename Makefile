@@ -10,9 +10,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[test]"
 	touch $@
 
+# `dvc repro` prints each stage's summary; `dvc metrics show` lists every figure (a wide table).
 demo: $(VENV)/.installed
 	dvc repro
-	dvc metrics show
 
 test: $(VENV)/.installed
 	ruff check .
