@@ -18,6 +18,7 @@ from stages.options import (
     RefinerDeviceOption,
     SnapCheckpointOption,
     StoreOption,
+    TRAINED_THRESHOLD,
     threshold_line,
 )
 
@@ -79,12 +80,14 @@ def apply(
             snapper = build_snapper(namespace, checkpoint, model_type=encoder.value if encoder else None)
             options = SnapOptions(multimask, hq_token_only, mask_threshold)
             propose = snap_proposer(snapper, namespace, where, options, masks)
-            threshold = min_score if min_score is not None else 0.0  # snap has no threshold of its own
+            threshold = min_score if min_score is not None else 0.0
+            source = "given" if min_score is not None else "snap's default: every box with a mask"
         else:
             refiner, namespace, trained = load_model(model, feature_store)
             propose = refiner_proposer(refiner, namespace, where)
             threshold = min_score if min_score is not None else min_score_of(trained)
-        console.print(threshold_line(threshold, min_score is not None or method is Method.snap), markup=False)
+            source = "given" if min_score is not None else TRAINED_THRESHOLD
+        console.print(threshold_line(threshold, source), markup=False, highlight=False)
         refined, summary = apply_to_file(propose, namespace, boxes, dataset, threshold)
         write_json(out, refined)
     lines = [

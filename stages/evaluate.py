@@ -16,6 +16,7 @@ from stages.options import (
     RefinerDeviceOption,
     SnapCheckpointOption,
     StoreOption,
+    TRAINED_THRESHOLD,
     threshold_line,
 )
 
@@ -79,7 +80,7 @@ def evaluate(
     every, abstention = metrics["without_abstention"], metrics["abstention"]
     auroc = abstention["auroc_worse"]
     lines = [
-        threshold_line(abstention["min_score"], min_score is not None),
+        threshold_line(abstention["min_score"], "given" if min_score is not None else TRAINED_THRESHOLD),
         f"{metrics['count']} boxes on {metrics['images']} images: mean IoU {metrics['mean_iou_coarse']:.3f} -> "
         f"{metrics['mean_iou_refined']:.3f}, improved {metrics['share_improved']:.1%}, "
         f"worse {metrics['share_worse']:.1%}, changed {abstention['share_changed']:.1%}",

@@ -45,12 +45,6 @@ MinScoreOption = Annotated[
 ]
 
 
-def threshold_line(min_score: float, given: bool) -> str:
-    """The line `apply`, `evaluate` and `review` print to say which threshold they use."""
-    source = "given" if given else "chosen by `refine train` on held-out training images"
-    return f"min score {min_score:.3f} ({source})"
-
-
 SnapCheckpointOption = Annotated[
     Optional[Path],
     typer.Option(
@@ -58,3 +52,10 @@ SnapCheckpointOption = Annotated[
         "random init the store records."
     ),
 ]
+
+TRAINED_THRESHOLD = "chosen by `refine train` on held-out training images"
+
+
+def threshold_line(min_score: float, source: str) -> str:
+    """The line `apply`, `evaluate` and `review` print to say which threshold they use and where it came from."""
+    return f"min score {min_score:.3f} ({source})"

@@ -15,6 +15,7 @@ from stages.options import (
     ModelOption,
     RefinerDeviceOption,
     StoreOption,
+    TRAINED_THRESHOLD,
     threshold_line,
 )
 
@@ -48,6 +49,7 @@ def review(
     config = ReviewConfig(store, model, images, out, boxes, annotations, dataset, min_score, device.value)
     with domain_errors():
         threshold, figures = run_review(config)
-    console.print(threshold_line(threshold, min_score is not None), markup=False, highlight=False)
+    source = "given" if min_score is not None else TRAINED_THRESHOLD
+    console.print(threshold_line(threshold, source), markup=False, highlight=False)
     summary = ", ".join(f"{label} {value}" for label, value in figures.items() if label != "min score")
     console.print(f"{summary}; open {out / 'index.html'}", markup=False, highlight=False)

@@ -29,7 +29,7 @@ def test_apply_snap_writes_boxes_scores_and_masks(cli, base_dataset, tmp_path):
     args = ["apply", "--method", "snap", "--store", base_dataset["store"], "--boxes", base_dataset["annotations"]]
     result = cli(*args, "--out", out, "--masks")
     assert result.exit_code == 0, result.output
-    assert "RANDOM-INIT" in result.stderr and "min score 0.000 (given)" in result.output
+    assert "RANDOM-INIT" in result.stderr and "min score 0.000 (snap's default: every box with a mask)" in result.output
     snapped = json.loads(out.read_text())
     assert [a["id"] for a in snapped["annotations"]] == [a["id"] for a in coco["annotations"]]
     for before, after in zip(coco["annotations"], snapped["annotations"], strict=True):
