@@ -62,10 +62,13 @@ def refine_boxes(
     return valid_boxes(refined, boxes, entry.original_size), score.float().cpu()
 
 
-def recommend(coarse: Tensor, refined: Tensor, score: Tensor, min_score: float) -> tuple[Tensor, Tensor]:
-    """The boxes `refine` recommends (N x 4): the refined box where its score reaches `min_score`, else the
-    coarse box; and which kept the coarse box (N bools)."""
-    kept = score < min_score
+def recommend(
+    coarse: Tensor, refined: Tensor, score: Tensor, min_score: float, failed: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The boxes `refine` recommends (N x 4): the refined box where its score reaches `min_score` (and the
+    method did not fail on it: N bools, e.g. an empty snap mask), else the coarse box; and which kept the
+    coarse box (N bools)."""
+    kept = score < min_score if failed is None else failed | (score < min_score)
     return torch.where(kept[:, None], coarse, refined), kept
 
 
@@ -229,7 +232,7 @@ def refine_file(
     refined = torch.cat([p.boxes for p in proposals]) if proposals else torch.zeros(0, 4)
     score = torch.cat([p.scores for p in proposals]) if proposals else torch.zeros(0)
     failed = torch.cat([p.failed for p in proposals]) if proposals else torch.zeros(0, dtype=torch.bool)
-    written, kept = recommend(coarse, refined, torch.where(failed, -1.0, score), min_score)
+    written, kept = recommend(coarse, refined, score, min_score, failed)
     masks = [rle for p in proposals for rle in p.masks or []] if proposals and proposals[0].masks is not None else None
     return RefinedFile(data, box_file, order, images, coarse, refined, score, written, kept, clipped, masks)
 

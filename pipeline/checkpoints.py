@@ -89,9 +89,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def min_score_of(checkpoint: dict[str, Any]) -> float:
-    """The abstention threshold `train` chose on its held-out images (0: refine every box)."""
-    return float(checkpoint["metrics"]["abstention"]["min_score"])
+def min_score_of(checkpoint: dict[str, Any], given: float | None = None) -> float:
+    """The abstention threshold to use: `given` (a user's --min-score) when there is one, else the one `train`
+    chose on its held-out images (0: refine every box)."""
+    return given if given is not None else float(checkpoint["metrics"]["abstention"]["min_score"])
 
 
 def refiner_from_checkpoint(checkpoint: dict[str, Any]) -> SimilarityCascadeRefiner:

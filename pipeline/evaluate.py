@@ -88,20 +88,20 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     The top-level figures are those of the boxes `apply` writes with the same threshold (abstention
     included); "without_abstention" has the same figures with every box refined.
     """
+    unknown = sorted(set(config.methods) - set(METHODS))
+    if unknown or not config.methods:
+        raise RefineError(
+            f"--methods: unknown method(s) {', '.join(unknown) or 'none given'}; choose from {', '.join(METHODS)}"
+        )
     device = resolve_device(config.device)
     store = FeatureStore(config.store)
     model, namespace, checkpoint = load_model(config.model, store)
     model = model.to(device)
     noise = config.noise if config.noise is not None else float(checkpoint["config"]["noise"])
     seed = config.seed if config.seed is not None else int(checkpoint["config"]["seed"])
-    min_score = config.min_score if config.min_score is not None else min_score_of(checkpoint)
+    min_score = min_score_of(checkpoint, config.min_score)
     split = load_split(namespace, config.dataset or config.annotations.stem, config.annotations, config.coarse)
 
-    unknown = sorted(set(config.methods) - set(METHODS))
-    if unknown or not config.methods:
-        raise RefineError(
-            f"--methods: unknown method(s) {', '.join(unknown) or 'none given'}; choose from {', '.join(METHODS)}"
-        )
     per_image = refine_split(model, namespace, split, noise, seed, min_score, device)
     snapped = _snapped(namespace, config, per_image, device) if "snap" in config.methods else None
     gt, coarse, written, refined, score = (

@@ -15,11 +15,11 @@ from torch import Tensor
 
 from pipeline.apply import RefinedFile, load_model, refine_file, refiner_proposer
 from pipeline.checkpoints import min_score_of
-from pipeline.coco import CocoDataset, load_coco, read_json
+from pipeline.coco import CocoDataset, load_coco
 from pipeline.devices import resolve_device
 from pipeline.evaluate import ImageOutcome, refine_split
 from pipeline.features import load_split
-from pipeline.metrics import CHANGE_EPS, paired_iou
+from pipeline.metrics import iou_summary, paired_iou
 from pipeline.review import ReviewCard, write_review
 from pipeline.store import FeatureStore
 
@@ -42,11 +42,12 @@ def run_review(config: ReviewConfig) -> tuple[float, dict[str, str]]:
     device = resolve_device(config.device)
     model, namespace, checkpoint = load_model(config.model, FeatureStore(config.store))
     model = model.to(device)
-    min_score = config.min_score if config.min_score is not None else min_score_of(checkpoint)
+    min_score = min_score_of(checkpoint, config.min_score)
     if config.boxes is not None:
         propose = refiner_proposer(model, namespace, device)
         result = refine_file(propose, namespace, config.boxes, config.dataset, min_score)
-        cards = cards_from_file(result, category_names(result.data))
+        categories = result.data.get("categories") if isinstance(result.data, dict) else None
+        cards = cards_from_file(result, category_names(categories))
         source = config.boxes.name
     else:
         assert config.annotations is not None
@@ -54,7 +55,7 @@ def run_review(config: ReviewConfig) -> tuple[float, dict[str, str]]:
         noise, seed = float(checkpoint["config"]["noise"]), int(checkpoint["config"]["seed"])
         outcomes = refine_split(model, namespace, split, noise, seed, min_score, device)
         coco = load_coco(config.annotations)
-        cards = cards_from_outcomes(outcomes, coco, category_names(read_json(config.annotations)))
+        cards = cards_from_outcomes(outcomes, coco, category_names(coco.categories))
         source = f"{config.annotations.name} (coarse boxes: noise r={noise}, seed {seed})"
     figures = _figures(cards, min_score, config.min_score is not None)
     write_review(config.out, config.images, cards, figures, title=f"refine review: {source}")
@@ -72,17 +73,18 @@ def _figures(cards: list[ReviewCard], min_score: float, given: bool) -> dict[str
     }
     judged = [c for c in cards if c.iou_coarse is not None and c.iou_refined is not None]
     if judged:
-        coarse = torch.tensor([c.iou_coarse for c in judged], dtype=torch.float64)
-        refined = torch.tensor([c.iou_refined for c in judged], dtype=torch.float64)
-        figures["mean IoU"] = f"{coarse.mean().item():.3f} -> {refined.mean().item():.3f}"
-        figures["improved"] = f"{(refined > coarse + CHANGE_EPS).double().mean().item():.1%}"
-        figures["worse"] = f"{(refined < coarse - CHANGE_EPS).double().mean().item():.1%}"
+        summary = iou_summary(
+            torch.tensor([c.iou_coarse for c in judged], dtype=torch.float64),
+            torch.tensor([c.iou_refined for c in judged], dtype=torch.float64),
+        )  # the same rule for "improved" and "worse" as evaluate's
+        figures["mean IoU"] = f"{summary['mean_iou_coarse']:.3f} -> {summary['mean_iou_refined']:.3f}"
+        figures["improved"] = f"{summary['share_improved']:.1%}"
+        figures["worse"] = f"{summary['share_worse']:.1%}"
     return figures
 
 
-def category_names(data: Any) -> dict[Any, str]:
-    """Category id -> name from a COCO dataset's `categories` (none for a results list)."""
-    categories = data.get("categories") if isinstance(data, dict) else None
+def category_names(categories: Any) -> dict[Any, str]:
+    """Category id -> name from a COCO dataset's `categories` list (none for anything else)."""
     if not isinstance(categories, list):
         return {}
     return {c.get("id"): str(c.get("name", c.get("id"))) for c in categories if isinstance(c, dict)}

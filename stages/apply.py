@@ -85,7 +85,7 @@ def apply(
         else:
             refiner, namespace, trained = load_model(model, feature_store)
             propose = refiner_proposer(refiner, namespace, where)
-            threshold = min_score if min_score is not None else min_score_of(trained)
+            threshold = min_score_of(trained, min_score)
             source = "given" if min_score is not None else TRAINED_THRESHOLD
         console.print(threshold_line(threshold, source), markup=False, highlight=False)
         refined, summary = apply_to_file(propose, namespace, boxes, dataset, threshold)
