@@ -40,6 +40,11 @@ def trained(base_dataset: dict, border_annotations: Path, tmp_path_factory: pyte
     return out / "model.pt"
 
 
+def apply(cli, base_dataset: dict, trained: Path, boxes: Path, out: Path, *options: str):
+    """`refine apply` of `boxes` on the base store with the trained model, writing `out`."""
+    return cli("apply", "--store", base_dataset["store"], "--boxes", boxes, "--model", trained, "--out", out, *options)
+
+
 def _scores(refined: list[dict]) -> list[float]:
     return [r["refine"]["score"] for r in refined]
 
@@ -136,19 +141,7 @@ def test_apply_adds_a_refine_object_and_keeps_the_coarse_box_below_the_threshold
     source = tmp_path / "detections.json"
     source.write_text(json.dumps(rows))
     everything = tmp_path / "all.json"
-    result = cli(
-        "apply",
-        "--store",
-        base_dataset["store"],
-        "--boxes",
-        source,
-        "--model",
-        trained,
-        "--out",
-        everything,
-        "--min-score",
-        "0",
-    )
+    result = apply(cli, base_dataset, trained, source, everything, "--min-score", "0")
     assert result.exit_code == 0, result.output
     assert "min score 0.000 (given)" in result.output
     refined = json.loads(everything.read_text())
@@ -164,19 +157,7 @@ def test_apply_adds_a_refine_object_and_keeps_the_coarse_box_below_the_threshold
     if scores[len(scores) // 2 - 1] == scores[len(scores) // 2]:
         pytest.skip("tied scores")
     half = tmp_path / "half.json"
-    result = cli(
-        "apply",
-        "--store",
-        base_dataset["store"],
-        "--boxes",
-        source,
-        "--model",
-        trained,
-        "--out",
-        half,
-        "--min-score",
-        str(middle),
-    )
+    result = apply(cli, base_dataset, trained, source, half, "--min-score", str(middle))
     assert result.exit_code == 0, result.output
     for row, every, partly in zip(rows, refined, json.loads(half.read_text()), strict=True):
         kept = partly["refine"]["kept_coarse"]
@@ -187,17 +168,7 @@ def test_apply_adds_a_refine_object_and_keeps_the_coarse_box_below_the_threshold
 
 def test_apply_uses_the_checkpoint_threshold_by_default(cli, base_dataset, trained, tmp_path):
     out = tmp_path / "refined.json"
-    result = cli(
-        "apply",
-        "--store",
-        base_dataset["store"],
-        "--boxes",
-        base_dataset["annotations"],
-        "--model",
-        trained,
-        "--out",
-        out,
-    )
+    result = apply(cli, base_dataset, trained, base_dataset["annotations"], out)
     assert result.exit_code == 0, result.output
     threshold = load_checkpoint(trained)["metrics"]["abstention"]["min_score"]
     assert f"min score {threshold:.3f} (chosen by `refine train` on held-out training images)" in result.output
@@ -216,19 +187,7 @@ def test_a_coarse_box_across_the_border_is_clipped_and_counted(cli, base_dataset
     source = tmp_path / "detections.json"
     source.write_text(json.dumps(rows))
     out = tmp_path / "refined.json"
-    result = cli(
-        "apply",
-        "--store",
-        base_dataset["store"],
-        "--boxes",
-        source,
-        "--model",
-        trained,
-        "--out",
-        out,
-        "--min-score",
-        "1",
-    )
+    result = apply(cli, base_dataset, trained, source, out, "--min-score", "1")
     assert result.exit_code == 0, result.output
     assert "2 boxes clipped to the image" in result.output
     refined = json.loads(out.read_text())
@@ -245,7 +204,7 @@ def test_a_box_wholly_outside_the_image_is_still_refused(cli, base_dataset, trai
     source = tmp_path / "detections.json"
     source.write_text(json.dumps([{"image_id": 1, "bbox": [-50.0, 2.0, 20.0, 10.0]}]))
     out = tmp_path / "refined.json"
-    result = cli("apply", "--store", base_dataset["store"], "--boxes", source, "--model", trained, "--out", out)
+    result = apply(cli, base_dataset, trained, source, out)
     assert_clean_error(result, "detections.json: detection [0]", "does not overlap image 1")
     assert not out.exists()
 
@@ -261,19 +220,7 @@ def test_area_follows_the_box_only_where_it_was_the_box_area(cli, base_dataset, 
     source = tmp_path / "coco.json"
     source.write_text(json.dumps(coco))
     out = tmp_path / "refined.json"
-    result = cli(
-        "apply",
-        "--store",
-        base_dataset["store"],
-        "--boxes",
-        source,
-        "--model",
-        trained,
-        "--out",
-        out,
-        "--min-score",
-        "0",
-    )
+    result = apply(cli, base_dataset, trained, source, out, "--min-score", "0")
     assert result.exit_code == 0, result.output
     refined = json.loads(out.read_text())["annotations"]
     x, y, w2, h2 = refined[0]["bbox"]
