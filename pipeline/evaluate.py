@@ -18,7 +18,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import RefineError
 from pipeline.features import ImageBoxes, Split, coarse_and_targets, load_split
 from pipeline.images import load_rgb
-from pipeline.metrics import CHANGE_EPS, box_metrics, coco_ap, paired_iou, write_metrics
+from pipeline.metrics import CHANGE_EPS, box_metrics, coco_ap, image_bootstrap, paired_iou, write_metrics
 from pipeline.overlays import save_overlays
 from pipeline.refiner import SimilarityCascadeRefiner
 from pipeline.store import FeatureStore, Namespace
@@ -86,7 +86,8 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     overlays under `<out>/overlays/`); returns the metrics.
 
     The top-level figures are those of the boxes `apply` writes with the same threshold (abstention
-    included); "without_abstention" has the same figures with every box refined.
+    included); "without_abstention" has the same figures with every box refined. Each has an "interval":
+    how far its mean IoU gain and share worse move when the images are resampled (`image_bootstrap`).
     """
     unknown = sorted(set(config.methods) - set(METHODS))
     if unknown or not config.methods:
@@ -109,9 +110,14 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         for name in ("truth", "coarse", "written", "refined", "score")
     )
     iou_coarse, iou_refined = paired_iou(gt, coarse), paired_iou(gt, refined)
+    image_index = torch.cat([torch.full((len(row.truth),), i, dtype=torch.int64) for i, row in enumerate(per_image)])
     metrics: dict[str, Any] = {
         **box_metrics(gt, coarse, written),
-        "without_abstention": box_metrics(gt, coarse, refined),
+        "interval": image_bootstrap(iou_coarse, paired_iou(gt, written), image_index),
+        "without_abstention": {
+            **box_metrics(gt, coarse, refined),
+            "interval": image_bootstrap(iou_coarse, iou_refined, image_index),
+        },
         "abstention": {
             "min_score": min_score,
             "min_score_source": "given" if config.min_score is not None else "checkpoint (held-out training images)",

@@ -48,6 +48,10 @@ COCO_STATS = {"AP": 0, "AP50": 1, "AP75": 2, "AP_small": 3, "AP_medium": 4, "AP_
 
 METRIC_DECIMALS = 6
 
+# `image_bootstrap`: the share of resampled figures its interval holds, and how many resamples it draws.
+INTERVAL_LEVEL = 0.9
+BOOTSTRAP_RESAMPLES = 2000
+
 
 def paired_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU of row i of `boxes1` (N x 4 xyxy) with row i of `boxes2` (N x 4 xyxy) -> N, in [0, 1].
@@ -124,6 +128,46 @@ def iou_summary(iou_coarse: Tensor, iou_refined: Tensor) -> dict[str, Any]:
             kind: {f"{t:g}": share(iou >= t) for t in RECALL_THRESHOLDS}
             for kind, iou in (("coarse", iou_coarse), ("refined", iou_refined))
         },
+    }
+
+
+def image_bootstrap(
+    iou_coarse: Tensor,
+    iou_refined: Tensor,
+    image_index: Tensor,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = INTERVAL_LEVEL,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """How far the mean IoU gain and the share made worse could move on other images like these: percentile
+    intervals over `resamples` draws of the images with replacement (N IoUs each, `image_index` N ints in
+    0 .. images - 1). Whole images are drawn, not boxes: boxes of one image share its difficulty, so
+    resampling boxes would understate the spread. None for an empty group."""
+    if len(iou_coarse) == 0:
+        return None
+    images = int(image_index.max()) + 1
+    gain = iou_refined.double() - iou_coarse.double()
+    worse = (iou_refined < iou_coarse - CHANGE_EPS).double()
+    per_image = torch.zeros(3, images, dtype=torch.float64)
+    for row, values in enumerate((gain, worse, torch.ones_like(gain))):
+        per_image[row].index_add_(0, image_index, values)
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.randint(images, (resamples, images), generator=generator)
+    counts = torch.zeros(resamples, images, dtype=torch.float64).scatter_add_(
+        1, drawn, torch.ones(resamples, images, dtype=torch.float64)
+    )
+    sums = counts @ per_image.T  # resamples x 3: gain, worse, boxes
+    boxes = sums[:, 2].clamp_min(1.0)
+    quantiles = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+
+    def interval(values: Tensor) -> list[float]:
+        return torch.quantile(values, quantiles).tolist()
+
+    return {
+        "level": level,
+        "resamples": resamples,
+        "mean_iou_gain": interval(sums[:, 0] / boxes),
+        "share_worse": interval(sums[:, 1] / boxes),
     }
 
 

@@ -87,6 +87,8 @@ def evaluate(
         f"every box refined: mean IoU {every['mean_iou_refined']:.3f}, worse {every['share_worse']:.1%}; "
         f"score AUROC for the boxes made worse {'n/a' if auroc is None else f'{auroc:.3f}'}",
     ]
+    if metrics["interval"] is not None:
+        lines.append(interval_line(metrics["interval"], every["interval"]))
     for name, figures in metrics["methods"].items():
         lines.append(
             f"  {name:<8} mean IoU {figures['mean_iou_refined']:.3f}, improved {figures['share_improved']:.1%}, "
@@ -97,3 +99,14 @@ def evaluate(
     lines.append(f"written to {out / 'metrics.json'}")
     for line in lines:
         console.print(line, markup=False, highlight=False)
+
+
+def interval_line(written: dict, every: dict) -> str:
+    """The bootstrap intervals (`pipeline.metrics.image_bootstrap`) of what apply writes and of every box refined."""
+
+    def span(figures: dict) -> str:
+        low_gain, high_gain = figures["mean_iou_gain"]
+        low_worse, high_worse = figures["share_worse"]
+        return f"gain {low_gain:+.3f} to {high_gain:+.3f}, worse {low_worse:.1%} to {high_worse:.1%}"
+
+    return f"{written['level']:.0%} interval over resampled images: {span(written)} (every box refined: {span(every)})"

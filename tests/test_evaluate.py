@@ -65,6 +65,13 @@ def test_evaluate_writes_metrics_and_overlays(cli, base_dataset, trained, tmp_pa
     assert set(metrics["recall_at_iou"]["refined"]) == {"0.5", "0.75", "0.9"}
     assert set(metrics["by_size"]) == {"small", "medium", "large"}
     assert metrics["count"] == 4 and metrics["images"] == 4
+    # How far the figures move over resampled images, for what apply writes and for every box refined.
+    for figures in (metrics, metrics["without_abstention"]):
+        low, high = figures["interval"]["mean_iou_gain"]
+        assert low <= figures["mean_iou_refined"] - figures["mean_iou_coarse"] <= high
+        low, high = figures["interval"]["share_worse"]
+        assert low <= figures["share_worse"] <= high
+    assert "90% interval over resampled images: gain " in result.stdout
     assert len(list((out / "overlays").glob("overlay_*.png"))) == 2
 
 

@@ -159,6 +159,50 @@ def test_metric_properties_hold_for_any_boxes(triple):
     json.dumps(result, allow_nan=False)
 
 
+# --- image_bootstrap ---------------------------------------------------------------------------------------
+def test_bootstrap_resamples_whole_images() -> None:
+    # Two images of three boxes: one image's boxes all made worse, the other's all improved. Drawing two
+    # images with replacement gives a share worse of 0, 1/2 or 1 (1/4, 1/2, 1/4): the 90% interval is [0, 1].
+    # Resampling the six boxes independently would have given a far narrower one.
+    coarse = torch.full((6,), 0.5, dtype=torch.float64)
+    refined = torch.tensor([0.4, 0.4, 0.4, 0.7, 0.7, 0.7], dtype=torch.float64)
+    interval = metrics.image_bootstrap(coarse, refined, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert interval["level"] == 0.9 and interval["resamples"] == metrics.BOOTSTRAP_RESAMPLES
+    assert interval["share_worse"] == pytest.approx([0.0, 1.0])
+    assert interval["mean_iou_gain"] == pytest.approx([-0.1, 0.2])
+
+
+def test_bootstrap_brackets_the_figures_and_narrows_with_more_images() -> None:
+    generator = torch.Generator().manual_seed(1)
+    images, per_image = 40, 5
+    coarse = torch.rand(images * per_image, generator=generator, dtype=torch.float64) * 0.5 + 0.3
+    refined = coarse + torch.randn(images * per_image, generator=generator, dtype=torch.float64) * 0.1 + 0.05
+    index = torch.arange(images).repeat_interleave(per_image)
+    interval = metrics.image_bootstrap(coarse, refined, index)
+    gain, worse = (refined - coarse).mean().item(), (refined < coarse - metrics.CHANGE_EPS).double().mean().item()
+    assert interval["mean_iou_gain"][0] < gain < interval["mean_iou_gain"][1]
+    assert interval["share_worse"][0] < worse < interval["share_worse"][1]
+    # The same images four times over: the figures stay, the interval halves (1 / sqrt(4)).
+    four = metrics.image_bootstrap(
+        coarse.repeat(4), refined.repeat(4), torch.arange(4 * images).repeat_interleave(per_image)
+    )
+    width, four_width = (np.diff(i["mean_iou_gain"]).item() for i in (interval, four))
+    assert four["mean_iou_gain"][0] < gain < four["mean_iou_gain"][1]
+    assert four_width == pytest.approx(width / 2, rel=0.2)
+    # Seeded: the same input gives the same interval.
+    assert metrics.image_bootstrap(coarse, refined, index) == interval
+
+
+def test_bootstrap_of_identical_images_has_no_spread_and_an_empty_group_none() -> None:
+    coarse = torch.tensor([0.5, 0.6] * 5, dtype=torch.float64)
+    refined = torch.tensor([0.7, 0.5] * 5, dtype=torch.float64)
+    interval = metrics.image_bootstrap(coarse, refined, torch.arange(5).repeat_interleave(2))
+    assert interval["mean_iou_gain"] == pytest.approx([0.05, 0.05])
+    assert interval["share_worse"] == pytest.approx([0.5, 0.5])
+    empty = torch.zeros(0, dtype=torch.float64)
+    assert metrics.image_bootstrap(empty, empty, torch.zeros(0, dtype=torch.int64)) is None
+
+
 # --- write_metrics ---------------------------------------------------------------------------------------
 
 
