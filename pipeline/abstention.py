@@ -9,9 +9,11 @@ from the images `evaluate` scores.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.metrics import CHANGE_EPS
@@ -19,6 +21,9 @@ from pipeline.metrics import CHANGE_EPS
 # Operating points `risk_coverage` reports: evenly spaced in the share of boxes changed.
 REPORT_POINTS = 21
 RELIABILITY_BINS = 10
+# `fit_calibration` never lets the score's scale fall below this: a score that tells nothing is flattened to
+# the share of boxes improved, and still keeps its order.
+CALIBRATION_MIN_SCALE = 1e-3
 
 
 def written_iou(iou_coarse: Tensor, iou_refined: Tensor, score: Tensor, min_score: float) -> Tensor:
@@ -80,6 +85,53 @@ def choose_min_score(iou_coarse: Tensor, iou_refined: Tensor, score: Tensor, max
     mean = torch.where(allowed, points["mean_iou"], torch.tensor(-1.0, dtype=torch.float64))
     best = int(torch.nonzero(mean == mean.max()).min())  # the lowest threshold among the best
     return {**_point(points, best), "max_worse": max_worse, "boxes": len(score), "reached": bool(allowed.any())}
+
+
+def fit_calibration(logit: Tensor, better: Tensor, steps: int = 100) -> Tensor:
+    """Platt scaling: the scale and bias (a 2-tensor) for which sigmoid(scale * logit + bias) best predicts
+    `better` (N bools: the refined box beat the coarse one), by damped Newton steps on the log-loss.
+
+    The targets are Platt's smoothed ones ((positives + 1) / (positives + 2) and 1 / (negatives + 2)), so that
+    a held-out group where every box improved still gets finite weights. The scale is kept at least
+    CALIBRATION_MIN_SCALE (the bias then refitted): calibration may flatten the score but never reverse its
+    order, which the threshold relies on. No boxes: the identity (1, 0).
+    """
+    if len(logit) == 0:
+        return torch.tensor([1.0, 0.0])
+    better = better.bool()
+    positives, negatives = int(better.sum()), int((~better).sum())
+    target = torch.where(
+        better,
+        torch.tensor((positives + 1) / (positives + 2), dtype=torch.float64),
+        torch.tensor(1 / (negatives + 2), dtype=torch.float64),
+    )
+    inputs = torch.stack([logit.double(), torch.ones(len(logit), dtype=torch.float64)], dim=1)
+
+    def loss(weights: Tensor) -> float:
+        return F.binary_cross_entropy_with_logits(inputs @ weights, target, reduction="sum").item()
+
+    def newton(weights: Tensor, free: slice) -> Tensor:
+        for _ in range(steps):
+            predicted = torch.sigmoid(inputs @ weights)
+            gradient = (inputs.T @ (predicted - target))[free]
+            hessian = (inputs.T @ (inputs * (predicted * (1 - predicted))[:, None]))[free, free]
+            step = torch.zeros(2, dtype=torch.float64)
+            # A little damping: with (nearly) equal logits the scale and the bias are not told apart.
+            step[free] = torch.linalg.solve(hessian + 1e-9 * torch.eye(len(gradient), dtype=torch.float64), gradient)
+            size, before = 1.0, loss(weights)
+            while loss(weights - size * step) > before and size > 1e-6:
+                size /= 2
+            weights = weights - size * step
+            if (size * step).abs().max() < 1e-10:
+                break
+        return weights
+
+    share = target.mean().item()
+    weights = newton(torch.tensor([0.0, math.log(share / (1 - share))], dtype=torch.float64), slice(0, 2))
+    if weights[0] < CALIBRATION_MIN_SCALE:
+        weights[0] = CALIBRATION_MIN_SCALE
+        weights = newton(weights, slice(1, 2))
+    return weights.float()
 
 
 def auroc(score: Tensor, worse: Tensor) -> float | None:

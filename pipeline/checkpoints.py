@@ -5,7 +5,7 @@
 epoch, the resolved training config, the refiner's name and config, the store fingerprint of the features
 it was trained on, the encoder they came from, and the epoch's metrics, among them the abstention threshold
 chosen on held-out training images (`min_score_of`). It is read with `weights_only=True` (no pickled code)
-and refused, in one line, when it is not a refine checkpoint or is of another version.
+and refused, in one line, when it is not a refine checkpoint or is of a version it cannot read.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ from typing import Any
 import torch
 
 from pipeline.errors import RefineError
-from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refiner
+from pipeline.refiner import IDENTITY_CALIBRATION, RefinerConfig, SimilarityCascadeRefiner, build_refiner
 
 CHECKPOINT = "model.pt"
 CHECKPOINT_FORMAT = "refine-refiner"
 # Raised whenever a refiner's computation changes: the weights of an older one would load and silently mean
 # something else. 2: similarity cues computed on the feature grid instead of in each window. 3: a score
-# head and the abstention threshold.
-CHECKPOINT_VERSION = 3
+# head and the abstention threshold. 4: the score's calibration (a version 3 checkpoint reads as calibrated
+# by the identity, which is what its scores and threshold were).
+CHECKPOINT_VERSION = 4
+UNCALIBRATED_VERSION = 3
 # Options that may change between a run and its --resume. Workers and device do not change what is
 # computed; a larger --epochs trains longer (the learning-rate schedule then stretches to the new total).
 RESUMABLE = {"epochs", "workers", "device", "resume", "max_worse"}
@@ -81,10 +83,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise RefineError(f"{path}: not a refine refiner checkpoint")
-    if checkpoint.get("version") != CHECKPOINT_VERSION:
+    if checkpoint.get("version") == UNCALIBRATED_VERSION and isinstance(checkpoint.get("model"), dict):
+        checkpoint["model"]["score.calibration"] = IDENTITY_CALIBRATION.clone()
+    elif checkpoint.get("version") != CHECKPOINT_VERSION:
         raise RefineError(
-            f"{path}: refiner checkpoint version {checkpoint.get('version')}, this refine reads version "
-            f"{CHECKPOINT_VERSION}; train the refiner again with `refine train`"
+            f"{path}: refiner checkpoint version {checkpoint.get('version')}, this refine reads versions "
+            f"{UNCALIBRATED_VERSION} and {CHECKPOINT_VERSION}; train the refiner again with `refine train`"
         )
     return checkpoint
 

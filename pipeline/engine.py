@@ -178,7 +178,8 @@ class BoxOutcomes:
 
     iou_coarse: Tensor
     iou_refined: Tensor  # of the refined box as `apply` would write it (clipped to the image)
-    score: Tensor
+    score: Tensor  # calibrated by the model's calibration at the time, as `apply` would see it
+    logits: Tensor  # N x 2: the score head's raw outputs, which `train` calibrates the score on
 
 
 @torch.inference_mode()
@@ -198,23 +199,34 @@ def predict_outcomes(
     device = precision.device
     steps = len(loader)
     timer = _Timer()
-    coarse_iou, refined_iou, scores = [], [], []
+    coarse_iou, refined_iou, scores, logits = [], [], [], []
     for step, batch in enumerate(_batches(loader, timer)):
         coarse, targets = boxes.of(batch.indices, None)
         with autocast(device, precision.amp_dtype):
-            refined, score = model(batch.embedding.to(device), batch.early.to(device), [c.to(device) for c in coarse])
-        for index, before, after, target, box_score in zip(batch.indices, coarse, refined, targets, score, strict=True):
+            refinement = model.forward_stages(
+                batch.embedding.to(device), batch.early.to(device), [c.to(device) for c in coarse]
+            )
+        counts = [len(c) for c in coarse]
+        refined = refinement.stages[-1].split(counts)
+        score = model.score.probability(refinement.score_logits).split(counts)
+        for index, before, after, target, box_score, box_logits in zip(
+            batch.indices, coarse, refined, targets, score, refinement.score_logits.split(counts), strict=True
+        ):
             # The boxes `apply` would write (clipped to the image), so these figures match `refine evaluate`.
             final = valid_boxes(after.float().cpu(), before, boxes.images[index].resized_hw)
             coarse_iou.append(paired_iou(before, target))
             refined_iou.append(paired_iou(final, target))
             scores.append(box_score.float().cpu())
+            logits.append(box_logits.float().cpu())
             timer.boxes += len(target)
         if progress:
             boxes_per_s, waiting = timer.rates()
             progress(TrainProgress(phase, epoch + 1, epochs, step + 1, steps, math.nan, boxes_per_s, waiting))
     # Under torchrun each rank refined its part of the images: every rank gets all the outcomes.
     parts = distributed.all_gather(
-        tuple(torch.cat(values or [torch.empty(0)]) for values in (coarse_iou, refined_iou, scores))
+        (
+            *(torch.cat(values or [torch.empty(0)]) for values in (coarse_iou, refined_iou, scores)),
+            torch.cat(logits or [torch.empty(0, 2)]),
+        )
     )
-    return BoxOutcomes(*(torch.cat([part[i] for part in parts]) for i in range(3)))
+    return BoxOutcomes(*(torch.cat([part[i] for part in parts]) for i in range(4)))

@@ -35,6 +35,8 @@ from pipeline.shapes import EMBEDDING_SHAPE, FEATURE_STRIDE, IMAGE_SIZE
 FIXED_CUES = 8
 # Which score head output is the box's score (`ScoreHead`): 0 the predicted IoU, 1 the chance of beating the coarse box.
 SCORE_OUTPUT = 1
+# The score's calibration (scale, bias of its logit) before `train` fits one: the raw chance.
+IDENTITY_CALIBRATION = torch.tensor([1.0, 0.0])
 
 
 @dataclass(frozen=True)
@@ -257,15 +259,25 @@ class ScoreHead(nn.Module):
     Its input is detached, so learning it leaves the boxes exactly as they would be without it.
     Two outputs, both trained with binary cross-entropy: the IoU of the final box with the truth (a soft
     target in [0, 1]), and whether the final box is closer to the truth than the coarse box was.
+
+    The box's score is the second, calibrated: the head learns on the training images, where the refiner
+    does better than on new ones, so its raw chances run high. `train` fits a scale and a bias on held-out
+    images (`pipeline.abstention.fit_calibration`); a scale above zero keeps the order of the scores.
     """
 
     def __init__(self, features: int, hidden: int = 32) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(features)
         self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, 2))
+        self.register_buffer("calibration", IDENTITY_CALIBRATION.clone())  # scale, bias of the score's logit
 
     def forward(self, evidence: Tensor) -> Tensor:
         return self.mlp(self.norm(evidence.detach().float()))
+
+    def probability(self, logits: Tensor) -> Tensor:
+        """K x 2 logits (`forward`) -> K calibrated scores in [0, 1]: the chance the box beats its coarse box."""
+        scale, bias = self.calibration.unbind()
+        return torch.sigmoid(logits[:, SCORE_OUTPUT].float() * scale + bias)
 
 
 class CascadeStage(nn.Module):
@@ -387,10 +399,10 @@ class SimilarityCascadeRefiner(nn.Module):
 
     def forward(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Refined boxes (N_i x 4) and their scores (N_i, in [0, 1]), one tensor each per image in the order of
-        `boxes`. The score is the predicted chance that the refined box beats the coarse one."""
+        `boxes`. The score is the predicted chance, calibrated, that the refined box beats the coarse one."""
         refinement = self.forward_stages(embedding, early, boxes)
         counts = [len(b) for b in boxes]
-        scores = torch.sigmoid(refinement.score_logits[:, SCORE_OUTPUT].float())
+        scores = self.score.probability(refinement.score_logits)
         return list(refinement.stages[-1].split(counts)), list(scores.split(counts))
 
 

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from pipeline import distributed
-from pipeline.abstention import choose_min_score, written_iou
+from pipeline.abstention import choose_min_score, fit_calibration, written_iou
 from pipeline.boxes import HOLDOUT_STREAM, seeded_generator
 from pipeline.checkpoints import CHECKPOINT, check_resume, checkpoint_payload, load_checkpoint, save_checkpoint
 from pipeline.config import TrainConfig
@@ -47,8 +47,8 @@ from pipeline.features import (
     resolve_namespace,
 )
 from pipeline.jsonio import write_json
-from pipeline.metrics import iou_summary
-from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refiner
+from pipeline.metrics import CHANGE_EPS, iou_summary
+from pipeline.refiner import SCORE_OUTPUT, RefinerConfig, SimilarityCascadeRefiner, build_refiner
 from pipeline.sampler import EpochShuffle
 from pipeline.store import FeatureStore
 
@@ -247,7 +247,17 @@ def run_epoch(training: Training, epoch: int, progress: OnProgress | None = None
         )
 
     held = outcomes(training.holdout_loader, training.holdout_boxes, "hold-out")
-    abstention = choose_min_score(held.iou_coarse, held.iou_refined, held.score, config.max_worse)
+    # The score is calibrated on the held-out boxes, then the threshold is chosen among the calibrated scores
+    # exactly as `apply` will compute them; calibration keeps their order, so the boxes kept are the same.
+    better = held.iou_refined > held.iou_coarse + CHANGE_EPS
+    calibration = fit_calibration(held.logits[:, SCORE_OUTPUT], better)
+    head = training.model.score
+    head.calibration.copy_(calibration)
+    held_score = head.probability(held.logits.to(head.calibration.device)).cpu()
+    abstention = {
+        **choose_min_score(held.iou_coarse, held.iou_refined, held_score, config.max_worse),
+        "calibration": {"scale": float(calibration[0]), "bias": float(calibration[1])},
+    }
     val = outcomes(training.val_loader, training.val_boxes, "val")
     written = written_iou(val.iou_coarse, val.iou_refined, val.score, abstention["min_score"])
     summary = {**iou_summary(val.iou_coarse, val.iou_refined), "abstained": iou_summary(val.iou_coarse, written)}

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.abstention import auroc, choose_min_score, reliability, risk_coverage
+from pipeline.abstention import (
+    CALIBRATION_MIN_SCALE,
+    auroc,
+    choose_min_score,
+    fit_calibration,
+    reliability,
+    risk_coverage,
+)
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.train import hold_out, run_train
@@ -104,6 +111,42 @@ def test_risk_coverage_and_reliability_add_up() -> None:
     assert [r["count"] for r in rows] == [1, 1, 1] and rows[0]["low"] == 0.0 and rows[-1]["high"] == 1.0
 
 
+def test_calibration_recovers_the_chance_and_keeps_the_order() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logit = torch.randn(20000, generator=generator) * 2
+    better = torch.rand(20000, generator=generator) < torch.sigmoid(0.5 * logit - 1.0)
+    scale, bias = fit_calibration(logit, better).tolist()
+    assert scale == pytest.approx(0.5, abs=0.03) and bias == pytest.approx(-1.0, abs=0.05)
+    # A logistic fit with a bias predicts, on average, exactly the share of (smoothed) positives.
+    calibrated = torch.sigmoid(scale * logit.double() + bias)
+    positives = int(better.sum())
+    target = torch.where(better, (positives + 1) / (positives + 2), 1 / (len(better) - positives + 2))
+    assert calibrated.mean().item() == pytest.approx(target.double().mean().item(), abs=1e-5)
+    # A score that tells nothing is flattened to the share improved, never turned round.
+    scale, bias = fit_calibration(logit, torch.rand(20000, generator=generator) < 0.3).tolist()
+    assert 0 < scale < 0.05 and torch.sigmoid(torch.tensor(bias)).item() == pytest.approx(0.3, abs=0.01)
+    scale, bias = fit_calibration(logit, logit < 0).tolist()  # a score that runs the wrong way
+    assert scale == pytest.approx(CALIBRATION_MIN_SCALE)
+    # Every box improved, or all scores equal: finite weights; no boxes: the identity.
+    assert torch.isfinite(fit_calibration(logit, torch.ones(20000, dtype=torch.bool))).all()
+    equal = fit_calibration(torch.full((5,), 3.0), torch.tensor([True, True, True, False, True]))
+    assert torch.sigmoid(equal[0] * 3.0 + equal[1]).item() == pytest.approx((4 * 5 / 6 + 1 / 3) / 5, abs=1e-4)
+    assert fit_calibration(torch.zeros(0), torch.zeros(0, dtype=torch.bool)).tolist() == [1.0, 0.0]
+
+
+def test_calibrating_the_score_keeps_the_boxes_the_threshold_refines() -> None:
+    generator = torch.Generator().manual_seed(2)
+    iou_coarse = torch.rand(500, generator=generator)
+    iou_refined = (iou_coarse + torch.randn(500, generator=generator) * 0.1).clamp(0, 1)
+    logit = (iou_refined - iou_coarse) * 20 + torch.randn(500, generator=generator)
+    calibration = fit_calibration(logit, iou_refined > iou_coarse)
+    raw = choose_min_score(iou_coarse, iou_refined, torch.sigmoid(logit), 0.03)
+    calibrated = choose_min_score(iou_coarse, iou_refined, torch.sigmoid(logit * calibration[0] + calibration[1]), 0.03)
+    assert raw["min_score"] != calibrated["min_score"]
+    for key in ("share_changed", "share_worse", "mean_iou"):
+        assert calibrated[key] == raw[key]
+
+
 def test_held_out_images_are_a_keyed_share_never_trained_on(base_dataset: dict) -> None:
     class Image:
         def __init__(self, image_id: int) -> None:
@@ -128,6 +171,37 @@ def test_the_checkpoint_holds_the_threshold_chosen_on_held_out_images(trained: P
     assert abstention["boxes"] == 8 and abstention["max_worse"] == 0.03
     assert 0.0 <= abstention["min_score"] <= 1.0
     assert "score.mlp.0.weight" in checkpoint["model"]
+    # The score was calibrated on the same held-out boxes; the model applies what the metrics report.
+    calibration = abstention["calibration"]
+    assert calibration["scale"] > 0 and (calibration["scale"], calibration["bias"]) != (1.0, 0.0)
+    assert checkpoint["model"]["score.calibration"].tolist() == pytest.approx(
+        [calibration["scale"], calibration["bias"]]
+    )
+
+
+def test_a_version_3_checkpoint_still_works_with_its_raw_scores(
+    cli, base_dataset, border_annotations, trained, tmp_path
+):
+    """Checkpoints from before calibration read as calibrated by the identity: their scores, and the threshold
+    chosen on them, mean what they meant."""
+    checkpoint = torch.load(trained, map_location="cpu", weights_only=True)
+    del checkpoint["model"]["score.calibration"]
+    old = tmp_path / "old.pt"
+    torch.save({**checkpoint, "version": 3}, old)
+    assert load_checkpoint(old)["model"]["score.calibration"].tolist() == [1.0, 0.0]
+    coco = json.loads(border_annotations.read_text())
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps([{**a, "score": 0.9} for a in coco["annotations"]]))
+    calibrated, raw = tmp_path / "calibrated.json", tmp_path / "raw.json"
+    assert apply(cli, base_dataset, trained, boxes, calibrated).exit_code == 0
+    result = apply(cli, base_dataset, old, boxes, raw)
+    assert result.exit_code == 0, result.output
+    scale, bias = load_checkpoint(trained)["model"]["score.calibration"].tolist()
+    raw_scores = torch.tensor(_scores(json.loads(raw.read_text())), dtype=torch.float64)
+    expected = torch.sigmoid(scale * torch.logit(raw_scores) + bias)  # from scores rounded to 4 decimals
+    calibrated_scores = torch.tensor(_scores(json.loads(calibrated.read_text())), dtype=torch.float64)
+    assert (calibrated_scores - raw_scores).abs().max() > 0.01
+    assert calibrated_scores.tolist() == pytest.approx(expected.tolist(), abs=1e-3)
 
 
 def test_apply_adds_a_refine_object_and_keeps_the_coarse_box_below_the_threshold(
