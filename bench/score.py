@@ -51,9 +51,8 @@ def main() -> None:
         final = valid_boxes(refinement.stages[-1], coarse, image.resized_hw)
         per_box["iou_coarse"].append(paired_iou(coarse, target))
         per_box["iou_refined"].append(paired_iou(final, target))
-        logits = refinement.score_logits.sigmoid()
-        per_box["iou"].append(logits[:, 0])
-        per_box["better"].append(logits[:, 1])
+        per_box["iou"].append(refinement.score_logits[:, 0].sigmoid())
+        per_box["better"].append(model.score.probability(refinement.score_logits))  # the score apply writes
         # The last stage's four side spreads (window units, at most 0.5): wide distributions mean doubt.
         last = refinement.evidence[:, (len(model.stages) - 1) * (2 * width + 8) :]
         per_box["spread"].append(1 - 2 * last[:, 2 * width : 2 * width + 4].mean(dim=1))
