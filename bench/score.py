@@ -21,7 +21,7 @@ from pipeline.abstention import auroc, choose_min_score, risk_coverage
 from pipeline.apply import load_model
 from pipeline.boxes import valid_boxes
 from pipeline.features import coarse_and_targets, load_split
-from pipeline.metrics import CHANGE_EPS, paired_iou
+from pipeline.metrics import made_worse, paired_iou
 from pipeline.store import FeatureStore
 
 from results_file import write_and_show  # bench/, next to this script
@@ -58,7 +58,7 @@ def main() -> None:
         per_box["spread"].append(1 - 2 * last[:, 2 * width : 2 * width + 4].mean(dim=1))
     values = {name: torch.cat(parts) for name, parts in per_box.items()}
     iou_coarse, iou_refined = values["iou_coarse"], values["iou_refined"]
-    worse = iou_refined < iou_coarse - CHANGE_EPS
+    worse = made_worse(iou_coarse, iou_refined)
     result: dict = {
         "annotations": args.annotations.name,
         "boxes": len(worse),

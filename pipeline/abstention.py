@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.metrics import CHANGE_EPS
+from pipeline.metrics import made_worse
 
 # Operating points `risk_coverage` reports: evenly spaced in the share of boxes changed.
 REPORT_POINTS = 21
@@ -38,7 +38,7 @@ def frontier(iou_coarse: Tensor, iou_refined: Tensor, score: Tensor) -> dict[str
     count = len(score)
     order = torch.argsort(score.double(), descending=True, stable=True)
     ranked = score.double()[order]
-    worse = (iou_refined < iou_coarse - CHANGE_EPS).double()[order]
+    worse = made_worse(iou_coarse, iou_refined).double()[order]
     gain = (iou_refined.double() - iou_coarse.double())[order]
     # The last box of each run of equal scores: a threshold at that score changes everything up to it.
     last = torch.ones(count, dtype=torch.bool)

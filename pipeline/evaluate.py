@@ -18,7 +18,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import RefineError
 from pipeline.features import ImageBoxes, Split, coarse_and_targets, load_split
 from pipeline.images import load_rgb
-from pipeline.metrics import CHANGE_EPS, box_metrics, coco_ap, image_bootstrap, paired_iou, write_metrics
+from pipeline.metrics import box_metrics, coco_ap, image_bootstrap, improved, made_worse, paired_iou, write_metrics
 from pipeline.overlays import save_overlays
 from pipeline.refiner import SimilarityCascadeRefiner
 from pipeline.store import FeatureStore, Namespace
@@ -123,7 +123,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
             "min_score_source": "given" if config.min_score is not None else "checkpoint (held-out training images)",
             "share_changed": (score >= min_score).double().mean().item(),
             # How well a low score picks out the boxes that refining makes worse (0.5: no better than chance).
-            "auroc_worse": auroc(score, iou_refined < iou_coarse - CHANGE_EPS),
+            "auroc_worse": auroc(score, made_worse(iou_coarse, iou_refined)),
         },
         "images": len(per_image),
         "clipped_boxes": split.clipped_boxes,
@@ -132,7 +132,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     curves = {
         "risk_coverage": risk_coverage(iou_coarse, iou_refined, score),
         # The score is the chance that the refined box beats the coarse one: against how often it does.
-        "reliability": reliability(score, (iou_refined > iou_coarse + CHANGE_EPS).double()),
+        "reliability": reliability(score, improved(iou_coarse, iou_refined).double()),
     }
     metrics.update(curves)
     by_method = {"coarse": coarse, "refiner": written, "snap": torch.cat(snapped) if snapped is not None else None}

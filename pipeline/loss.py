@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
-from pipeline.metrics import CHANGE_EPS, paired_iou
+from pipeline.metrics import improved, paired_iou
 from pipeline.shapes import IMAGE_SIZE
 
 
@@ -33,6 +33,6 @@ def score_loss(score_logits: Tensor, final: Tensor, coarse: Tensor, target: Tens
     Returns a scalar; no gradient reaches the boxes."""
     with torch.no_grad():
         iou_final = paired_iou(final.detach().float(), target.float())
-        better = (iou_final > paired_iou(coarse.float(), target.float()) + CHANGE_EPS).float()
+        better = improved(paired_iou(coarse.float(), target.float()), iou_final).float()
     labels = torch.stack([iou_final, better], dim=1).to(score_logits.device)
     return F.binary_cross_entropy_with_logits(score_logits.float(), labels)

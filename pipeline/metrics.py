@@ -53,6 +53,16 @@ INTERVAL_LEVEL = 0.9
 BOOTSTRAP_RESAMPLES = 2000
 
 
+def improved(iou_coarse: Tensor, iou_refined: Tensor) -> Tensor:
+    """N bools: the refined box is closer to the truth than the coarse box was (by more than CHANGE_EPS)."""
+    return iou_refined > iou_coarse + CHANGE_EPS
+
+
+def made_worse(iou_coarse: Tensor, iou_refined: Tensor) -> Tensor:
+    """N bools: the refined box is further from the truth than the coarse box was (by more than CHANGE_EPS)."""
+    return iou_refined < iou_coarse - CHANGE_EPS
+
+
 def paired_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU of row i of `boxes1` (N x 4 xyxy) with row i of `boxes2` (N x 4 xyxy) -> N, in [0, 1].
 
@@ -122,8 +132,8 @@ def iou_summary(iou_coarse: Tensor, iou_refined: Tensor) -> dict[str, Any]:
         "count": count,
         "mean_iou_coarse": iou_coarse.mean().item() if count else None,
         "mean_iou_refined": iou_refined.mean().item() if count else None,
-        "share_improved": share(iou_refined > iou_coarse + CHANGE_EPS),
-        "share_worse": share(iou_refined < iou_coarse - CHANGE_EPS),
+        "share_improved": share(improved(iou_coarse, iou_refined)),
+        "share_worse": share(made_worse(iou_coarse, iou_refined)),
         "recall_at_iou": {
             kind: {f"{t:g}": share(iou >= t) for t in RECALL_THRESHOLDS}
             for kind, iou in (("coarse", iou_coarse), ("refined", iou_refined))
@@ -147,7 +157,7 @@ def image_bootstrap(
         return None
     images = int(image_index.max()) + 1
     gain = iou_refined.double() - iou_coarse.double()
-    worse = (iou_refined < iou_coarse - CHANGE_EPS).double()
+    worse = made_worse(iou_coarse, iou_refined).double()
     per_image = torch.zeros(3, images, dtype=torch.float64)
     for row, values in enumerate((gain, worse, torch.ones_like(gain))):
         per_image[row].index_add_(0, image_index, values)

@@ -47,7 +47,7 @@ from pipeline.features import (
     resolve_namespace,
 )
 from pipeline.jsonio import write_json
-from pipeline.metrics import CHANGE_EPS, iou_summary
+from pipeline.metrics import improved, iou_summary
 from pipeline.refiner import SCORE_OUTPUT, RefinerConfig, SimilarityCascadeRefiner, build_refiner
 from pipeline.sampler import EpochShuffle
 from pipeline.store import FeatureStore
@@ -249,8 +249,7 @@ def run_epoch(training: Training, epoch: int, progress: OnProgress | None = None
     held = outcomes(training.holdout_loader, training.holdout_boxes, "hold-out")
     # The score is calibrated on the held-out boxes, then the threshold is chosen among the calibrated scores
     # exactly as `apply` will compute them; calibration keeps their order, so the boxes kept are the same.
-    better = held.iou_refined > held.iou_coarse + CHANGE_EPS
-    calibration = fit_calibration(held.logits[:, SCORE_OUTPUT], better)
+    calibration = fit_calibration(held.logits[:, SCORE_OUTPUT], improved(held.iou_coarse, held.iou_refined))
     head = training.model.score
     head.calibration.copy_(calibration)
     held_score = head.probability(held.logits.to(head.calibration.device)).cpu()
