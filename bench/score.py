@@ -40,7 +40,6 @@ def main() -> None:
     model, namespace, checkpoint = load_model(args.model, FeatureStore(args.store))
     split = load_split(namespace, args.annotations.stem, args.annotations)
     noise, seed = float(checkpoint["config"]["noise"]), int(checkpoint["config"]["seed"])
-    width = model.config.width
     per_box: dict[str, list[torch.Tensor]] = {k: [] for k in ("iou_coarse", "iou_refined", "iou", "better", "spread")}
     for image in split.images:
         coarse, target = coarse_and_targets(image, noise, seed, None)
@@ -54,8 +53,7 @@ def main() -> None:
         per_box["iou"].append(refinement.score_logits[:, 0].sigmoid())
         per_box["better"].append(model.score.probability(refinement.score_logits))  # the score apply writes
         # The last stage's four side spreads (window units, at most 0.5): wide distributions mean doubt.
-        last = refinement.evidence[:, (len(model.stages) - 1) * (2 * width + 8) :]
-        per_box["spread"].append(1 - 2 * last[:, 2 * width : 2 * width + 4].mean(dim=1))
+        per_box["spread"].append(1 - 2 * refinement.spread.mean(dim=1))
     values = {name: torch.cat(parts) for name, parts in per_box.items()}
     iou_coarse, iou_refined = values["iou_coarse"], values["iou_refined"]
     worse = made_worse(iou_coarse, iou_refined)

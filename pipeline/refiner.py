@@ -239,18 +239,19 @@ class StageOutput:
     """What one cascade stage gives: its boxes and the evidence the score head reads about them."""
 
     boxes: Tensor  # K x 4 pixels
+    spread: Tensor  # K x 4: the standard deviation of each side's distribution (x0, y0, x1, y1; window units)
     evidence: Tensor  # K x (2 * width + 8): the net's pooled features, each side's spread and move (window units)
 
 
 @dataclass
 class Refinement:
     """Every stage's boxes (K x 4 each, last = final, all images' boxes in order), the score logits
-    (K x 2: the final box's IoU with the truth, and whether it beats the coarse box) and the evidence
-    the score head read (K x features)."""
+    (K x 2: the final box's IoU with the truth, and whether it beats the coarse box) and the spread of the
+    final stage's side distributions (K x 4, window units; `bench/score.py` compares it with the score)."""
 
     stages: list[Tensor]
     score_logits: Tensor
-    evidence: Tensor
+    spread: Tensor
 
 
 class ScoreHead(nn.Module):
@@ -346,7 +347,7 @@ class CascadeStage(nn.Module):
         sides = torch.stack([sides_x[:, 0], sides_y[:, 0], sides_x[:, 1], sides_y[:, 1]], dim=1)
         spread = torch.stack([spread_x[:, 0], spread_y[:, 0], spread_x[:, 1], spread_y[:, 1]], dim=1)
         evidence = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1).float()
-        return StageOutput(origin + sides * size, torch.cat([evidence, spread, sides - current], dim=1))
+        return StageOutput(origin + sides * size, spread, torch.cat([evidence, spread, sides - current], dim=1))
 
 
 class SimilarityCascadeRefiner(nn.Module):
@@ -395,7 +396,7 @@ class SimilarityCascadeRefiner(nn.Module):
         # Small boxes are harder: the head also sees the coarse box's size (log, in units of the 1024 frame).
         size = (coarse[:, 2:] - coarse[:, :2]).clamp_min(1.0) / IMAGE_SIZE
         features = torch.cat([*evidence, size.log()], dim=1)
-        return Refinement(outputs, self.score(features), features)
+        return Refinement(outputs, self.score(features), step.spread.float())
 
     def forward(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Refined boxes (N_i x 4) and their scores (N_i, in [0, 1]), one tensor each per image in the order of
