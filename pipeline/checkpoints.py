@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import RefineError
+from pipeline.torch_files import read_torch_file
 from pipeline.refiner import IDENTITY_CALIBRATION, RefinerConfig, SimilarityCascadeRefiner, build_refiner
 
 CHECKPOINT = "model.pt"
@@ -73,14 +74,9 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A refiner checkpoint, read safely (weights_only) and checked to be one."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RefineError(f"{path}: no checkpoint to resume from") from None
-    except Exception as error:  # torch raises unpickling, zip and runtime errors alike on damaged files
-        raise RefineError(
-            f"{path}: not a readable refiner checkpoint ({type(error).__name__}: {str(error)[:160]})"
-        ) from None
+    if not path.exists():
+        raise RefineError(f"{path}: no checkpoint to resume from")
+    checkpoint = read_torch_file(path, "refiner checkpoint")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise RefineError(f"{path}: not a refine refiner checkpoint")
     if checkpoint.get("version") == UNCALIBRATED_VERSION and isinstance(checkpoint.get("model"), dict):

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import warnings
-import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +21,7 @@ from torch import nn
 
 from pipeline.errors import RefineError
 from pipeline.shapes import IMAGE_SIZE
+from pipeline.torch_files import read_torch_file
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -185,11 +184,7 @@ def load_encoder_state(checkpoint: Path, model_type: str, encoder: nn.Module) ->
 def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors, read safely (`weights_only`) and unwrapped from a {"model": ...} or
     {"state_dict": ...} wrapper; anything else is a one-line RefineError naming the file."""
-    try:
-        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RefineError(f"{checkpoint}: not a readable PyTorch state dict ({reason[:200]})") from None
+    raw = read_torch_file(checkpoint, "PyTorch state dict")
     state = _unwrap_state_dict(raw)
     if state is None:
         raise RefineError(f"{checkpoint}: expected a state dict of tensors, found {type(raw).__name__}")
