@@ -140,7 +140,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="probe training epochs")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     store = FeatureStore(args.store)
     data = {}
     for split_name in ("train", "val"):

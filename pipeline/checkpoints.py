@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from pipeline.errors import RefineError
-from pipeline.torch_files import read_torch_file
 from pipeline.refiner import IDENTITY_CALIBRATION, RefinerConfig, SimilarityCascadeRefiner, build_refiner
+from pipeline.torch_files import read_torch_file
 
 CHECKPOINT = "model.pt"
 CHECKPOINT_FORMAT = "refine-refiner"

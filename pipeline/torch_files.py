@@ -22,5 +22,5 @@ def read_torch_file(path: Path, what: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # see the module docstring: no narrower list holds against arbitrary bytes
         text = str(error).strip()
-        reason = text.splitlines()[0][:200] if text else ""
-        raise RefineError(f"{path}: not a readable {what} ({type(error).__name__}: {reason})") from None
+        reason = f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+        raise RefineError(f"{path}: not a readable {what} ({reason})") from None

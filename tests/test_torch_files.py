@@ -33,14 +33,18 @@ VALID = saved_state_dict()
 READERS = [read_state_dict, load_checkpoint]
 
 
+def assert_one_line_naming(error: RefineError, path: Path) -> None:
+    message = str(error)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+
+
 def read_fails_cleanly(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "fuzzed.pt"
     path.write_bytes(data)
     for reader in READERS:
         with pytest.raises(RefineError) as caught:
             reader(path)
-        message = str(caught.value)
-        assert message.startswith(f"{path}: ") and "\n" not in message
+        assert_one_line_naming(caught.value, path)
 
 
 @FUZZ
@@ -67,7 +71,7 @@ def test_a_flipped_byte_is_read_or_refused_in_one_line(tmp_path: Path, position:
     try:
         state = read_state_dict(path)
     except RefineError as error:
-        assert str(error).startswith(f"{path}: ") and "\n" not in str(error)
+        assert_one_line_naming(error, path)
     else:  # a flip inside the tensor bytes or an unchecked field: still a state dict of tensors
         assert all(isinstance(value, torch.Tensor) for value in state.values())
     with pytest.raises(RefineError):  # never a refiner checkpoint, whatever survives the flip
