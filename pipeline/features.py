@@ -27,7 +27,7 @@ from pipeline.coco import load_coco, load_detections
 from pipeline.errors import RefineError
 from pipeline.manifest import manifest_images
 from pipeline.shapes import FEATURE_STRIDE
-from pipeline.store import Entry, FeatureStore, Namespace
+from pipeline.store import Entry, FeatureStore, Namespace, recompute_command
 
 # A detection counts as a coarse version of the ground-truth box it overlaps this much (IoU).
 MATCH_IOU = 0.5
@@ -213,11 +213,8 @@ class FeatureDataset(Dataset):
         try:
             embedding, early = self.namespace().read(image.entry, check=True)
         except RefineError as error:
-            return {
-                "index": index,
-                "error": f"{error} (image id={image.image_id} {image.file_name!r}); run `refine store verify "
-                f"{self.store_url}`, then `refine extract` recomputes it",
-            }
+            where = f"image id={image.image_id} {image.file_name!r}"
+            return {"index": index, "error": f"{error} ({where}); {recompute_command(self.store_url)}"}
         return {"index": index, "embedding": embedding, "early": early}
 
 

@@ -123,4 +123,7 @@ def manifest_images(manifest: Any, where: str) -> ManifestImages:
     except RefineError:
         raise
     except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as error:
-        raise RefineError(f"{where}: the manifest is damaged ({type(error).__name__}: {error})") from None
+        raise RefineError(
+            f"{where}: the manifest is damaged ({type(error).__name__}: {str(error)[:160]}); "
+            "repair: `refine extract` of this dataset writes it again"
+        ) from None

@@ -72,6 +72,17 @@ def entry_digest(embedding: np.ndarray, early: np.ndarray, layout: int = CURRENT
     return legacy_digest(embedding, early) if layout == LEGACY_LAYOUT else raw_digest(embedding, early)
 
 
+def drop_damaged_commits_command(url: str) -> str:
+    """The repair of a damaged commit file: until it goes, every read of the namespace stops on it."""
+    return f"repair: `refine store gc --drop-damaged --grace 0 {url}` (with no extract running), then `refine extract`"
+
+
+def recompute_command(url: str) -> str:
+    """The repair of a damaged entry or dataset manifest: extract reads back what a dataset uses and writes
+    its manifest again."""
+    return f"repair: `refine extract --images <dir> --annotations <dataset>.json --store {url}` recomputes it"
+
+
 def all_finite(array: np.ndarray) -> bool:
     """No NaN or inf in the array. For float16 it tests the exponent bits: numpy's isfinite converts float16
     element by element in software and costs about twice as long as the whole zarr write of a batch."""
@@ -336,7 +347,7 @@ class Namespace:
             except FileNotFoundError:
                 continue  # removed by `store gc` between listing and reading
             except RefineError as error:
-                damaged.append(str(error))
+                damaged.append(f"{error}; {drop_damaged_commits_command(self.store.url)}")
         if compact is not None and len(parts) == 1:
             return compact, damaged, covered
         return EntryIndex.resolve(parts), damaged, covered
@@ -373,7 +384,7 @@ class Namespace:
         """Every committed entry by key; a damaged commit file is a RefineError naming it."""
         index, damaged = self.scan()
         if damaged:
-            raise RefineError(f"{damaged[0]}; run `refine store verify {self.store.url}`")
+            raise RefineError(damaged[0])
         return index
 
     def _array(self, segment: str, name: str) -> zarr.Array:
@@ -430,6 +441,8 @@ class Namespace:
     def dataset(self, name: str) -> dict:
         try:
             return self.store.read_json(f"{self.fingerprint}/datasets/{name}.json")
+        except RefineError as error:
+            raise RefineError(f"{error}; {recompute_command(self.store.url)}") from None
         except FileNotFoundError:
             known = ", ".join(self.dataset_names()) or "none"
             raise RefineError(

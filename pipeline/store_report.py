@@ -10,7 +10,7 @@ import numpy as np
 from pipeline.errors import RefineError
 from pipeline.manifest import manifest_images
 from pipeline.segment_layout import LAYOUTS, LEGACY_LAYOUT
-from pipeline.store import Entry, FeatureStore, Namespace, all_finite
+from pipeline.store import Entry, FeatureStore, Namespace, all_finite, recompute_command
 
 
 def store_info(store: FeatureStore) -> dict:
@@ -64,7 +64,7 @@ def verify_store(store: FeatureStore) -> tuple[int, list[str]]:
             try:
                 embedding, early = namespace.read(entry, check=True)
             except RefineError as error:
-                problems.append(str(error))
+                problems.append(f"{error}; {recompute_command(store.url)}")
                 continue
             where = f"namespace {fingerprint}: entry {entry.key}"
             if embedding.shape != (256, 64, 64) or early.shape != (channels, 64, 64):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -147,6 +148,19 @@ DAMAGE = {
     "corrupt-commit": (lambda s: next(s.glob("*/commits/*.json")).write_text('{"entries": [["'), "is damaged"),
     "corrupt-manifest": (lambda s: next(s.glob("*/datasets/train.json")).write_text("{ nope"), "train.json is damaged"),
 }
+# The repair every message about the damage names (a damaged commit file stops every read until it goes).
+REPAIR = {
+    "truncated-shard": "refine extract",
+    "deleted-shard": "refine extract",
+    "corrupt-commit": "refine store gc --drop-damaged --grace 0",
+    "corrupt-manifest": "refine extract",
+}
+
+
+def named_repair(stderr: str) -> list[str]:
+    """The arguments of the command an error names after 'repair:'."""
+    command = stderr.split("repair: `", 1)[1].split("`", 1)[0]
+    return shlex.split(command)[1:]
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
@@ -180,6 +194,8 @@ def test_damage_is_named_refused_by_train_and_recomputed_by_extract(kind, cli, d
     )
     assert_clean_error(train, fragment)
     assert not (tmp_path / "out" / "model.pt").exists()  # nothing trained on garbage
+    for result in (verify, train):
+        assert f"repair: `{REPAIR[kind]} " in result.stderr, result.stderr
 
     if kind == "deleted-shard":
         return  # extract repairs it exactly as a truncated shard (the digest check); bench/faults.py runs it
@@ -197,8 +213,9 @@ def test_damage_is_named_refused_by_train_and_recomputed_by_extract(kind, cli, d
     assert extract.exit_code == 0, extract.output
     recomputed = 0 if kind == "corrupt-manifest" else 4  # one shard (one commit) holds all four entries
     assert f"{4 - recomputed} hits, {recomputed} computed" in extract.stdout
-    if kind == "corrupt-commit":
-        assert cli("store", "gc", store, "--grace", "0", "--drop-damaged").exit_code == 0
+    if kind == "corrupt-commit":  # extract recomputed its entries elsewhere; the named command removes it
+        assert "repair: `refine store gc" in extract.stderr
+        assert cli(*named_repair(train.stderr)).exit_code == 0
     assert cli("store", "verify", store).exit_code == 0
     opened = FeatureStore(store)
     after = {key: entry.digest for key, entry in opened.namespace(opened.fingerprints()[0]).entries().items()}
