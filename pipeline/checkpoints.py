@@ -10,13 +10,14 @@ and refused, in one line, when it is not a refine checkpoint or is of a version 
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.errors import RefineError
+from pipeline.jsonio import write_bytes
 from pipeline.refiner import IDENTITY_CALIBRATION, RefinerConfig, SimilarityCascadeRefiner, build_refiner
 from pipeline.torch_files import read_torch_file
 
@@ -67,9 +68,9 @@ def checkpoint_payload(
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Write atomically: a crash while saving leaves the previous checkpoint intact."""
-    temporary = path.with_name(f".{path.name}.partial")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    buffer = io.BytesIO()  # a refiner checkpoint is a few MB
+    torch.save(payload, buffer)
+    write_bytes(path, buffer.getvalue(), what="the refiner checkpoint")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

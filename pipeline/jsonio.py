@@ -1,19 +1,26 @@
-"""The one atomic JSON writer for local output files (manifest copies, metrics, refined boxes).
+"""The one atomic file writer for local output files (checkpoints, manifest copies, metrics, refined boxes),
+and the temporary names that writers of whole folders (the review page) use.
 
 Readers (DVC, a user's script, the next stage) see the old file or the new one, never a half-written one:
-the text goes to a temporary file next to the target, is flushed to disk, then renamed over the target.
-Files inside the feature store go through `FeatureStore.write_json_atomic`, which also handles remote stores.
+the bytes go to a temporary file next to the target, are flushed to disk, then renamed over the target.
+A temporary carries the writer's process id, so the next write of the same target removes what a killed
+writer left and never a live writer's. Files inside the feature store go through
+`FeatureStore.write_json_atomic`, which also handles remote stores.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import RefineError
+
+PARTIAL = ".partial"
 
 
 def write_json(
@@ -25,16 +32,21 @@ def write_json(
     allow_nan: bool = True,
     what: str = "",
 ) -> None:
-    """Write `value` as JSON (plus a final newline) to `path` atomically, creating its folder.
+    """Write `value` as JSON (plus a final newline) to `path` atomically, creating its folder (see
+    `write_bytes`)."""
+    data = (json.dumps(value, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n").encode()
+    write_bytes(path, data, what=what)
+
+
+def write_bytes(path: Path, data: bytes, *, what: str = "") -> None:
+    """Write `data` to `path` atomically, creating its folder.
 
     A failed write leaves the earlier file intact and no temporary behind, and raises a one-line
     RefineError naming the file (`what` says what it is, e.g. "the manifest").
     """
-    data = (json.dumps(value, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n").encode()
-    # A name of its own: two processes writing the same target never share a temporary.
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = temporary_beside(path)
         try:
             with open(temporary, "wb") as file:
                 file.write(data)
@@ -45,3 +57,35 @@ def write_json(
             temporary.unlink(missing_ok=True)
     except OSError as error:
         raise RefineError(f"{path}: cannot write{f' {what}' if what else ''} ({error.strerror or error})") from None
+
+
+def temporary_beside(path: Path) -> Path:
+    """A fresh temporary name of this process next to `path` (a file or a folder), after removing the
+    temporaries of `path` that writers no longer running left behind (a kill, a power cut)."""
+    remove_leftovers(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL}")
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Remove the temporaries of `path` whose writer is not running on this machine; returns them."""
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL}"):
+        owner = candidate.name[len(path.name) + 2 : -len(PARTIAL)].split("-")[0]
+        if owner.isdigit() and _running(int(owner)):
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 from pipeline.coco import check_relative_path
 from pipeline.errors import RefineError
 from pipeline.images import load_rgb, read_file
+from pipeline.jsonio import temporary_beside
 from pipeline.metrics import paired_iou
 from pipeline.overlays import COARSE_COLOUR, GT_COLOUR, REFINED_COLOUR, dashed_box, solid_box
 
@@ -101,7 +102,7 @@ def write_review(
     changes = _changes(cards)
     views = _views(cards, changes)
     listed = _listed(cards, views, max_cards)
-    temporary = out.with_name(f".{out.name}.{secrets.token_hex(6)}.partial")
+    temporary = temporary_beside(out)
     try:
         (temporary / "crops").mkdir(parents=True)
         sizes = _write_crops(temporary, image_root, cards, listed)
@@ -323,7 +324,7 @@ def _swap_into_place(folder: Path, out: Path) -> None:
         os.replace(folder, out)
         return
     _check_replaceable(out)  # again: it may have changed while the crops were written
-    aside = out.with_name(f".{out.name}.{secrets.token_hex(6)}.old")
+    aside = temporary_beside(out)  # a kill before the rmtree leaves it where the next review removes it
     os.replace(out, aside)
     try:
         os.replace(folder, out)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from pipeline.errors import RefineError
-from pipeline.jsonio import write_json
+from pipeline.jsonio import remove_leftovers, write_json
 
 
 def test_write_json_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -29,3 +30,26 @@ def test_a_failed_write_keeps_the_earlier_file_and_names_it(tmp_path: Path) -> N
         write_json(tmp_path / "blocked" / "x.json", {}, what="the manifest")
     assert target.read_text() == "[\n 1\n]\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked", "boxes.json"]
+
+
+def test_a_write_removes_what_killed_writers_left_and_never_a_live_writers_temporary(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])  # once it has ended, its process id stands for a killed writer
+    dead.wait()
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        target = tmp_path / "metrics.json"
+        left = tmp_path / f".metrics.json.{dead.pid}-0a1b.partial"
+        older = tmp_path / ".metrics.json.0a1b2c3d4e5f.partial"  # named before temporaries carried a pid
+        folder = tmp_path / f".metrics.json.{dead.pid}-9f9f.partial"
+        writing = tmp_path / f".metrics.json.{live.pid}-2c2c.partial"
+        other = tmp_path / f".other.json.{dead.pid}-3d3d.partial"
+        for path in (left, older, writing, other):
+            path.write_text("{")
+        folder.mkdir()
+        (folder / "crop.png").write_bytes(b"x")
+        write_json(target, [1])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["metrics.json", writing.name, other.name])
+        assert remove_leftovers(target) == []  # the live writer's temporary stays
+    finally:
+        live.kill()
+        live.wait()

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlencode
@@ -241,6 +242,33 @@ def test_rewrite_replaces_the_old_review_whole(tmp_path: Path):
     assert "<title>new</title>" in (out / "index.html").read_text()
     assert len(list((out / "crops").iterdir())) == 2  # no crops of the old review left over
     assert _leftovers(tmp_path, out) == []
+
+
+KILLED_REVIEW = """
+import os, signal, sys
+from pathlib import Path
+import pipeline.review as review
+
+def killed(*args):
+    os.kill(os.getpid(), signal.SIGKILL)  # half-way: the temporary folder holds crops, no page
+
+box = (10.0, 10.0, 50.0, 40.0)
+card = review.ReviewCard("a.png", 1, 1, "cat", box, box, box, 0.5, False)
+review._page_data = killed
+review.write_review(Path(sys.argv[1]), Path(sys.argv[2]), [card], {}, "killed")
+"""
+
+
+def test_a_review_killed_mid_write_leaves_nothing_the_next_one_keeps(tmp_path: Path):
+    root = _dataset(tmp_path / "images", ("a.png",))
+    out = tmp_path / "review"
+    write_review(out, root, _cards(3, ["a.png"], ["cat"]), {}, "old")
+    killed = subprocess.run([sys.executable, "-c", KILLED_REVIEW, str(out), str(root)], cwd=Path(__file__).parents[1])
+    assert killed.returncode == -signal.SIGKILL
+    assert len(_leftovers(tmp_path, out)) == 1  # the killed writer's temporary; the old review untouched
+    assert "<title>old</title>" in (out / "index.html").read_text()
+    write_review(out, root, _cards(2, ["a.png"], ["cat"]), {}, "new")
+    assert _leftovers(tmp_path, out) == [] and "<title>new</title>" in (out / "index.html").read_text()
 
 
 def test_a_folder_not_written_by_review_is_never_replaced(tmp_path: Path):
