@@ -439,8 +439,13 @@ class Namespace:
         return [n[: -len(".json")] for n in names if n.endswith(".json")]
 
     def dataset(self, name: str) -> dict:
+        """The manifest of dataset `name` (an object; `pipeline.manifest.manifest_images` reads its images)."""
+        relative = f"{self.fingerprint}/datasets/{name}.json"
         try:
-            return self.store.read_json(f"{self.fingerprint}/datasets/{name}.json")
+            manifest = self.store.read_json(relative)
+            if not isinstance(manifest, dict):
+                raise RefineError(f"{self.store.url}: {relative} is damaged (not a JSON object)")
+            return manifest
         except RefineError as error:
             raise RefineError(f"{error}; {recompute_command(self.store.url)}") from None
         except FileNotFoundError:

@@ -19,7 +19,6 @@ each leave a complete and correct index (the last one stays).
 from __future__ import annotations
 
 import io
-import zipfile
 from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 from dataclasses import dataclass
 from datetime import datetime
@@ -268,11 +267,18 @@ class EntryIndex(Mapping[str, Entry]):
     def from_bytes(cls, data: bytes) -> tuple[EntryIndex, dict[str, list[Any]]]:
         """An index written by `to_bytes` and what it covers; ValueError if it is damaged in any way."""
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                meta = orjson.loads(npz["meta"].tobytes())
-                arrays = {name: npz[name] for name in _ROW_ARRAYS + _SEGMENT_ARRAYS}
-        except (OSError, KeyError, zipfile.BadZipFile, orjson.JSONDecodeError) as error:
-            raise ValueError(f"unreadable ({type(error).__name__}: {error})") from None
+            return cls._parse(data)
+        except ValueError:
+            raise
+        except Exception as error:  # numpy, zipfile and orjson raise a dozen types on damaged bytes
+            text = str(error).strip().splitlines()
+            raise ValueError(f"unreadable ({type(error).__name__}{f': {text[0][:160]}' if text else ''})") from None
+
+    @classmethod
+    def _parse(cls, data: bytes) -> tuple[EntryIndex, dict[str, list[Any]]]:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            meta = orjson.loads(npz["meta"].tobytes())
+            arrays = {name: npz[name] for name in _ROW_ARRAYS + _SEGMENT_ARRAYS}
         if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
             raise ValueError("not an entry index of this refine's version")
         if meta.get("digest") != _digest(arrays):
