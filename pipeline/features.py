@@ -106,7 +106,7 @@ def load_split(namespace: Namespace, dataset: str, annotations: Path, coarse: Pa
         )
     listed = manifest_images(manifest, f"{namespace.store.url}: dataset {dataset!r}")
     by_id = {image_id: position for position, image_id in enumerate(listed.ids.tolist())}
-    skipped = set(manifest.get("skipped", []))
+    skipped = listed.skipped
     missing = [
         image
         for image in coco.images

@@ -83,6 +83,7 @@ class ManifestImages:
     file_names: list[str]
     keys: list[str]
     sizes: np.ndarray  # n x 4 int64: height, width, resized height, resized width
+    skipped: frozenset[str] = frozenset()  # file names extract could not read (--skip-bad-images)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -116,6 +117,7 @@ def manifest_images(manifest: Any, where: str) -> ManifestImages:
             [str(name) for name in columns["file_name"]],
             [str(key) for key in columns["key"]],
             sizes.reshape(-1, 4),
+            frozenset(_strings(manifest.get("skipped", []), "skipped")),
         )
         if not len(result.ids) == len(result.file_names) == len(result) == len(result.sizes):
             raise ValueError("its columns differ in length")
@@ -127,3 +129,9 @@ def manifest_images(manifest: Any, where: str) -> ManifestImages:
             f"{where}: the manifest is damaged ({type(error).__name__}: {str(error)[:160]}); "
             "repair: `refine extract` of this dataset writes it again"
         ) from None
+
+
+def _strings(value: Any, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"'{field}' is not a list of file names")
+    return value

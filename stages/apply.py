@@ -19,6 +19,7 @@ from stages.options import (
     SnapCheckpointOption,
     StoreOption,
     TRAINED_THRESHOLD,
+    finite,
     threshold_line,
 )
 
@@ -51,7 +52,9 @@ def apply(
         bool, typer.Option(help="snap: three masks per box, the one with the highest predicted IoU kept.")
     ] = False,
     hq_token_only: Annotated[bool, typer.Option(help="snap: the HQ token's mask alone, not fused with SAM's.")] = False,
-    mask_threshold: Annotated[float, typer.Option(help="snap: mask logit above which a pixel is in the mask.")] = 0.0,
+    mask_threshold: Annotated[
+        float, typer.Option(callback=finite, help="snap: mask logit above which a pixel is in the mask.")
+    ] = 0.0,
 ) -> None:
     """Refine every box of a file: `bbox` becomes the recommended box and `refine` says how far to trust it
     ({score, coarse_bbox, kept_coarse}); every other field kept, nothing dropped, order kept."""

@@ -8,13 +8,16 @@ from typing import Annotated
 import typer
 
 from stages.common import console, domain_errors
+from stages.options import MAX_SEED
 
 
 def demo_data(
     out: Annotated[Path, typer.Option(help="Folder to write images/, train.json and val.json into.")] = Path(
         "data/demo"
     ),
-    seed: Annotated[int, typer.Option(min=0, help="Random seed; the same seed gives byte-identical files.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Random seed; the same seed gives byte-identical files.")
+    ] = 0,
     n_train: Annotated[int, typer.Option(min=1, help="Number of training images.")] = 288,
     n_val: Annotated[int, typer.Option(min=1, help="Number of validation images.")] = 48,
     max_objects: Annotated[

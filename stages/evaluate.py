@@ -9,6 +9,7 @@ import typer
 
 from stages.common import console, domain_errors
 from stages.options import (
+    MAX_SEED,
     DatasetOption,
     Device,
     MinScoreOption,
@@ -17,6 +18,7 @@ from stages.options import (
     SnapCheckpointOption,
     StoreOption,
     TRAINED_THRESHOLD,
+    finite,
     threshold_line,
 )
 
@@ -38,10 +40,17 @@ def evaluate(
     ] = None,
     dataset: DatasetOption = None,
     noise: Annotated[
-        Optional[float], typer.Option(help="Noise r of the coarse boxes. Default: the one the model was trained with.")
+        Optional[float],
+        typer.Option(
+            min=0.0,
+            max=0.5,
+            callback=finite,
+            help="Noise r of the coarse boxes. Default: the one the model was trained with.",
+        ),
     ] = None,
     seed: Annotated[
-        Optional[int], typer.Option(help="Seed of the fixed noise draw. Default: the training seed.")
+        Optional[int],
+        typer.Option(min=0, max=MAX_SEED, help="Seed of the fixed noise draw. Default: the training seed."),
     ] = None,
     overlays: Annotated[int, typer.Option(min=0, help="How many overlay PNGs to draw.")] = 8,
     device: RefinerDeviceOption = Device.auto,

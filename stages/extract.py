@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.errors import RefineError
 from stages.common import console, domain_errors, err_console
-from stages.options import Device, EncoderName
+from stages.options import MAX_SEED, Device, EncoderName
 from stages.progress import StatusLines, eta
 
 if TYPE_CHECKING:
@@ -38,7 +38,9 @@ def extract(
         Optional[Path],
         typer.Option(help="HQ-SAM checkpoint (sam_hq_vit_*.pth). Without it: seeded random weights (loud warning)."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random weights when no --checkpoint is given.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Seed of the random weights when no --checkpoint is given.")
+    ] = 0,
     device: Annotated[
         Device, typer.Option(help="Where the encoder runs; auto picks CUDA when available.")
     ] = Device.auto,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,6 +16,18 @@ REFINER_NAMES = ("similarity_cascade",)
 
 EncoderName = Enum("EncoderName", {name: name for name in ENCODER_NAMES}, type=str)
 RefinerName = Enum("RefinerName", {name: name for name in REFINER_NAMES}, type=str)
+
+
+# Seeds are mixed as 32-bit words (pipeline.boxes.seeded_generator): a larger one would repeat a smaller one.
+MAX_SEED = 2**32 - 1
+
+
+def finite(value: float | None) -> float | None:
+    """Callback of every float option: NaN passes click's range checks (each comparison with NaN is false),
+    and a NaN learning rate or threshold would run to the end and write nonsense."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
 
 
 class Device(str, Enum):
@@ -39,6 +52,7 @@ MinScoreOption = Annotated[
     typer.Option(
         min=0.0,
         max=1.0,
+        callback=finite,
         help="Boxes scoring below this keep their coarse box. Default: the threshold `refine train` chose on "
         "held-out training images (stored in the checkpoint); 0 refines every box.",
     ),

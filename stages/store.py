@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from stages.common import console, domain_errors, err_console
+from stages.options import finite
 
 # `store gc`'s default grace period, pipeline.store_gc.DEFAULT_GRACE_S (a test keeps them equal); written
 # out here so that `--help` does not import zarr.
@@ -78,6 +79,7 @@ def gc(
         float,
         typer.Option(
             min=0.0,
+            callback=finite,
             help="Touch only segments and temporary files with no write for this many seconds, so a running "
             "`extract` is never disturbed. 0 is safe only when no extract runs on the store.",
         ),

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.config import TrainConfig
 from stages.common import console, domain_errors, err_console
-from stages.options import Device, RefinerName
+from stages.options import MAX_SEED, Device, RefinerName, finite
 from stages.progress import StatusLines, eta
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ def train(
         typer.Option(
             min=0.0,
             max=0.5,
+            callback=finite,
             help="OA-MIL noise level r for coarse boxes made from the ground truth (centre +-r, size x(1+-r)).",
         ),
     ] = DEFAULTS.noise,
@@ -79,6 +80,7 @@ def train(
         typer.Option(
             min=0.0,
             max=0.95,
+            callback=finite,
             help="Share of the training images not trained on: the abstention threshold is chosen on them.",
         ),
     ] = DEFAULTS.holdout,
@@ -87,6 +89,7 @@ def train(
         typer.Option(
             min=0.0,
             max=1.0,
+            callback=finite,
             help="The threshold keeps the share of held-out boxes made worse at most this (highest mean IoU "
             "among those that do).",
         ),
@@ -104,14 +107,19 @@ def train(
         typer.Option(min=1, help="Images per step (each with all its boxes); under torchrun over all ranks together."),
     ] = DEFAULTS.batch_size,
     lr: Annotated[
-        float, typer.Option(min=0.0, help="Peak learning rate (AdamW, linear warm-up then cosine decay).")
+        float,
+        typer.Option(min=0.0, callback=finite, help="Peak learning rate (AdamW, linear warm-up then cosine decay)."),
     ] = DEFAULTS.lr,
-    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay.")] = DEFAULTS.weight_decay,
+    weight_decay: Annotated[
+        float, typer.Option(min=0.0, callback=finite, help="AdamW weight decay.")
+    ] = DEFAULTS.weight_decay,
     model: Annotated[RefinerName, typer.Option(help="Refiner architecture.")] = RefinerName(DEFAULTS.model),
     amp: Annotated[
         Amp, typer.Option(help="Mixed precision: auto = bf16 on CUDA where supported, else fp16 on CUDA, fp32 on CPU.")
     ] = Amp.auto,
-    seed: Annotated[int, typer.Option(help="Seed of the weights, the batch order and the box noise.")] = DEFAULTS.seed,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Seed of the weights, the batch order and the box noise.")
+    ] = DEFAULTS.seed,
     resume: Annotated[bool, typer.Option(help="Continue from <out>/model.pt exactly where it stopped.")] = False,
     workers: Annotated[
         Optional[int], typer.Option(min=0, help="DataLoader workers reading the store. Default: 0 on CPU, 2 on CUDA.")

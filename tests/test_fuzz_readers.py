@@ -13,6 +13,9 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +28,12 @@ from pipeline.coco import BORDER_SLACK, load_coco, load_detections
 from pipeline.errors import RefineError
 from pipeline.features import load_split
 from pipeline.images import load_rgb
-from pipeline.store import FeatureStore, Namespace
+from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.store_index import INDEX_FILE
 from pipeline.store_report import verify_store
 from tests.fuzzing import (
     FUZZ,
+    FUZZ_SLOW,
     assert_one_line_naming,
     damaged_bytes,
     damaged_json,
@@ -111,23 +115,20 @@ def _image_bytes(format: str) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("format", ["PNG", "JPEG"])
-def test_images_are_decoded_or_refused_in_one_line(tmp_path: Path, format: str) -> None:
-    valid = _image_bytes(format)
+IMAGES = {format: _image_bytes(format) for format in ("PNG", "JPEG")}
 
-    @FUZZ
-    @given(data=damaged_bytes(valid))
-    def decode(data: bytes) -> None:
-        path = tmp_path / f"image.{format.lower()}"
-        path.write_bytes(data)
-        try:
-            image = load_rgb(path)
-        except RefineError as error:
-            assert_one_line_naming(error, path)
-        else:  # a flip the format does not check (a pixel, an unread chunk): still an 8-bit RGB image
-            assert image.mode == "RGB" and image.width >= 1 and image.height >= 1
 
-    decode()
+@FUZZ
+@given(format=st.sampled_from(sorted(IMAGES)), data=st.data())
+def test_images_are_decoded_or_refused_in_one_line(tmp_path: Path, format: str, data: st.DataObject) -> None:
+    path = tmp_path / f"image.{format.lower()}"
+    path.write_bytes(data.draw(damaged_bytes(IMAGES[format])))
+    try:
+        image = load_rgb(path)
+    except RefineError as error:
+        assert_one_line_naming(error, path)
+    else:  # a flip the format does not check (a pixel, an unread chunk): still an 8-bit RGB image
+        assert image.mode == "RGB" and image.width >= 1 and image.height >= 1
 
 
 # -- the store's records ------------------------------------------------------------------------------------
@@ -149,121 +150,151 @@ def _reads(namespace: Namespace) -> dict[str, bytes]:
     return found
 
 
+@dataclass
+class StoreUnderDamage:
+    """A private store without its compacted index (so that its commit files are read), what it holds, and
+    the files a property damages; every example puts back what it damaged, and the store must pass
+    `store verify` after the last."""
+
+    path: Path
+    fingerprint: str
+    entries: dict[str, Entry]
+    held: dict[str, bytes]  # key -> embedding and early bytes
+
+    def file(self, *parts: str) -> Path:
+        return self.path.joinpath(self.fingerprint, *parts)
+
+    @property
+    def holdings(self) -> dict[str, tuple]:
+        return {key: (e.original_size, e.resized_size, self.held[key]) for key, e in self.entries.items()}
+
+    @contextmanager
+    def replaced(self, path: Path, data: bytes) -> Iterator[None]:
+        before = replace_bytes(path, data)
+        try:
+            yield
+        finally:
+            path.write_bytes(before)
+
+
 @pytest.fixture
-def damaged_store(dataset: dict) -> tuple[Path, Namespace, dict, dict[str, bytes]]:
-    """A private store without its compacted index (so that its commit files are read), its entries and the
-    bytes they hold."""
+def store_under_damage(dataset: dict) -> Iterator[StoreUnderDamage]:
     store = dataset["store"]
     namespace = _namespace(store)
     (store / namespace.fingerprint / INDEX_FILE).unlink(missing_ok=True)
-    entries = dict(namespace.scan()[0].items())
-    return store, namespace, entries, _reads(namespace)
+    yield StoreUnderDamage(store, namespace.fingerprint, dict(namespace.scan()[0].items()), _reads(namespace))
+    assert verify_store(FeatureStore(store))[1] == []  # put back, it is whole again: nothing was written
 
 
-def _put_back_then_verify(store: Path) -> None:
-    assert verify_store(FeatureStore(store))[1] == []
+@FUZZ
+@given(data=st.data())
+def test_a_damaged_commit_file_is_reported_never_read_as_other_entries(
+    store_under_damage: StoreUnderDamage, data: st.DataObject
+) -> None:
+    store = store_under_damage
+    (commit,) = store.file("commits").glob("*.json")
+    with store.replaced(commit, data.draw(damaged_json(json.loads(commit.read_text())))):
+        opened = _namespace(store.path)
+        scanned, damaged = opened.scan()
+        for message in damaged:
+            assert_one_line_naming(RefineError(message), commit.name, "refine store gc --drop-damaged")
+        read_back = _reads(opened)
+        # A row whose key changed still holds real features (its digest says so), but under a key no image
+        # has: nothing reads it, and verify reports the key that went missing.
+        assert set(read_back.values()) <= set(store.held.values())
+        problems = verify_store(FeatureStore(store.path))[1]
+        # What a reader takes from the store: which keys, their image sizes, their bytes. Any change to it
+        # is reported; verify also reports changes that read the same (a row number the offsets ignore).
+        holdings = {key: (e.original_size, e.resized_size, read_back.get(key)) for key, e in scanned.items()}
+        if holdings != store.holdings or damaged:
+            assert problems, "verify passed a commit file that changed what the store holds"
 
 
-def test_a_damaged_commit_file_is_reported_never_read_as_other_entries(damaged_store, dataset) -> None:
-    store, namespace, entries, held = damaged_store
-    (commit,) = (store / namespace.fingerprint / "commits").glob("*.json")
-    valid = json.loads(commit.read_text())
+@FUZZ
+@given(data=st.data())
+def test_a_damaged_index_is_ignored_and_the_commit_files_read(
+    store_under_damage: StoreUnderDamage, data: st.DataObject
+) -> None:
+    store = store_under_damage
+    index = store.file(INDEX_FILE)
+    if not index.exists():
+        _namespace(store.path).write_index()
+    with store.replaced(index, data.draw(damaged_bytes(index.read_bytes()))):
+        opened = _namespace(store.path)
+        assert dict(opened.entries().items()) == store.entries  # the index has a digest: never trusted damaged
+        assert opened.index_status in ("used", "absent") or opened.index_status.startswith(("damaged", "stale"))
 
-    @FUZZ
-    @given(data=damaged_json(valid))
-    def read(data: bytes) -> None:
-        before = replace_bytes(commit, data)
+
+@FUZZ
+@given(data=st.data())
+def test_a_damaged_manifest_is_refused_in_one_line_or_read_as_written(
+    store_under_damage: StoreUnderDamage, dataset: dict, data: st.DataObject
+) -> None:
+    store = store_under_damage
+    manifest = store.file("datasets", "train.json")
+    expected = [(key, store.entries[key]) for key in sorted(store.entries)]
+    with store.replaced(manifest, data.draw(damaged_json(json.loads(manifest.read_text())))):
         try:
-            opened = _namespace(store)
-            scanned, damaged = opened.scan()
-            for message in damaged:
-                assert_one_line_naming(RefineError(message), commit.name, "refine store gc --drop-damaged")
-            read_back = _reads(opened)
-            # A row whose key changed still holds real features (its digest says so), but under a key no image
-            # has: nothing reads it, and verify reports the key that went missing.
-            assert set(read_back.values()) <= set(held.values())
-            problems = verify_store(FeatureStore(store))[1]
-            if dict(scanned.items()) != entries or damaged:  # any change the reader took is reported
-                assert problems, "verify passed a commit file that changed what the store holds"
-            else:
-                assert problems == []
-        finally:
-            commit.write_bytes(before)
-
-    read()
-    _put_back_then_verify(store)
-
-
-def test_a_damaged_index_is_ignored_and_the_commit_files_read(damaged_store) -> None:
-    store, namespace, entries, _ = damaged_store
-    namespace.write_index()
-    index = store / namespace.fingerprint / INDEX_FILE
-    valid = index.read_bytes()
-
-    @FUZZ
-    @given(data=damaged_bytes(valid))
-    def read(data: bytes) -> None:
-        before = replace_bytes(index, data)
-        try:
-            opened = _namespace(store)
-            assert dict(opened.entries().items()) == entries  # the index has a digest: never trusted damaged
-            assert opened.index_status in ("used", "absent") or opened.index_status.startswith(("damaged", "stale"))
-        finally:
-            index.write_bytes(before)
-
-    read()
-    _put_back_then_verify(store)
-
-
-def test_a_damaged_manifest_is_refused_in_one_line_or_read_as_written(damaged_store, dataset) -> None:
-    store, namespace, entries, _ = damaged_store
-    manifest = store / namespace.fingerprint / "datasets" / "train.json"
-    valid = json.loads(manifest.read_text())
-    expected = load_split(namespace, "train", dataset["annotations"])
-
-    @FUZZ
-    @given(data=damaged_json(valid))
-    def read(data: bytes) -> None:
-        before = replace_bytes(manifest, data)
-        try:
-            split = load_split(_namespace(store), "train", dataset["annotations"])
+            split = load_split(_namespace(store.path), "train", dataset["annotations"])
         except RefineError as error:
-            assert_one_line_naming(error, FeatureStore(store).url, "train")
+            assert_one_line_naming(error, FeatureStore(store.path).url, "train")
         else:  # only what the annotations and the commit files agree with: the same images, the same entries
-            assert [(i.image_id, i.file_name, i.entry) for i in split.images] == [
-                (i.image_id, i.file_name, i.entry) for i in expected.images
-            ]
-        finally:
-            manifest.write_bytes(before)
-        verify_store(FeatureStore(store))  # reports, never raises
-
-    read()
-    _put_back_then_verify(store)
+            assert sorted((image.entry.key, image.entry) for image in split.images) == expected
+        verify_store(FeatureStore(store.path))  # reports, never raises
 
 
-def test_damaged_shard_bytes_are_refused_naming_the_entry_never_read_as_features(damaged_store) -> None:
-    store, namespace, entries, held = damaged_store
-    shards = sorted(path for path in (store / namespace.fingerprint / "segments").rglob("c/*/*/*/*") if path.is_file())
-    assert shards
-
-    @FUZZ
-    @given(shard=st.sampled_from(shards), data=st.data())
-    def read(shard: Path, data: st.DataObject) -> None:
-        valid = shard.read_bytes()
-        before = replace_bytes(shard, data.draw(damaged_bytes(valid) if len(valid) < 4096 else _big_damage(valid)))
-        try:
-            read_back = _reads(_namespace(store))
-            assert all(held[key] == value for key, value in read_back.items())
-            problems = verify_store(FeatureStore(store))[1]
-            if len(read_back) < len(entries):
-                assert problems
-        finally:
-            shard.write_bytes(before)
-
-    read()
-    _put_back_then_verify(store)
+@FUZZ
+@given(data=st.data())
+def test_damaged_shard_bytes_are_refused_naming_the_entry_never_read_as_features(
+    store_under_damage: StoreUnderDamage, data: st.DataObject
+) -> None:
+    store = store_under_damage
+    shards = sorted(path for path in store.file("segments").rglob("c/*/*/*/*") if path.is_file())
+    shard = data.draw(st.sampled_from(shards))
+    valid = shard.read_bytes()
+    damage = damaged_bytes(valid) if len(valid) < 4096 else st.one_of(truncated(valid), flipped(valid))
+    with store.replaced(shard, data.draw(damage)):
+        read_back = _reads(_namespace(store.path))
+        assert all(store.held[key] == value for key, value in read_back.items())
+        problems = verify_store(FeatureStore(store.path))[1]
+        if len(read_back) < len(store.entries):
+            assert problems
 
 
-def _big_damage(valid: bytes) -> st.SearchStrategy[bytes]:
-    """A shard of megabytes: cut short, or one byte changed (random bytes of that size say nothing more)."""
-    return st.one_of(truncated(valid), flipped(valid))
+# -- nothing lost: a command fed a damaged input leaves the store as it was --------------------------------
+def _files(store: Path) -> dict[str, bytes]:
+    """Every file of the store but the compacted index, a cache that any run may write again (same rows)."""
+    return {
+        str(path.relative_to(store)): path.read_bytes()
+        for path in sorted(store.rglob("*"))
+        if path.is_file() and path.name != INDEX_FILE
+    }
+
+
+@pytest.fixture
+def store_files(dataset: dict) -> Iterator[dict[str, bytes]]:
+    before = _files(dataset["store"])
+    yield before
+    assert verify_store(FeatureStore(dataset["store"]))[1] == []
+
+
+@FUZZ_SLOW
+@given(data=st.data(), weights=st.binary(max_size=64))
+def test_extract_fed_a_damaged_annotation_file_or_checkpoint_loses_nothing(
+    cli, dataset: dict, store_files: dict[str, bytes], tmp_path: Path, data: st.DataObject, weights: bytes
+) -> None:
+    store = dataset["store"]
+    annotations = tmp_path / "fuzzed.json"
+    annotations.write_bytes(data.draw(damaged_json(json.loads(dataset["annotations"].read_text()))))
+    checkpoint = tmp_path / "sam_hq_vit_tiny.pth"
+    checkpoint.write_bytes(weights)
+    for extra in ([], ["--checkpoint", str(checkpoint)]):
+        args = ["--images", dataset["images"], "--annotations", annotations, "--store", store, "--workers", "0"]
+        result = cli("extract", *args, *extra)
+        assert result.exit_code in (0, 1) and "Traceback" not in result.output, result.output
+        if result.exit_code == 1:
+            assert sum(line.startswith("error:") for line in result.stderr.splitlines()) == 1, result.stderr
+        # A run that succeeded may add its own dataset's manifest; nothing that was there changes.
+        after = _files(store)
+        assert {name: after.get(name) for name in store_files} == store_files
+        assert verify_store(FeatureStore(store))[1] == []

@@ -7,20 +7,17 @@ ten, which a list of exception types let through as a traceback.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pipeline.checkpoints import load_checkpoint
 from pipeline.encoder import read_state_dict
 from pipeline.errors import RefineError
-
-EXAMPLES = int(os.environ.get("REFINE_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+from tests.fuzzing import FUZZ, assert_one_line_naming, flipped, truncated
 
 
 def saved_state_dict() -> bytes:
@@ -31,11 +28,6 @@ def saved_state_dict() -> bytes:
 
 VALID = saved_state_dict()
 READERS = [read_state_dict, load_checkpoint]
-
-
-def assert_one_line_naming(error: RefineError, path: Path) -> None:
-    message = str(error)
-    assert message.startswith(f"{path}: ") and "\n" not in message
 
 
 def read_fails_cleanly(tmp_path: Path, data: bytes) -> None:
@@ -56,18 +48,16 @@ def test_random_bytes_are_refused_in_one_line(tmp_path: Path, data: bytes) -> No
 
 
 @FUZZ
-@given(length=st.integers(min_value=0, max_value=len(VALID) - 1))
-def test_a_truncated_file_is_refused_in_one_line(tmp_path: Path, length: int) -> None:
-    read_fails_cleanly(tmp_path, VALID[:length])
+@given(data=truncated(VALID))
+def test_a_truncated_file_is_refused_in_one_line(tmp_path: Path, data: bytes) -> None:
+    read_fails_cleanly(tmp_path, data)
 
 
 @FUZZ
-@given(position=st.integers(min_value=0, max_value=len(VALID) - 1), flip=st.integers(min_value=1, max_value=255))
-def test_a_flipped_byte_is_read_or_refused_in_one_line(tmp_path: Path, position: int, flip: int) -> None:
-    data = bytearray(VALID)
-    data[position] ^= flip
+@given(data=flipped(VALID))
+def test_a_flipped_byte_is_read_or_refused_in_one_line(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "flipped.pt"
-    path.write_bytes(bytes(data))
+    path.write_bytes(data)
     try:
         state = read_state_dict(path)
     except RefineError as error:
