@@ -53,6 +53,8 @@ def read_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise RefineError(f"{path}:{error.lineno}:{error.colno}: malformed JSON ({error.msg})") from None
+    except RecursionError:  # "[[[[..." thousands deep: valid JSON, but no annotation file looks like it
+        raise RefineError(f"{path}: malformed JSON (nested too deeply)") from None
 
 
 def load_coco(path: Path) -> CocoDataset:

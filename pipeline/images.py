@@ -60,7 +60,7 @@ def load_rgb(path: Path, data: bytes | None = None) -> Image.Image:
         raise RefineError(f"{path}: not a readable image (unknown or empty format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise RefineError(f"{path}: image too large ({_first_line(error)})") from None
-    except (OSError, ValueError, SyntaxError) as error:
+    except Exception as error:  # each of Pillow's decoders fails in its own way on damaged bytes
         raise RefineError(f"{path}: image is truncated or corrupt ({_first_line(error)})") from None
     if image.width < 1 or image.height < 1:
         raise RefineError(f"{path}: image has no pixels ({image.width} x {image.height})")

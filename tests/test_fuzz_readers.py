@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -78,6 +78,7 @@ def _coco_is_sound(coco) -> None:
 
 @FUZZ
 @given(data=damaged_json(VALID_COCO))
+@example(data=b"[" * 100_000 + b"]" * 100_000)  # valid JSON that made json.loads raise RecursionError
 def test_coco_annotations_are_read_or_refused_in_one_line(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "annotations.json"
     path.write_bytes(data)
