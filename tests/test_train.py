@@ -195,7 +195,7 @@ def test_damaged_features_stop_naming_the_entry(dataset: dict, tmp_path: Path) -
     assert (
         f"entry {entry.key}" in result.stderr
         and "NaN or infinite" in result.stderr
-        and "refine store verify" in result.stderr
+        and "repair: `refine extract" in result.stderr
     )
 
 
