@@ -217,6 +217,10 @@ class SideHead(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         self.register_buffer("centres", (torch.arange(pool, dtype=torch.float32) + 0.5) / pool)
+        # None: each side is the expectation over all positions (as trained). k: over the k positions either
+        # side of the most probable one, so that a second mode (a neighbour's edge) does not pull the side
+        # between the two (`bench/side_readout.py` measures it).
+        self.mode_window: int | None = None
 
     def forward(self, window: Tensor, current: Tensor) -> tuple[Tensor, Tensor]:
         """window: K x width x P x P; current: K x 2 sides (low, high) in window units -> the sides (K x 2,
@@ -231,7 +235,16 @@ class SideHead(nn.Module):
         prior_bias = current - (prior.softmax(dim=-1) * self.centres).sum(dim=-1)
         mean = (probability * self.centres).sum(dim=-1)
         spread = (probability * (self.centres - mean[:, :, None]) ** 2).sum(dim=-1).clamp_min(0).sqrt()
-        return (probability * (self.centres + offsets)).sum(dim=-1) + prior_bias, spread
+        return (self._readout_weights(probability) * (self.centres + offsets)).sum(dim=-1) + prior_bias, spread
+
+    def _readout_weights(self, probability: Tensor) -> Tensor:
+        """K x 2 x P side distributions -> the weights each side's position is read with (summing to 1)."""
+        if self.mode_window is None:
+            return probability
+        bins = torch.arange(probability.shape[-1], device=probability.device)
+        near = (bins - probability.argmax(dim=-1, keepdim=True)).abs() <= self.mode_window
+        weights = probability * near
+        return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 @dataclass

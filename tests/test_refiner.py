@@ -3,9 +3,10 @@ weights its cues use."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from pipeline.refiner import EarlyProjection, RefinerConfig, build_refiner, cell_cover, similarity_maps
+from pipeline.refiner import EarlyProjection, RefinerConfig, SideHead, build_refiner, cell_cover, similarity_maps
 
 
 def test_an_untrained_refiner_returns_the_boxes_it_is_given() -> None:
@@ -67,3 +68,17 @@ def test_similarity_maps_compare_every_cell_with_each_boxs_own_region() -> None:
     assert maps[0, 0, 0].abs().max() < 1e-6 and (maps[0, 0, 1:] - 1).abs().max() < 1e-6
     assert (maps[1, 0, 0] - 1).abs().max() < 1e-6 and maps[1, 0, 1:].abs().max() < 1e-6
     assert (maps[2] - 1).abs().max() < 1e-6
+
+
+def test_the_mode_readout_keeps_a_second_mode_from_pulling_a_side_between_the_two() -> None:
+    head = SideHead(width=8, pool=24, prior_width=0.5, axis=3)
+    probability = torch.zeros(1, 2, 24)
+    probability[0, :, 3], probability[0, :, 15] = 0.6, 0.4  # the side's edge, and a neighbour's
+    centres = head.centres
+    assert (head._readout_weights(probability) * centres).sum(-1)[0, 0] == pytest.approx(
+        (0.6 * 3 + 0.4 * 15 + 0.5) / 24
+    )
+    head.mode_window = 2
+    assert (head._readout_weights(probability) * centres).sum(-1)[0, 0] == pytest.approx(3.5 / 24)
+    head.mode_window = 12
+    assert head._readout_weights(probability).sum(-1).allclose(torch.ones(1, 2))
