@@ -67,7 +67,7 @@ def vit_h_shaped(store: FeatureStore, work: list[tuple[str, Entry, Tensor]]) -> 
     }
     namespace = store.ensure_namespace(provenance)
     channels = ENCODERS["vit_h"].early_channels
-    writer = SegmentWriter(namespace, channels, shard_rows=1)
+    writer = SegmentWriter(namespace, channels, shard_rows=1, planes=False)
     rng = np.random.default_rng(0)
     for key, entry, _ in work:
         writer.write_batch(

@@ -61,7 +61,7 @@ def write_stores(root: Path, embedding: np.ndarray, early: np.ndarray) -> dict[s
         namespace = store.ensure_namespace({"fingerprint": "bench", "early_channels": early.shape[1]})
         started = time.perf_counter()
         if name == "current":
-            writer = SegmentWriter(namespace, early.shape[1], SHARD_ROWS)
+            writer = SegmentWriter(namespace, early.shape[1], SHARD_ROWS, planes=False)
             for start in range(0, len(keys), SHARD_ROWS):
                 rows = slice(start, start + SHARD_ROWS)
                 count = len(keys[rows])

@@ -113,7 +113,7 @@ def with_shapes(store: Path, fingerprint: str, encoder: str, seed: int = 0) -> s
         "weights_description": f"synthetic random features of {encoder}'s shapes (bench/train.py)",
     }
     target = opened.ensure_namespace(provenance)
-    writer = SegmentWriter(target, channels, shard_rows=4)
+    writer = SegmentWriter(target, channels, shard_rows=4, planes=False)
     rng = np.random.default_rng(seed)
     entries = sorted(source.entries().values(), key=lambda entry: entry.key)
     for start in range(0, len(entries), 4):

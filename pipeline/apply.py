@@ -51,12 +51,19 @@ def refine_boxes(
     """
     if boxes.numel() == 0:
         return boxes.reshape(0, 4), boxes.new_zeros(0)
-    embedding, early = namespace.read(entry, check=True)  # never refine from damaged features
+    # Never refine from damaged features; an entry without the plane the fine stage reads is refused in
+    # one line that names the command adding it.
+    plane = None
+    if model.needs_plane:
+        embedding, early, plane = namespace.read_with_plane(entry, check=True)
+    else:
+        embedding, early = namespace.read(entry, check=True)
     inputs = to_input(boxes.float(), entry.original_size, entry.resized_size)
     (refined,), (score,) = model(
         torch.tensor(embedding[None], dtype=torch.float32, device=device),  # the stored arrays are read-only
         torch.tensor(early[None], dtype=torch.float32, device=device),
         [inputs.to(device)],
+        None if plane is None else torch.tensor(plane[None], device=device),
     )
     refined = to_original(refined.float().cpu(), entry.original_size, entry.resized_size)
     return valid_boxes(refined, boxes, entry.original_size), score.float().cpu()

@@ -26,8 +26,10 @@ CHECKPOINT_FORMAT = "refine-refiner"
 # Raised whenever a refiner's computation changes: the weights of an older one would load and silently mean
 # something else. 2: similarity cues computed on the feature grid instead of in each window. 3: a score
 # head and the abstention threshold. 4: the score's calibration (a version 3 checkpoint reads as calibrated
-# by the identity, which is what its scores and threshold were).
-CHECKPOINT_VERSION = 4
+# by the identity, which is what its scores and threshold were). 5: the fine stage on the stride-4 plane
+# (a version 4 checkpoint reads as a refiner without it, which is what it was).
+CHECKPOINT_VERSION = 5
+READABLE_VERSIONS = (3, 4, 5)
 UNCALIBRATED_VERSION = 3
 # Options that may change between a run and its --resume. Workers and device do not change what is
 # computed; a larger --epochs trains longer (the learning-rate schedule then stretches to the new total).
@@ -82,10 +84,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise RefineError(f"{path}: not a refine refiner checkpoint")
     if checkpoint.get("version") == UNCALIBRATED_VERSION and isinstance(checkpoint.get("model"), dict):
         checkpoint["model"]["score.calibration"] = IDENTITY_CALIBRATION.clone()
-    elif checkpoint.get("version") != CHECKPOINT_VERSION:
+    elif checkpoint.get("version") not in READABLE_VERSIONS:
         raise RefineError(
             f"{path}: refiner checkpoint version {checkpoint.get('version')}, this refine reads versions "
-            f"{UNCALIBRATED_VERSION} and {CHECKPOINT_VERSION}; train the refiner again with `refine train`"
+            f"{', '.join(map(str, READABLE_VERSIONS))}; train the refiner again with `refine train`"
         )
     return checkpoint
 

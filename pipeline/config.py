@@ -41,6 +41,9 @@ class TrainConfig:
     pool: int = 24
     learned: int = 8
     contexts: tuple[float, ...] = (2.0, 1.5)
+    plane_pool: int = 48  # the fine stage on the stride-4 plane (0: none; see pipeline.plane_stage)
+    plane_context: float = 1.3
+    plane_prior_width: float = 0.06
     amp: str = "auto"
     seed: int = 0
     resume: bool = False
@@ -52,7 +55,16 @@ class TrainConfig:
         from pipeline.refiner import RefinerConfig  # imports torch, which this module must not
 
         return RefinerConfig(
-            early_channels, self.dim, self.trunk, self.width, self.pool, self.learned, tuple(self.contexts)
+            early_channels,
+            self.dim,
+            self.trunk,
+            self.width,
+            self.pool,
+            self.learned,
+            tuple(self.contexts),
+            plane_pool=self.plane_pool,
+            plane_context=self.plane_context,
+            plane_prior_width=self.plane_prior_width,
         )
 
     def resolved(self) -> dict[str, Any]:

@@ -81,10 +81,10 @@ class TrainForward(torch.nn.Module):
         super().__init__()
         self.refiner = refiner
 
-    def forward(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> Refinement:
-        """embedding: B x 256 x 64 x 64, early: B x C x 64 x 64, boxes: B lists of N_i x 4 -> per stage
-        sum(N_i) x 4 boxes, and the score logits."""
-        return self.refiner.forward_stages(embedding, early, boxes)
+    def forward(self, embedding: Tensor, early: Tensor, boxes: list[Tensor], plane: Tensor | None = None) -> Refinement:
+        """embedding: B x 256 x 64 x 64, early: B x C x 64 x 64, boxes: B lists of N_i x 4, plane: None or
+        B x 3 x 256 x 256 -> per stage sum(N_i) x 4 boxes, and the score logits."""
+        return self.refiner.forward_stages(embedding, early, boxes, plane)
 
 
 @dataclass
@@ -113,6 +113,10 @@ def _batches(loader: DataLoader, timer: _Timer) -> Iterator[FeatureBatch]:
         if batch.errors:
             raise RefineError(batch.errors[0])
         yield batch
+
+
+def _plane(batch: FeatureBatch, device: torch.device) -> Tensor | None:
+    return batch.plane.to(device, non_blocking=True) if batch.plane is not None else None
 
 
 def train_one_epoch(
@@ -144,7 +148,10 @@ def train_one_epoch(
         targets = torch.cat(per_image).to(device)
         with autocast(device, precision.amp_dtype):
             refinement = model(
-                batch.embedding.to(device, non_blocking=True), batch.early.to(device, non_blocking=True), coarse
+                batch.embedding.to(device, non_blocking=True),
+                batch.early.to(device, non_blocking=True),
+                coarse,
+                _plane(batch, device),
             )
         stages, all_coarse = [s.float() for s in refinement.stages], torch.cat(coarse)
         loss = box_loss(stages, all_coarse, targets) + score_loss(
@@ -204,7 +211,10 @@ def predict_outcomes(
         coarse, targets = boxes.of(batch.indices, None)
         with autocast(device, precision.amp_dtype):
             refinement = model.forward_stages(
-                batch.embedding.to(device), batch.early.to(device), [c.to(device) for c in coarse]
+                batch.embedding.to(device),
+                batch.early.to(device),
+                [c.to(device) for c in coarse],
+                _plane(batch, device),
             )
         counts = [len(c) for c in coarse]
         refined = refinement.stages[-1].split(counts)

@@ -35,6 +35,8 @@ from pipeline.extract_images import ImageDataset, ImageItem, ImageSample, collat
 from pipeline.extract_writer import BackgroundWriter, writer_threads
 from pipeline.jsonio import write_json
 from pipeline.manifest import ManifestImage, Sizes, dataset_manifest
+from pipeline.images import stride4_plane
+from pipeline.segment_layout import PLANE_LAYOUT
 from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.store_writer import SegmentWriter
 
@@ -70,6 +72,7 @@ class ExtractSummary:
     computed: int = 0
     failed: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)  # damaged entries and commit files found (recomputed)
+    planes_added: int = 0  # entries of an older layout (no stride-4 plane) recomputed to add it
     wall_s: float = 0.0
     encoder_s: float = 0.0
     build_s: float = 0.0  # building the encoder (and loading its weights), once per run with a miss
@@ -93,7 +96,10 @@ def run_extract(config: ExtractConfig, progress: OnProgress | None = None) -> Ex
     bytes_before = store.bytes_on_disk(identity.fingerprint) if main else 0
     distributed.barrier()  # under torchrun: no rank writes before the main rank has measured the store
     scanned, damaged_commits = namespace.scan()
-    committed = dict(scanned.items())  # extract keeps sizes by key anyway, and drops the damaged ones from it
+    # Extract keeps sizes by key anyway, and drops the damaged ones from it. An entry of an older layout has
+    # no stride-4 plane and only the image can give it one: a miss, recomputed into the current layout.
+    committed = {key: entry for key, entry in scanned.items() if entry.layout == PLANE_LAYOUT}
+    older = frozenset(key for key, _ in scanned.items()) - frozenset(committed)
     summary.repaired.extend(damaged_commits)  # their entries are unknown, so they are misses: recomputed
 
     device = resolve_device(config.device)
@@ -101,7 +107,7 @@ def run_extract(config: ExtractConfig, progress: OnProgress | None = None) -> Ex
     # Decoding and resizing cost a core several ms per image: a fast encoder on a GPU needs several workers.
     cores = (os.cpu_count() or 2) // distributed.local_world_size()  # the ranks on one machine share its cores
     workers = config.workers if config.workers is not None else min(8, max(1, cores - 1))
-    run = _Extraction(config, identity, namespace, committed, summary, device, batch_size, progress)
+    run = _Extraction(config, identity, namespace, committed, summary, device, batch_size, progress, older)
     try:
         run.encode_misses(items, workers, "extract")
         damaged = run.damaged_hits()
@@ -161,7 +167,7 @@ def _merge_ranks(summary: ExtractSummary, namespace: Namespace, sizes: dict[str,
     learn the sizes of the entries the other ranks computed, so that every rank knows the whole dataset's
     outcome (and exits accordingly) and the main rank can write a complete manifest."""
     parts = distributed.all_gather(
-        (summary.hits, summary.computed, summary.encoder_s, summary.failed, summary.repaired)
+        (summary.hits, summary.computed, summary.encoder_s, summary.failed, summary.repaired, summary.planes_added)
     )
     computed_here = summary.computed
     summary.hits = sum(part[0] for part in parts)
@@ -170,6 +176,7 @@ def _merge_ranks(summary: ExtractSummary, namespace: Namespace, sizes: dict[str,
     # A file that cannot be read fails on every rank (all hash it); list it once.
     summary.failed = list(dict.fromkeys(message for part in parts for message in part[3]))
     summary.repaired = list(dict.fromkeys(message for part in parts for message in part[4]))
+    summary.planes_added = sum(part[5] for part in parts)
     if summary.computed > computed_here:
         for key, entry in namespace.scan()[0].items():
             sizes.setdefault(key, (entry.original_size, entry.resized_size))
@@ -198,8 +205,10 @@ class _Extraction:
         device: torch.device,
         batch_size: int,
         progress: OnProgress | None,
+        older: frozenset[str] = frozenset(),
     ) -> None:
         self.config = config
+        self.older = older  # keys committed in an older layout, recomputed when the dataset uses them
         self.identity = identity
         self.namespace = namespace
         self.committed = committed
@@ -285,8 +294,10 @@ class _Extraction:
         embedding, early, ready = self.encoder(pixels, torch.tensor([s.resized for s in chosen]))
         assert self.writer is not None
         originals, resized_sizes = [s.original for s in chosen], [s.resized for s in chosen]
-        self.writer.put([s.key for s in chosen], embedding, early, originals, resized_sizes, ready)
+        planes = stride4_plane(pixels.numpy())  # from the encoder's own input: the plane is of the same frame
+        self.writer.put([s.key for s in chosen], embedding, early, originals, resized_sizes, planes, ready)
         self.summary.computed += len(chosen)
+        self.summary.planes_added += sum(s.key in self.older for s in chosen)
 
     def damaged_hits(self) -> dict[str, str]:
         """Key -> what is wrong, for every hit whose committed entry is unreadable or fails its digest."""

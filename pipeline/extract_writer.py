@@ -43,11 +43,11 @@ class BackgroundWriter:
     def _run(self, writer: SegmentWriter) -> None:
         while (job := self.queue.get()) is not None:
             if self.error is None:
-                keys, embedding, early, original_sizes, resized_sizes, ready = job
+                keys, embedding, early, original_sizes, resized_sizes, planes, ready = job
                 try:
                     if ready is not None:
                         ready.synchronize()  # the device-to-host copies of this batch have landed
-                    writer.write_batch(keys, embedding.numpy(), early.numpy(), original_sizes, resized_sizes)
+                    writer.write_batch(keys, embedding.numpy(), early.numpy(), original_sizes, resized_sizes, planes)
                 except BaseException as error:  # handed to the main thread
                     self.error = error
             self.queue.task_done()

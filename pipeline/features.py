@@ -26,6 +26,7 @@ from pipeline.boxes import coco_to_xyxy, jitter_boxes, match_to_ground_truth, no
 from pipeline.coco import load_coco, load_detections
 from pipeline.errors import RefineError
 from pipeline.manifest import manifest_images
+from pipeline.segment_layout import PLANE_LAYOUT
 from pipeline.shapes import FEATURE_STRIDE
 from pipeline.store import Entry, FeatureStore, Namespace, recompute_command
 
@@ -175,15 +176,19 @@ class FeatureBatch:
     embedding: Tensor  # B x 256 x 64 x 64 float16
     early: Tensor  # B x C x 64 x 64 float16
     errors: list[str]
+    plane: Tensor | None = None  # B x 3 x 256 x 256 uint8: the entries' stride-4 planes, when read
 
     def pin_memory(self) -> FeatureBatch:
         self.embedding = self.embedding.pin_memory()
         self.early = self.early.pin_memory()
+        if self.plane is not None:
+            self.plane = self.plane.pin_memory()
         return self
 
 
 class FeatureDataset(Dataset):
-    """One item per image: {index, embedding (256 x 64 x 64), early (C x 64 x 64)}, float16 numpy arrays.
+    """One item per image: {index, embedding (256 x 64 x 64), early (C x 64 x 64)}, float16 numpy arrays, and
+    with `with_plane` its stride-4 plane (3 x 256 x 256 uint8).
 
     Features stay float16 on the way to the training process (half the bytes); the model upcasts. The
     boxes stay with the split (`images`), which the trainer has already. An entry that cannot be read or
@@ -191,10 +196,11 @@ class FeatureDataset(Dataset):
     would reach the trainer as a multi-line traceback, not one line.
     """
 
-    def __init__(self, store_url: str, fingerprint: str, images: list[ImageBoxes]) -> None:
+    def __init__(self, store_url: str, fingerprint: str, images: list[ImageBoxes], with_plane: bool = False) -> None:
         self.store_url = store_url
         self.fingerprint = fingerprint
         self.images = images
+        self.with_plane = with_plane
         self._namespace: Namespace | None = None  # opened on first read, in the reading process
 
     def __getstate__(self) -> dict[str, Any]:
@@ -211,11 +217,28 @@ class FeatureDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = self.images[index]
         try:
-            embedding, early = self.namespace().read(image.entry, check=True)
+            if self.with_plane:
+                embedding, early, plane = self.namespace().read_with_plane(image.entry, check=True)
+            else:
+                embedding, early = self.namespace().read(image.entry, check=True)
         except RefineError as error:
             where = f"image id={image.image_id} {image.file_name!r}"
             return {"index": index, "error": f"{error} ({where}); {recompute_command(self.store_url)}"}
-        return {"index": index, "embedding": embedding, "early": early}
+        item = {"index": index, "embedding": embedding, "early": early}
+        return {**item, "plane": plane} if self.with_plane else item
+
+
+def require_planes(store_url: str, splits: list[Split]) -> None:
+    """Refuse, in one line naming the command that adds them, splits with entries of a layout without planes."""
+    for split in splits:
+        lacking = [image for image in split.images if image.entry.layout != PLANE_LAYOUT]
+        if lacking:
+            raise RefineError(
+                f"{store_url}: {len(lacking)} image(s) of dataset {split.dataset!r} have no stride-4 plane (extracted "
+                f"by an older refine; e.g. id={lacking[0].image_id} {lacking[0].file_name!r}), which the refiner's "
+                f"fine stage reads: run `refine extract --images <dir> --annotations {split.dataset}.json --store "
+                f"{store_url}` again (it adds them), or train without the fine stage (--plane-pool 0)"
+            )
 
 
 def collate_features(items: list[dict[str, Any]]) -> FeatureBatch:
@@ -227,6 +250,7 @@ def collate_features(items: list[dict[str, Any]]) -> FeatureBatch:
         embedding=torch.from_numpy(np.stack([item["embedding"] for item in good])) if good else nothing,
         early=torch.from_numpy(np.stack([item["early"] for item in good])) if good else nothing,
         errors=[item["error"] for item in items if "error" in item],
+        plane=torch.from_numpy(np.stack([item["plane"] for item in good])) if good and "plane" in good[0] else None,
     )
 
 

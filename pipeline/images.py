@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.shapes import IMAGE_SIZE
+from pipeline.shapes import IMAGE_SIZE, PLANE_SHAPE, PLANE_STRIDE
 from pipeline.errors import RefineError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -98,6 +98,14 @@ def prepare(path: Path, data: bytes | None = None) -> tuple[np.ndarray, tuple[in
     padded = np.zeros((3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     padded[:, : resized[0], : resized[1]] = pixels.transpose(2, 0, 1)
     return padded, original, resized
+
+
+def stride4_plane(pixels: np.ndarray) -> np.ndarray:
+    """B x 3 x 1024 x 1024 uint8 encoder inputs -> B x 3 x 256 x 256 uint8 planes: each value the rounded mean
+    of 4 x 4 pixels (the padding stays 0)."""
+    _, height, width = PLANE_SHAPE
+    blocks = pixels.reshape(len(pixels), 3, height, PLANE_STRIDE, width, PLANE_STRIDE)
+    return (blocks.mean(axis=(3, 5), dtype=np.float32) + 0.5).astype(np.uint8)
 
 
 def _first_line(error: BaseException) -> str:

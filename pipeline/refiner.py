@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from pipeline.plane_stage import PlaneStage
+from pipeline.refiner_parts import SideHead, StageOutput, conv_block, enlarge, inside_mask
 from pipeline.shapes import EMBEDDING_SHAPE, FEATURE_STRIDE, IMAGE_SIZE
 
 # Cue maps computed from the two features: (object, background, object - background) similarity for each,
@@ -53,6 +55,9 @@ class RefinerConfig:
     min_window: float = 48.0  # smallest window side in pixels: tiny boxes still see their surroundings
     prior_width: float = 0.1  # spread (window units) of each side's prior around the current side
     interior: float = 0.3  # the object prototype averages the box's central part, +- this share of its size
+    plane_pool: int = 0  # samples per window side of the fine stage on the stride-4 plane (0: no fine stage)
+    plane_context: float = 1.3  # the fine stage's window size / box size
+    plane_prior_width: float = 0.06  # spread (window units) of the fine stage's prior around the cascade's side
 
     def to_dict(self) -> dict:
         return {**asdict(self), "contexts": list(self.contexts)}
@@ -95,15 +100,6 @@ class Whitening(nn.Module):
         return (self.matrix @ self.centre(x).flatten(2)).view_as(x)  # a batched matmul without einsum's permute copy
 
 
-def conv_block(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
-    """Convolution, GroupNorm, ReLU: B x in x H x W -> B x out x H x W."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2),
-        nn.GroupNorm(min(8, out_channels), out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
 class EarlyProjection(nn.Module):
     """Whiten the early feature, project it and add local context: B x C x 64 x 64 -> B x dim x 64 x 64."""
 
@@ -120,27 +116,6 @@ class EarlyProjection(nn.Module):
         # The whitening is linear, so it folds into the first 1x1 convolution: no C x C pass over the map.
         weight = reduce.weight.flatten(1) @ self.norm.matrix
         return self.project[1:](F.conv2d(self.norm.centre(early), weight[:, :, None, None], reduce.bias))
-
-
-def enlarge(boxes: Tensor, context: float, min_side: float) -> Tensor:
-    """K x 4 boxes -> K x 4 windows with the same centre, each side `context` times as long (at least min_side)."""
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = ((boxes[:, 2:] - boxes[:, :2]) * context).clamp_min(min_side) / 2
-    return torch.cat([centre - half, centre + half], dim=1)
-
-
-def inside_mask(current: Tensor, pool: int) -> Tensor:
-    """Soft mask of the box on the P x P window grid: K x 4 sides (x0, y0, x1, y1) in window units -> K x P x P."""
-    centres = (torch.arange(pool, dtype=current.dtype, device=current.device) + 0.5) / pool
-    sharpness = 4.0 * pool  # a ramp about a quarter of a sample wide
-
-    def between(low: Tensor, high: Tensor) -> Tensor:  # K -> K x P
-        return torch.sigmoid((centres - low[:, None]) * sharpness) * torch.sigmoid(
-            (high[:, None] - centres) * sharpness
-        )
-
-    x0, y0, x1, y1 = current.unbind(dim=1)
-    return between(y0, y1)[:, :, None] * between(x0, x1)[:, None, :]
 
 
 def cell_cover(boxes: Tensor) -> Tensor:
@@ -185,75 +160,6 @@ class CellMaps:
     flat: tuple[Tensor, Tensor]  # early, whitened embedding: B x D x (64 * 64) each
     unit: tuple[Tensor, Tensor]  # the same, normalised per cell
     change: Tensor  # B x 1 x 64 x 64: local change of the early feature
-
-
-class SideHead(nn.Module):
-    """Per-side boundary localisation along one axis of a window of cue features.
-
-    A window (K x width x P x P) is collapsed across the axis (attention weights learnt per position) into
-    a profile (K x width x P) along it. 1-D convolutions score each of the P positions as the low side
-    (left / top) and the high side (right / bottom); a Gaussian prior centred on the current side (log
-    space, spread `prior_width`) is added, so with zero-initialised scores the head returns the current
-    box exactly. Each side's position is the expectation over positions, plus a learnt sub-bin offset.
-    """
-
-    def __init__(self, width: int, pool: int, prior_width: float, axis: int) -> None:
-        super().__init__()
-        self.axis = axis  # 3: positions along x (collapse rows), 2: positions along y (collapse columns)
-        self.prior_width = prior_width
-        self.attention = nn.Conv2d(width, 1, 1)
-        groups = min(8, width)
-        self.profile = nn.Sequential(
-            nn.Conv1d(width, width, 3, padding=1),
-            nn.GroupNorm(groups, width),
-            nn.ReLU(inplace=True),
-            nn.Conv1d(width, width, 3, padding=1),
-            nn.GroupNorm(groups, width),
-            nn.ReLU(inplace=True),
-        )
-        self.scores = nn.Conv1d(width, 2, 3, padding=1)  # low side, high side
-        self.offsets = nn.Conv1d(width, 2, 3, padding=1)
-        for layer in (self.scores, self.offsets):  # start as the identity: the prior alone decides
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        self.register_buffer("centres", (torch.arange(pool, dtype=torch.float32) + 0.5) / pool)
-        # None: each side is the expectation over all positions (as trained). k: over the k positions either
-        # side of the most probable one, so that a second mode (a neighbour's edge) does not pull the side
-        # between the two (`bench/side_readout.py` measures it).
-        self.mode_window: int | None = None
-
-    def forward(self, window: Tensor, current: Tensor) -> tuple[Tensor, Tensor]:
-        """window: K x width x P x P; current: K x 2 sides (low, high) in window units -> the sides (K x 2,
-        window units) and the spread of each side's distribution (K x 2 standard deviations, window units)."""
-        across = 5 - self.axis  # the other spatial dimension
-        weights = self.attention(window).softmax(dim=across)
-        features = self.profile((window * weights).sum(dim=across))  # K x width x P
-        prior = -((self.centres - current[:, :, None]) ** 2) / (2 * self.prior_width**2)  # K x 2 x P
-        probability = (self.scores(features).float() + prior).softmax(dim=-1)
-        offsets = torch.tanh(self.offsets(features).float()) / len(self.centres)  # at most one bin either way
-        # The window's edges truncate the prior, pulling its mean inwards; shift it back onto the side.
-        prior_bias = current - (prior.softmax(dim=-1) * self.centres).sum(dim=-1)
-        mean = (probability * self.centres).sum(dim=-1)
-        spread = (probability * (self.centres - mean[:, :, None]) ** 2).sum(dim=-1).clamp_min(0).sqrt()
-        return (self._readout_weights(probability) * (self.centres + offsets)).sum(dim=-1) + prior_bias, spread
-
-    def _readout_weights(self, probability: Tensor) -> Tensor:
-        """K x 2 x P side distributions -> the weights each side's position is read with (summing to 1)."""
-        if self.mode_window is None:
-            return probability
-        bins = torch.arange(probability.shape[-1], device=probability.device)
-        near = (bins - probability.argmax(dim=-1, keepdim=True)).abs() <= self.mode_window
-        weights = probability * near
-        return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-@dataclass
-class StageOutput:
-    """What one cascade stage gives: its boxes and the evidence the score head reads about them."""
-
-    boxes: Tensor  # K x 4 pixels
-    spread: Tensor  # K x 4: the standard deviation of each side's distribution (x0, y0, x1, y1; window units)
-    evidence: Tensor  # K x (2 * width + 8): the net's pooled features, each side's spread and move (window units)
 
 
 @dataclass
@@ -372,8 +278,26 @@ class SimilarityCascadeRefiner(nn.Module):
         self.early = EarlyProjection(config.early_channels, config.dim, config.trunk)
         self.embedding_norm = Whitening(EMBEDDING_SHAPE[0])
         self.stages = nn.ModuleList(CascadeStage(config, context) for context in config.contexts)
+        self.fine = (
+            PlaneStage(
+                config.width,
+                config.plane_pool,
+                config.plane_context,
+                config.min_window / 2,
+                config.plane_prior_width,
+                config.interior,
+            )
+            if config.plane_pool
+            else None
+        )
+        steps = len(config.contexts) + (self.fine is not None)
         # Built last, so that every other weight starts as it did before the head existed.
-        self.score = ScoreHead(len(config.contexts) * (2 * config.width + 8) + 2)
+        self.score = ScoreHead(steps * (2 * config.width + 8) + 2)
+
+    @property
+    def needs_plane(self) -> bool:
+        """Whether this refiner reads the stride-4 image plane of each entry (its fine stage)."""
+        return self.fine is not None
 
     def set_feature_statistics(self, stats: dict[str, Tensor]) -> None:
         """Install training-set statistics {embedding_mean, embedding_cov, early_mean, early_cov}."""
@@ -387,8 +311,12 @@ class SimilarityCascadeRefiner(nn.Module):
         unit = tuple(F.normalize(f, dim=1) for f in flat)
         return CellMaps(projected, flat, unit, local_change(unit[0].unflatten(-1, projected.shape[-2:])))
 
-    def forward_stages(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> Refinement:
+    def forward_stages(
+        self, embedding: Tensor, early: Tensor, boxes: list[Tensor], plane: Tensor | None = None
+    ) -> Refinement:
         """Every stage's boxes and the score logits of the final ones (all images' boxes concatenated).
+
+        plane: B x 3 x 256 x 256 uint8, the entries' stride-4 planes; needed when `needs_plane`.
 
         Each stage starts from the previous stage's boxes without gradient through them (as in Cascade
         R-CNN), so every stage learns to refine the distribution of boxes it is actually given.
@@ -406,15 +334,24 @@ class SimilarityCascadeRefiner(nn.Module):
             current = step.boxes.float()
             outputs.append(current)
             evidence.append(step.evidence)
+        if self.fine is not None:
+            if plane is None:
+                raise ValueError("this refiner's fine stage needs the entries' stride-4 planes")
+            step = self.fine(plane, current.detach(), batch_index)
+            current = step.boxes.float()
+            outputs.append(current)
+            evidence.append(step.evidence)
         # Small boxes are harder: the head also sees the coarse box's size (log, in units of the 1024 frame).
         size = (coarse[:, 2:] - coarse[:, :2]).clamp_min(1.0) / IMAGE_SIZE
         features = torch.cat([*evidence, size.log()], dim=1)
         return Refinement(outputs, self.score(features), step.spread.float())
 
-    def forward(self, embedding: Tensor, early: Tensor, boxes: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(
+        self, embedding: Tensor, early: Tensor, boxes: list[Tensor], plane: Tensor | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """Refined boxes (N_i x 4) and their scores (N_i, in [0, 1]), one tensor each per image in the order of
         `boxes`. The score is the predicted chance, calibrated, that the refined box beats the coarse one."""
-        refinement = self.forward_stages(embedding, early, boxes)
+        refinement = self.forward_stages(embedding, early, boxes, plane)
         counts = [len(b) for b in boxes]
         scores = self.score.probability(refinement.score_logits)
         return list(refinement.stages[-1].split(counts)), list(scores.split(counts))

@@ -8,6 +8,10 @@ A segment records its layout in its commit file; each layout is one way to find 
   arrays; the shard index carries zarr's own crc32c). The commit row also records where each chunk starts
   in its shard file and an xxh3-128 digest of the entry's bytes, so a reader maps the two chunks straight
   from the page cache and hashes them at memory speed: no zarr call, no decode, no copy.
+- layout 3: layout 2 and a third array, the entry's stride-4 plane (3 x 256 x 256 uint8, the encoder input
+  averaged over 4 x 4 pixels: what the refiner's fine stage reads). Its digest covers all three arrays. The
+  commit row stays that of layout 2: the writer checks against zarr's shard index that the plane chunks lie
+  in row order from the start of their shard, so a reader computes where a plane starts and maps it too.
 
 Why mapping is safe here: a shard file is written once, whole, and never rewritten in place (every batch
 goes into a fresh shard, `store gc` only unlinks), so a mapped file never shrinks under a reader. A file
@@ -29,15 +33,22 @@ from pipeline.errors import RefineError
 
 LEGACY_LAYOUT = 1
 RAW_LAYOUT = 2
-CURRENT_LAYOUT = RAW_LAYOUT
+PLANE_LAYOUT = 3
+CURRENT_LAYOUT = PLANE_LAYOUT
 LAYOUTS = {
     LEGACY_LAYOUT: "zstd chunks, BLAKE2b digests, read through zarr (`refine store migrate` reads it at disk speed)",
-    RAW_LAYOUT: "raw float16 chunks, xxh3-128 digests, mapped from the page cache",
+    RAW_LAYOUT: "raw float16 chunks, xxh3-128 digests, mapped from the page cache; no stride-4 plane",
+    PLANE_LAYOUT: "layout 2 and each entry's stride-4 image plane (what the refiner's fine stage reads)",
 }
 # Zarr's sharding index: (offset, nbytes) as two little-endian uint64 per chunk, then its crc32c.
 INDEX_ENTRY_BYTES = 16
 INDEX_CRC_BYTES = 4
 _PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+def plane_offset(row: int, shard_rows: int, plane_bytes: int) -> int:
+    """Where a layout-3 entry's plane starts in its shard file: the chunks lie in row order from byte 0."""
+    return (row % shard_rows) * plane_bytes
 
 
 def legacy_digest(embedding: np.ndarray, early: np.ndarray) -> str:
@@ -48,11 +59,12 @@ def legacy_digest(embedding: np.ndarray, early: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def raw_digest(embedding: np.ndarray, early: np.ndarray) -> str:
-    """Layout 2's digest: xxh3-128 of the embedding bytes followed by the early-feature bytes (~25 GB/s)."""
+def raw_digest(embedding: np.ndarray, early: np.ndarray, plane: np.ndarray | None = None) -> str:
+    """Layouts 2 and 3's digest: xxh3-128 of the embedding bytes, then the early-feature bytes, then (layout 3)
+    the plane's bytes (~25 GB/s)."""
     digest = xxhash.xxh3_128()
-    digest.update(np.ascontiguousarray(embedding).view(np.uint8))
-    digest.update(np.ascontiguousarray(early).view(np.uint8))
+    for array in (embedding, early) if plane is None else (embedding, early, plane):
+        digest.update(np.ascontiguousarray(array).view(np.uint8))
     return digest.hexdigest()
 
 

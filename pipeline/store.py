@@ -7,6 +7,7 @@ Layout under the store root (a local path or an fsspec URL)::
     <fingerprint>/segments/<segment>/      one writer's arrays, never shared with another writer:
         embedding                          rows x 256 x 64 x 64 float16, one chunk per row, sharded
         early                              rows x C x 64 x 64 float16
+        plane                              rows x 3 x 256 x 256 uint8 (layout 3: the stride-4 image plane)
     <fingerprint>/commits/<segment>.json   the committed rows of that segment (key, row, sizes, digest, and
                                            where each chunk starts), and the segment's layout
     <fingerprint>/datasets/<name>.json     per-dataset manifest: image id / file name -> key, sizes
@@ -24,9 +25,10 @@ are time-ordered), so all readers agree; `refine store gc` later drops the other
 also how a damaged entry is repaired: `extract` recomputes it into a fresh, later segment.
 
 The writer is `pipeline.store_writer`; how an entry's bytes lie in its shards and how a read checks them
-is `pipeline.segment_layout`; the index of the committed entries is `pipeline.store_index`. Version 2
-of the store (the root's marker) is the first with segments of layout 2; a store of version 1 is read as it
-is and marked version 2 by its first new segment, so that an older refine refuses it instead of misreading.
+is `pipeline.segment_layout`; the index of the committed entries is `pipeline.store_index`. The root's
+marker gives the newest segment layout the store may hold: version 2 the first with segments of layout 2,
+version 3 the first with layout 3. An older store is read as it is and marked by its first new segment, so
+that an older refine refuses it in one line instead of misreading it.
 """
 
 from __future__ import annotations
@@ -45,31 +47,40 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import RefineError
-from pipeline.shapes import EMBEDDING_SHAPE
+from pipeline.shapes import EMBEDDING_SHAPE, PLANE_SHAPE
 from pipeline.store_index import INDEX_FILE, Entry, EntryIndex, file_stamp, parse_commit
 from pipeline.segment_layout import (
     CURRENT_LAYOUT,
     LEGACY_LAYOUT,
+    PLANE_LAYOUT,
+    RAW_LAYOUT,
     legacy_digest,
+    plane_offset,
     raw_digest,
     read_chunk,
     shard_file,
 )
 
 STORE_FORMAT = "refine-feature-store"
-STORE_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+STORE_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 EMBEDDING = "embedding"
 EARLY = "early"
+PLANE = "plane"
+PLANE_BYTES = int(np.prod(PLANE_SHAPE))
 # fsspec options of every store file system. Credentials and the endpoint come from the environment
 # (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for an S3-compatible
 # server: botocore reads them itself).
 STORAGE_OPTIONS: dict[str, Any] = {"use_listings_cache": False}
 
 
-def entry_digest(embedding: np.ndarray, early: np.ndarray, layout: int = CURRENT_LAYOUT) -> str:
-    """The digest an entry of `layout` records for these features."""
-    return legacy_digest(embedding, early) if layout == LEGACY_LAYOUT else raw_digest(embedding, early)
+def entry_digest(
+    embedding: np.ndarray, early: np.ndarray, plane: np.ndarray | None = None, layout: int = CURRENT_LAYOUT
+) -> str:
+    """The digest an entry of `layout` records for these features (and, in layout 3, its plane)."""
+    if layout == LEGACY_LAYOUT:
+        return legacy_digest(embedding, early)
+    return raw_digest(embedding, early, plane if layout == PLANE_LAYOUT else None)
 
 
 def drop_damaged_commits_command(url: str) -> str:
@@ -288,7 +299,7 @@ class Namespace:
                     Entry(str(key), segment, int(row), (int(oh), int(ow)), (int(rh), int(rw)), str(digest))
                     for key, row, oh, ow, rh, rw, digest in commit["entries"]
                 ]
-            if layout != CURRENT_LAYOUT:
+            if layout not in (RAW_LAYOUT, PLANE_LAYOUT):
                 raise RefineError(
                     f"{self.store.url}: {relative} has layout {layout}, which this refine cannot read; use a newer one"
                 )
@@ -398,27 +409,58 @@ class Namespace:
     def read(self, entry: Entry, *, check: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The embedding (256 x 64 x 64) and early feature (C x 64 x 64) of one entry, float16, read-only.
 
-        With `check`, the bytes must match the digest recorded at commit time. The writer refused
-        non-finite features, so a matching entry is finite; a mismatching one is checked for NaN / inf only
-        to say so.
+        With `check`, the bytes must match the digest recorded at commit time (in layout 3 the plane is read
+        too: the digest covers it). The writer refused non-finite features, so a matching entry is finite;
+        a mismatching one is checked for NaN / inf only to say so.
         """
+        embedding, early, _ = self._read(entry, check, with_plane=check)
+        return embedding, early
+
+    def read_with_plane(self, entry: Entry, *, check: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`read`, and the entry's stride-4 plane (3 x 256 x 256 uint8); an entry of a layout without
+        planes is a RefineError that names the command that adds them."""
+        if entry.layout != PLANE_LAYOUT:
+            raise RefineError(
+                f"{self.store.url}: entry {entry.key} has no stride-4 plane (written by an older refine, layout "
+                f"{entry.layout}); {recompute_command(self.store.url)}"
+            )
+        embedding, early, plane = self._read(entry, check, with_plane=True)
+        assert plane is not None
+        return embedding, early, plane
+
+    def _read(self, entry: Entry, check: bool, with_plane: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         where = f"{self.store.url}: entry {entry.key} (segment {entry.segment}, row {entry.row})"
         try:
-            embedding, early = self.read_through_zarr(entry) if entry.layout == LEGACY_LAYOUT else self._read_raw(entry)
+            legacy = entry.layout == LEGACY_LAYOUT
+            embedding, early = self._read_through_zarr(entry) if legacy else self._read_raw(entry)
+            plane = self._read_plane(entry) if with_plane and entry.layout == PLANE_LAYOUT else None
         except FileNotFoundError:
             raise RefineError(f"{where} cannot be read: its shard file is missing") from None
         except Exception as error:  # zarr raises codec, key and value errors alike on damaged data
             raise RefineError(f"{where} cannot be read: {type(error).__name__}: {str(error)[:160]}") from None
-        if check and entry_digest(embedding, early, entry.layout) != entry.digest:
+        if check and entry_digest(embedding, early, plane, entry.layout) != entry.digest:
             if not (all_finite(embedding) and all_finite(early)):
                 raise RefineError(f"{where} holds NaN or infinite features and does not match its recorded digest")
             raise RefineError(f"{where} does not match its recorded digest")
-        return embedding, early
+        return embedding, early, plane
 
-    def read_through_zarr(self, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
+    def read_through_zarr(self, entry: Entry) -> tuple[np.ndarray, ...]:
         """An entry as any zarr reader sees it (shard index, codecs), unchecked: layout 1's read path, and
-        `store verify`'s proof that a layout-2 entry's recorded offsets agree with zarr's own index."""
+        `store verify`'s proof that a layout-2 or 3 entry's recorded offsets agree with zarr's own index.
+        The embedding and early feature, and in layout 3 the plane."""
+        features = self._read_through_zarr(entry)
+        return (*features, self._read_plane_through_zarr(entry)) if entry.layout == PLANE_LAYOUT else features
+
+    def _read_through_zarr(self, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
         return self._array(entry.segment, EMBEDDING)[entry.row], self._array(entry.segment, EARLY)[entry.row]
+
+    def _read_plane(self, entry: Entry) -> np.ndarray:
+        path = self.store.path(shard_file(self.fingerprint, entry.segment, PLANE, entry.row // entry.shard_rows))
+        offset = plane_offset(entry.row, entry.shard_rows, PLANE_BYTES)
+        return read_chunk(self.store.fs, path, offset, PLANE_BYTES, local=self.store.local).reshape(PLANE_SHAPE)
+
+    def _read_plane_through_zarr(self, entry: Entry) -> np.ndarray:
+        return self._array(entry.segment, PLANE)[entry.row]
 
     def _read_raw(self, entry: Entry) -> tuple[np.ndarray, np.ndarray]:
         shard = entry.row // entry.shard_rows

@@ -29,7 +29,7 @@ import orjson
 import xxhash
 
 from pipeline.errors import RefineError
-from pipeline.segment_layout import CURRENT_LAYOUT, LEGACY_LAYOUT
+from pipeline.segment_layout import LAYOUTS, LEGACY_LAYOUT
 
 INDEX_FILE = "index.npz"
 INDEX_FORMAT = "refine-entry-index"
@@ -97,7 +97,7 @@ def parse_commit(commit: Any, segment: str, where: str) -> SegmentRows:
     naming `where`."""
     try:
         layout = int(commit.get("layout", LEGACY_LAYOUT))
-        if layout not in (LEGACY_LAYOUT, CURRENT_LAYOUT):
+        if layout not in LAYOUTS:
             raise RefineError(f"{where} has layout {layout}, which this refine cannot read; use a newer one")
         rows = commit["entries"]
         width = 7 if layout == LEGACY_LAYOUT else 9

@@ -1,7 +1,10 @@
-"""`refine store migrate`: rewrite entries of an older segment layout into the current one.
+"""`refine store migrate`: rewrite entries of layout 1 (zstd chunks) into layout 2 (raw, mapped at disk speed).
+
+Layout 3 adds each entry's stride-4 image plane, which only the images can give: `refine extract` adds it
+(it recomputes the entries of older layouts that a dataset uses). Migrate needs no images.
 
 Nothing is changed in place: every old entry is read, checked against its digest and written again into a
-fresh segment of the current layout, which readers prefer (the latest copy of a key wins, see
+fresh segment of layout 2, which readers prefer (the latest copy of a key wins, see
 `pipeline.store`). The old copies stay readable until `refine store gc` removes them, so a migrate that
 is killed or fails half way loses nothing, and running it again continues where it stopped.
 """
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.segment_layout import CURRENT_LAYOUT
+from pipeline.segment_layout import LEGACY_LAYOUT
 from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.store_writer import SegmentWriter
 
@@ -22,18 +25,18 @@ from pipeline.store_writer import SegmentWriter
 @dataclass
 class MigrateReport:
     entries_rewritten: int = 0
-    entries_current: int = 0  # already in the current layout: untouched
+    entries_current: int = 0  # already of layout 2 or later: untouched
     bytes_read: int = 0
 
 
 def migrate_store(store: FeatureStore, progress: Callable[[int, int], None] | None = None) -> MigrateReport:
-    """Rewrite every entry of an older layout into the current one; `progress(done, total)` after each batch."""
+    """Rewrite every entry of layout 1 into layout 2; `progress(done, total)` after each batch."""
     report = MigrateReport()
     namespaces = [Namespace(store, fingerprint) for fingerprint in store.fingerprints()]
     old: list[tuple[Namespace, list[Entry]]] = []
     for namespace in namespaces:
         entries = namespace.entries()  # a damaged commit file stops here, named, before anything is written
-        stale = [entry for entry in entries.values() if entry.layout != CURRENT_LAYOUT]
+        stale = [entry for entry in entries.values() if entry.layout == LEGACY_LAYOUT]
         report.entries_current += len(entries) - len(stale)
         old.append((namespace, sorted(stale, key=lambda entry: (entry.segment, entry.row))))
     total = sum(len(stale) for _, stale in old)
@@ -49,7 +52,7 @@ def migrate_store(store: FeatureStore, progress: Callable[[int, int], None] | No
             how = (int(commit["early_channels"]), shard_rows, commit.get("computed_with") or {})
             key = json.dumps(how, sort_keys=True)
             if key not in writers:
-                writers[key] = SegmentWriter(namespace, *how)
+                writers[key] = SegmentWriter(namespace, *how, planes=False)
             writer = writers[key]
             for start in range(0, len(entries), shard_rows):
                 batch = entries[start : start + shard_rows]

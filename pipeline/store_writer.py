@@ -17,9 +17,17 @@ import zarr
 import zarr.codecs
 
 from pipeline.errors import RefineError
-from pipeline.segment_layout import CURRENT_LAYOUT, INDEX_CRC_BYTES, INDEX_ENTRY_BYTES, parse_shard_index, shard_file
-from pipeline.shapes import EMBEDDING_SHAPE
-from pipeline.store import EARLY, EMBEDDING, Namespace, all_finite, entry_digest
+from pipeline.segment_layout import (
+    INDEX_CRC_BYTES,
+    INDEX_ENTRY_BYTES,
+    PLANE_LAYOUT,
+    RAW_LAYOUT,
+    parse_shard_index,
+    plane_offset,
+    shard_file,
+)
+from pipeline.shapes import EMBEDDING_SHAPE, PLANE_SHAPE
+from pipeline.store import EARLY, EMBEDDING, PLANE, PLANE_BYTES, Namespace, all_finite, entry_digest
 from pipeline.store_index import Entry, commit_row
 
 # Rows per segment: bounds the commit file a writer rewrites after every batch (~100 bytes a row).
@@ -33,12 +41,22 @@ WRITER_THREADS = min(8, os.cpu_count() or 1)
 
 
 class SegmentWriter:
-    """Appends batches to a fresh segment owned by this writer alone; each batch commits atomically."""
+    """Appends batches to a fresh segment owned by this writer alone; each batch commits atomically.
+
+    With `planes` (what `extract` writes) the segment is of layout 3 and every batch carries its entries'
+    stride-4 planes; without (`store migrate`, which has the features but not the images), of layout 2.
+    """
 
     def __init__(
-        self, namespace: Namespace, early_channels: int, shard_rows: int, computed_with: dict | None = None
+        self,
+        namespace: Namespace,
+        early_channels: int,
+        shard_rows: int,
+        computed_with: dict | None = None,
+        planes: bool = True,
     ) -> None:
         self.namespace = namespace
+        self.layout = PLANE_LAYOUT if planes else RAW_LAYOUT
         self.early_channels = early_channels
         self.shard_rows = shard_rows
         # How this writer's features were computed (device, precision, kernels): provenance that may differ
@@ -80,16 +98,29 @@ class SegmentWriter:
                 # Rows are never all zero; zarr's test for "empty" chunks otherwise costs as much as the write.
                 config={"write_empty_chunks": True},
             )
+        if self.layout == PLANE_LAYOUT:
+            self._arrays[PLANE] = zarr.create_array(
+                self.namespace.store.zarr_store,
+                name=f"{base}/{PLANE}",
+                shape=(SEGMENT_ROWS, *PLANE_SHAPE),
+                chunks=(1, *PLANE_SHAPE),
+                shards=(self.shard_rows, *PLANE_SHAPE),
+                dtype="uint8",
+                serializer=zarr.codecs.BytesCodec(),
+                compressors=None,
+                fill_value=0,
+                config={"write_empty_chunks": True},
+            )
 
-    def _chunk_offsets(self, name: str, shard: int, count: int, channels: int) -> list[int]:
-        """Where the first `count` chunks start in a shard just written, from zarr's own shard index."""
+    def _chunk_offsets(self, name: str, shard: int, count: int, chunk_bytes: int) -> list[int]:
+        """Where the first `count` chunks (of `chunk_bytes` each) start in a shard just written, from zarr's own
+        shard index."""
         relative = shard_file(self.namespace.fingerprint, self._segment or "", name, shard)
         tail_bytes = self.shard_rows * INDEX_ENTRY_BYTES + INDEX_CRC_BYTES
         tail = self.namespace.store.fs.cat_file(self.namespace.store.path(relative), start=-tail_bytes)
         index = parse_shard_index(tail, self.shard_rows, f"{self.namespace.store.url}: {relative}")
-        chunk_bytes = 2 * channels * EMBEDDING_SHAPE[1] * EMBEDDING_SHAPE[2]
         if (index[:count, 1] != chunk_bytes).any():  # a zarr that wrote another encoding: never guess
-            raise RefineError(f"{self.namespace.store.url}: {relative}: chunks are not raw float16 as expected")
+            raise RefineError(f"{self.namespace.store.url}: {relative}: chunks are not raw as expected")
         return [int(offset) for offset in index[:count, 0]]
 
     def write_batch(
@@ -99,15 +130,22 @@ class SegmentWriter:
         early: np.ndarray,
         original_sizes: list[tuple[int, int]],
         resized_sizes: list[tuple[int, int]],
+        planes: np.ndarray | None = None,
     ) -> None:
-        """Write up to `shard_rows` entries (n x 256 x 64 x 64 and n x C x 64 x 64 float16) and commit them."""
+        """Write up to `shard_rows` entries (n x 256 x 64 x 64 and n x C x 64 x 64 float16, and in layout 3 their
+        n x 3 x 256 x 256 uint8 planes) and commit them."""
         count = len(keys)
         if not 0 < count <= self.shard_rows:
             raise ValueError(f"a batch holds 1 to {self.shard_rows} entries, got {count}")
+        if (planes is not None) != (self.layout == PLANE_LAYOUT):
+            raise ValueError(f"a segment of layout {self.layout} takes planes exactly when it is of layout 3")
         finite = self._pool.map(lambda i: all_finite(embeddings[i]) and all_finite(early[i]), range(count))
         if not all(finite):
             raise RefineError("the encoder produced non-finite features (NaN or inf); nothing was written")
-        digests = [self._pool.submit(entry_digest, embeddings[i], early[i]) for i in range(count)]
+        digests = [
+            self._pool.submit(entry_digest, embeddings[i], early[i], None if planes is None else planes[i], self.layout)
+            for i in range(count)
+        ]
         full = (self._next_shard + 1) * self.shard_rows > SEGMENT_ROWS
         if self._segment is None or full or time.monotonic() - self._last_write > SEGMENT_IDLE_S:
             self._open_segment()
@@ -118,9 +156,18 @@ class SegmentWriter:
         # Each batch fills one whole fresh shard per array: no shard is ever rewritten.
         self._arrays[EMBEDDING][rows] = embeddings
         self._arrays[EARLY][rows] = early
+        if planes is not None:
+            self._arrays[PLANE][rows] = planes
         self._next_shard += 1
-        embedding_at = self._chunk_offsets(EMBEDDING, shard, count, EMBEDDING_SHAPE[0])
-        early_at = self._chunk_offsets(EARLY, shard, count, self.early_channels)
+        grid = EMBEDDING_SHAPE[1] * EMBEDDING_SHAPE[2]
+        embedding_at = self._chunk_offsets(EMBEDDING, shard, count, 2 * EMBEDDING_SHAPE[0] * grid)
+        early_at = self._chunk_offsets(EARLY, shard, count, 2 * self.early_channels * grid)
+        if planes is not None:
+            # Readers compute where a plane starts (the commit row has no column for it): never guess.
+            plane_at = self._chunk_offsets(PLANE, shard, count, PLANE_BYTES)
+            if plane_at != [plane_offset(start + i, self.shard_rows, PLANE_BYTES) for i in range(count)]:
+                where = f"{self.namespace.store.url}: segment {self._segment}"
+                raise RefineError(f"{where}: its planes are not in row order; nothing of this batch was committed")
         for i, key in enumerate(keys):
             entry = Entry(
                 key,
@@ -129,7 +176,7 @@ class SegmentWriter:
                 original_sizes[i],
                 resized_sizes[i],
                 digests[i].result(),
-                CURRENT_LAYOUT,
+                self.layout,
                 self.shard_rows,
                 self.early_channels,
                 (embedding_at[i], early_at[i]),
@@ -137,7 +184,7 @@ class SegmentWriter:
             self._entries.append(commit_row(entry))
         commit = {
             "segment": self._segment,
-            "layout": CURRENT_LAYOUT,
+            "layout": self.layout,
             "shard_rows": self.shard_rows,
             "early_channels": self.early_channels,
             "computed_with": self.computed_with,

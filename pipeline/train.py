@@ -44,6 +44,7 @@ from pipeline.features import (
     feature_loader,
     feature_statistics,
     load_split,
+    require_planes,
     resolve_namespace,
 )
 from pipeline.jsonio import write_json
@@ -157,11 +158,14 @@ def prepare_training(
     refiner_config = config.refiner_config(int(provenance["early_channels"]))
     model = build_refiner(config.model, refiner_config)
     rank, world_size, main = distributed.rank(), distributed.world_size(), distributed.is_main()
-    train_data = FeatureDataset(store.url, namespace.fingerprint, trained_images)
+    planes = model.needs_plane
+    if planes:
+        require_planes(store.url, [train_split, val_split])
+    train_data = FeatureDataset(store.url, namespace.fingerprint, trained_images, planes)
     val_images = val_split.images[rank::world_size]  # under torchrun: each rank validates its part
-    val_data = FeatureDataset(store.url, namespace.fingerprint, val_images)
+    val_data = FeatureDataset(store.url, namespace.fingerprint, val_images, planes)
     held_part = held_images[rank::world_size]
-    holdout_data = FeatureDataset(store.url, namespace.fingerprint, held_part)
+    holdout_data = FeatureDataset(store.url, namespace.fingerprint, held_part, planes)
     checkpoint_path = config.out / CHECKPOINT
     # The main rank reads the checkpoint and hands it over: the other ranks' machines need no copy of <out>.
     checkpoint = distributed.broadcast(load_checkpoint(checkpoint_path) if main else None) if config.resume else None

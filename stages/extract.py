@@ -213,6 +213,11 @@ def _print_summary(summary: ExtractSummary) -> None:
         f"dataset {summary.dataset}: {summary.images} images ({summary.unique} unique), "
         f"{summary.hits} hits, {summary.computed} computed, {len(summary.failed)} failed, "
         + (f"{len(summary.repaired)} damaged (recomputed), " if summary.repaired else "")
+        + (
+            f"{summary.planes_added} entr(ies) recomputed to add their stride-4 planes, "
+            if summary.planes_added
+            else ""
+        )
         + f"{summary.wall_s:.1f} s wall, {summary.bytes_written / 2**20:.1f} MiB written"
         + (f", encoder {rate:.2f} img/s" if summary.computed else ""),
         markup=False,

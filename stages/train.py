@@ -114,6 +114,15 @@ def train(
         float, typer.Option(min=0.0, callback=finite, help="AdamW weight decay.")
     ] = DEFAULTS.weight_decay,
     model: Annotated[RefinerName, typer.Option(help="Refiner architecture.")] = RefinerName(DEFAULTS.model),
+    plane_pool: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=128,
+            help="Samples per window side of the fine stage, which places each side on the stride-4 image plane "
+            "stored beside the features (0: no fine stage; the refiner then reads stores of older layouts too).",
+        ),
+    ] = DEFAULTS.plane_pool,
     amp: Annotated[
         Amp, typer.Option(help="Mixed precision: auto = bf16 on CUDA where supported, else fp16 on CUDA, fp32 on CPU.")
     ] = Amp.auto,
@@ -160,6 +169,7 @@ def train(
         lr=lr,
         weight_decay=weight_decay,
         model=model.value,
+        plane_pool=plane_pool,
         amp=amp.value,
         seed=seed,
         resume=resume,

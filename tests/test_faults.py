@@ -67,7 +67,7 @@ def features(seed: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
 
 def write(namespace: Namespace, keys: list[str], seed: int, shard_rows: int = 2):
     """A fresh writer (own segment) committing `keys` in one batch; returns the writer."""
-    writer = SegmentWriter(namespace, EARLY, shard_rows)
+    writer = SegmentWriter(namespace, EARLY, shard_rows, planes=False)
     embedding, early = features(seed, len(keys))
     writer.write_batch(keys, embedding, early, [(64, 64)] * len(keys), [(1024, 1024)] * len(keys))
     return writer

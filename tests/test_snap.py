@@ -51,7 +51,7 @@ def synthetic_namespace(root: Path, model_type: str, size: tuple[int, int] = (90
     rng = np.random.default_rng(0)
     embedding = rng.standard_normal((1, 256, 64, 64), dtype=np.float32).astype(np.float16)
     early = (rng.standard_normal((1, identity.early_channels, 64, 64), dtype=np.float32) * 0.003).astype(np.float16)
-    SegmentWriter(namespace, identity.early_channels, 1).write_batch(
+    SegmentWriter(namespace, identity.early_channels, 1, planes=False).write_batch(
         ["k0"], embedding, early, [size], [resized_shape(*size)]
     )
     return namespace, namespace.entries()["k0"]

@@ -15,7 +15,7 @@ import zarr
 
 from pipeline.manifest import manifest_images
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
-from pipeline.images import content_key, prepare
+from pipeline.images import content_key, prepare, stride4_plane
 from pipeline.store import FeatureStore, all_finite, entry_digest
 from tests.conftest import write_coco, write_images
 from tests.test_faults import orphans, rows_by_key
@@ -46,7 +46,7 @@ def fresh_digests(files: list[Path]) -> dict[str, str]:
         with torch.inference_mode():
             embedding, early = encoder(torch.from_numpy(pixels)[None], torch.tensor([resized]))
         digests[content_key(path.read_bytes())] = entry_digest(
-            embedding[0].to(torch.float16).numpy(), early[0].to(torch.float16).numpy()
+            embedding[0].to(torch.float16).numpy(), early[0].to(torch.float16).numpy(), stride4_plane(pixels[None])[0]
         )
     return digests
 

@@ -13,7 +13,7 @@ import zarr
 
 from pipeline.apply import image_entries
 from pipeline.features import load_split
-from pipeline.segment_layout import CURRENT_LAYOUT, LEGACY_LAYOUT, shard_file
+from pipeline.segment_layout import CURRENT_LAYOUT, LEGACY_LAYOUT, RAW_LAYOUT, shard_file
 from pipeline.store import EARLY, FeatureStore, Namespace
 from stages.store import DEFAULT_GRACE_S
 from tests.legacy_store import legacy_manifest, mark_version_1, write_legacy_segment
@@ -126,10 +126,9 @@ def test_a_store_of_the_older_layout_reads_verifies_and_migrates(cli, dataset) -
     assert migrated.exit_code == 0, migrated.output
     assert "4 entr(ies) rewritten" in migrated.stdout and "store gc" in migrated.stdout
     info = json.loads(cli("store", "info", store, "--json").stdout)
-    assert info["version"] == 2  # an older refine now refuses the store instead of misreading it
-    assert [(layout["layout"], layout["entries"]) for layout in info["namespaces"][0]["layouts"]] == [
-        (CURRENT_LAYOUT, 4)
-    ]
+    assert info["version"] == 3  # an older refine now refuses the store instead of misreading it
+    # Migrate has no images: it rewrites into layout 2, and the planes of layout 3 are extract's to add.
+    assert [(layout["layout"], layout["entries"]) for layout in info["namespaces"][0]["layouts"]] == [(RAW_LAYOUT, 4)]
     assert joins(store, dataset["annotations"]) == joined
     after = features(store)
     assert all(np.array_equal(after[k][0], before[k][0]) and np.array_equal(after[k][1], before[k][1]) for k in before)
@@ -142,14 +141,14 @@ def test_a_store_of_the_older_layout_reads_verifies_and_migrates(cli, dataset) -
 
 def test_a_newer_store_version_is_refused_in_one_line(cli, dataset) -> None:
     root = json.loads((dataset["store"] / "zarr.json").read_text())
-    root["attributes"]["refine"]["version"] = 3
+    root["attributes"]["refine"]["version"] = 4
     (dataset["store"] / "zarr.json").write_text(json.dumps(root))
     result = cli("store", "info", dataset["store"])
-    assert result.exit_code == 1 and "feature store version 3 is not supported" in result.stderr
+    assert result.exit_code == 1 and "feature store version 4 is not supported" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("layout", [3])
+@pytest.mark.parametrize("layout", [4])
 def test_a_segment_of_an_unknown_layout_is_named(cli, dataset, layout: int) -> None:
     commit_file = next(dataset["store"].glob("*/commits/*.json"))
     commit = json.loads(commit_file.read_text())
@@ -166,3 +165,25 @@ def test_namespace_reads_need_no_zarr_array(base_dataset) -> None:
     for entry in namespace.entries().values():
         namespace.read(entry, check=True)
     assert namespace._arrays == {}
+
+
+def test_a_store_without_planes_is_refused_by_train_in_one_line_until_extract_adds_them(cli, dataset) -> None:
+    store = dataset["store"]
+    make_legacy(store)
+    assert cli("store", "migrate", store).exit_code == 0  # layout 2: the features, no stride-4 planes
+    out = dataset["root"] / "refiner"
+    args = ("train", "--store", store, "--annotations", dataset["annotations"], "--out", out, "--epochs", "1")
+    refused = cli(*args, "--holdout", "0")
+    assert refused.exit_code == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "have no stride-4 plane" in refused.stderr and "run `refine extract --images" in refused.stderr
+    assert not out.exists()  # refused before anything was written
+    assert cli(*args, "--holdout", "0", "--plane-pool", "0").exit_code == 0  # the refiner without it still trains
+
+    extracted = cli("extract", "--images", dataset["images"], "--annotations", dataset["annotations"], "--store", store)
+    assert extracted.exit_code == 0, extracted.output
+    assert "4 entr(ies) recomputed to add their stride-4 planes" in extracted.output
+    namespace = Namespace(FeatureStore(store), FeatureStore(store).fingerprints()[0])
+    assert {entry.layout for entry in namespace.entries().values()} == {CURRENT_LAYOUT}
+    trained = cli(*args, "--holdout", "0")
+    assert trained.exit_code == 0, trained.output
+    assert cli("store", "verify", store).exit_code == 0

@@ -223,13 +223,14 @@ def test_missing_dataset_and_features_of_another_encoder(dataset: dict, tmp_path
     second = store.ensure_namespace(identity_for("vit_tiny", None, seed=1).provenance())
     entries = first.entries()
     keys = manifest_images(manifest, "test").keys
-    features = [first.read(entries[key]) for key in keys]
+    features = [first.read_with_plane(entries[key]) for key in keys]
     SegmentWriter(second, 160, len(keys)).write_batch(
         keys,
-        np.stack([embedding for embedding, _ in features]),
-        np.stack([early for _, early in features]),
+        np.stack([embedding for embedding, _, _ in features]),
+        np.stack([early for _, early, _ in features]),
         [entries[key].original_size for key in keys],
         [entries[key].resized_size for key in keys],
+        np.stack([plane for _, _, plane in features]),
     )
     second.write_dataset({**manifest, "fingerprint": second.fingerprint})
 
