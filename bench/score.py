@@ -44,8 +44,12 @@ def main() -> None:
     for image in split.images:
         coarse, target = coarse_and_targets(image, noise, seed, None)
         embedding, early = namespace.read(image.entry, check=True)
+        plane = torch.tensor(namespace.read_with_plane(image.entry)[2][None]) if model.needs_plane else None
         refinement = model.forward_stages(
-            torch.tensor(embedding[None], dtype=torch.float32), torch.tensor(early[None], dtype=torch.float32), [coarse]
+            torch.tensor(embedding[None], dtype=torch.float32),
+            torch.tensor(early[None], dtype=torch.float32),
+            [coarse],
+            plane,
         )
         final = valid_boxes(refinement.stages[-1], coarse, image.resized_hw)
         per_box["iou_coarse"].append(paired_iou(coarse, target))

@@ -46,14 +46,17 @@ def readout_figures(model_path: Path, store: FeatureStore, annotations: Path, wi
     for image in split.images:
         coarse, target = coarse_and_targets(image, noise, seed, None)
         embedding, early = namespace.read(image.entry, check=True)
-        images.append((image, coarse, target, torch.tensor(embedding[None]).float(), torch.tensor(early[None]).float()))
-    figures = {"seed": seed, "boxes": sum(len(coarse) for _, coarse, _, _, _ in images), "readouts": {}}
+        plane = torch.tensor(namespace.read_with_plane(image.entry)[2][None]) if model.needs_plane else None
+        features = (torch.tensor(embedding[None]).float(), torch.tensor(early[None]).float(), plane)
+        images.append((image, coarse, target, features))
+    figures = {"seed": seed, "boxes": sum(len(coarse) for _, coarse, _, _ in images), "readouts": {}}
     for window in windows:
         for head in heads:
             head.mode_window = window
         iou_coarse, iou_refined, errors = [], [], []
-        for image, coarse, target, embedding, early in images:
-            final = valid_boxes(model.forward_stages(embedding, early, [coarse]).stages[-1], coarse, image.resized_hw)
+        for image, coarse, target, (embedding, early, plane) in images:
+            refinement = model.forward_stages(embedding, early, [coarse], plane)
+            final = valid_boxes(refinement.stages[-1], coarse, image.resized_hw)
             iou_coarse.append(paired_iou(coarse, target))
             iou_refined.append(paired_iou(final, target))
             errors.append(side_errors(final, target))

@@ -33,7 +33,7 @@ from pipeline.demo_data import make_demo_dataset
 from pipeline.encoder import ENCODERS, FeatureEncoder, build_encoder, identity_for
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.features import FeatureDataset
-from pipeline.images import prepare
+from pipeline.images import prepare, stride4_plane
 from pipeline.store import FeatureStore
 from pipeline.store_writer import SegmentWriter
 from pipeline.engine import TrainProgress
@@ -46,7 +46,7 @@ class EncoderInTheLoop(FeatureDataset):
     """The same items as FeatureDataset, but each image is decoded and encoded on every read."""
 
     def __init__(self, base: FeatureDataset, image_root: Path, encoder: FeatureEncoder) -> None:
-        super().__init__(base.store_url, base.fingerprint, base.images)
+        super().__init__(base.store_url, base.fingerprint, base.images, base.with_plane)
         self.image_root = image_root
         self.encoder = encoder
 
@@ -55,7 +55,8 @@ class EncoderInTheLoop(FeatureDataset):
         pixels, _, resized = prepare(self.image_root / image.file_name)
         with torch.inference_mode():
             embedding, early = self.encoder(torch.from_numpy(pixels)[None], torch.tensor([resized]))
-        return {"index": index, "embedding": embedding[0].half().numpy(), "early": early[0].half().numpy()}
+        item = {"index": index, "embedding": embedding[0].half().numpy(), "early": early[0].half().numpy()}
+        return {**item, "plane": stride4_plane(pixels[None])[0]} if self.with_plane else item
 
 
 def one_epoch(
@@ -113,7 +114,7 @@ def with_shapes(store: Path, fingerprint: str, encoder: str, seed: int = 0) -> s
         "weights_description": f"synthetic random features of {encoder}'s shapes (bench/train.py)",
     }
     target = opened.ensure_namespace(provenance)
-    writer = SegmentWriter(target, channels, shard_rows=4, planes=False)
+    writer = SegmentWriter(target, channels, shard_rows=4)
     rng = np.random.default_rng(seed)
     entries = sorted(source.entries().values(), key=lambda entry: entry.key)
     for start in range(0, len(entries), 4):
@@ -124,6 +125,7 @@ def with_shapes(store: Path, fingerprint: str, encoder: str, seed: int = 0) -> s
             (rng.standard_normal((len(batch), channels, 64, 64), dtype=np.float32) * 0.003).astype(np.float16),
             [entry.original_size for entry in batch],
             [entry.resized_size for entry in batch],
+            np.stack([source.read_with_plane(entry)[2] for entry in batch]),  # the images' own planes
         )
     for name in source.dataset_names():
         manifest = source.dataset(name)
