@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.errors import RefineError
 from pipeline.manifest import manifest_images
-from pipeline.segment_layout import LAYOUTS, LEGACY_LAYOUT
+from pipeline.segment_layout import LAYOUTS, LEGACY_LAYOUT, PLANE_LAYOUT
 from pipeline.store import Entry, FeatureStore, Namespace, all_finite, recompute_command
 
 
@@ -62,7 +62,11 @@ def verify_store(store: FeatureStore) -> tuple[int, list[str]]:
         for entry in entries.values():
             checked += 1
             try:
-                embedding, early = namespace.read(entry, check=True)
+                if entry.layout == PLANE_LAYOUT:
+                    embedding, early, plane = namespace.read_with_plane(entry, check=True)
+                    mapped: tuple[np.ndarray, ...] = (embedding, early, plane)
+                else:
+                    embedding, early = mapped = namespace.read(entry, check=True)
             except RefineError as error:
                 problems.append(f"{error}; {recompute_command(store.url)}")
                 continue
@@ -74,21 +78,20 @@ def verify_store(store: FeatureStore) -> tuple[int, list[str]]:
             if not (all_finite(embedding) and all_finite(early)):
                 problems.append(f"{where}: holds NaN or inf")
             if entry.layout != LEGACY_LAYOUT:
-                problems.extend(_check_zarr_view(namespace, entry, embedding, early, where))
+                problems.extend(_check_zarr_view(namespace, entry, mapped, where))
         for name in namespace.dataset_names():
             problems.extend(_check_dataset(namespace, name, entries))
     return checked, problems
 
 
-def _check_zarr_view(
-    namespace: Namespace, entry: Entry, embedding: np.ndarray, early: np.ndarray, where: str
-) -> list[str]:
-    """Zarr's own decoding (shard index and its crc32c) must give the bytes that `refine` reads directly."""
+def _check_zarr_view(namespace: Namespace, entry: Entry, mapped: tuple[np.ndarray, ...], where: str) -> list[str]:
+    """Zarr's own decoding (shard index and its crc32c) must give the bytes that `refine` reads directly
+    (the embedding, the early feature and, in layout 3, the plane)."""
     try:
         through_zarr = namespace.read_through_zarr(entry)
     except Exception as error:  # zarr raises codec, key and value errors alike on damaged data
         return [f"{where}: zarr cannot decode it ({type(error).__name__}: {str(error)[:160]})"]
-    if not (np.array_equal(through_zarr[0], embedding) and np.array_equal(through_zarr[1], early)):
+    if len(through_zarr) != len(mapped) or not all(map(np.array_equal, through_zarr, mapped)):
         return [f"{where}: zarr's shard index points elsewhere than the commit's offsets"]
     return []
 

@@ -187,3 +187,22 @@ def test_a_store_without_planes_is_refused_by_train_in_one_line_until_extract_ad
     trained = cli(*args, "--holdout", "0")
     assert trained.exit_code == 0, trained.output
     assert cli("store", "verify", store).exit_code == 0
+
+
+def test_an_entry_plane_is_its_encoder_input_at_stride_4_and_its_digest_covers_it(cli, dataset) -> None:
+    from pipeline.images import content_key, prepare, stride4_plane
+
+    store = FeatureStore(dataset["store"])
+    namespace = Namespace(store, store.fingerprints()[0])
+    entries = namespace.entries()
+    for path in dataset["files"]:
+        pixels, _, _ = prepare(path)
+        _, _, plane = namespace.read_with_plane(entries[content_key(path.read_bytes())], check=True)
+        np.testing.assert_array_equal(plane, stride4_plane(pixels[None])[0])
+
+    shard = next(dataset["store"].glob("*/segments/*/plane/c/0/0/0/0"))
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0xFF  # inside row 0's plane, which starts the shard
+    shard.write_bytes(bytes(data))
+    result = cli("store", "verify", dataset["store"])
+    assert result.exit_code == 1 and "does not match its recorded digest" in result.stderr
