@@ -35,7 +35,9 @@ def masked_mean(values: Tensor, weights: Tensor) -> Tensor:
 class PlaneStage(nn.Module):
     """K boxes (pixels) and the batch's planes -> K boxes placed on the plane, and what the score head reads."""
 
-    def __init__(self, width: int, pool: int, context: float, min_window: float, prior_width: float, interior: float):
+    def __init__(
+        self, width: int, pool: int, context: float, min_window: float, prior_width: float, interior: float
+    ) -> None:
         super().__init__()
         self.pool = pool
         self.context = context

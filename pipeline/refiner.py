@@ -16,6 +16,8 @@ of the early feature), which is what lets a refiner trained on a few hundred ima
 of memorising them. A small convolutional net reads the cue maps and each side is placed along the
 window from a 1-D profile (side-aware boundary localisation: a distribution over positions, read out as
 its expectation, that starts at the box's own sides so an untrained stage is the identity).
+With `plane_pool` set, a fine stage (`pipeline.plane_stage`) then moves each side on the entry's stride-4
+image plane (B x 3 x 256 x 256 uint8), below the 16-px cell.
 """
 
 from __future__ import annotations
