@@ -43,13 +43,12 @@ def main() -> None:
     per_box: dict[str, list[torch.Tensor]] = {k: [] for k in ("iou_coarse", "iou_refined", "iou", "better", "spread")}
     for image in split.images:
         coarse, target = coarse_and_targets(image, noise, seed, None)
-        embedding, early = namespace.read(image.entry, check=True)
-        plane = torch.tensor(namespace.read_with_plane(image.entry)[2][None]) if model.needs_plane else None
+        embedding, early, plane = namespace.read_inputs(image.entry, with_plane=model.needs_plane, check=True)
         refinement = model.forward_stages(
             torch.tensor(embedding[None], dtype=torch.float32),
             torch.tensor(early[None], dtype=torch.float32),
             [coarse],
-            plane,
+            None if plane is None else torch.tensor(plane[None]),
         )
         final = valid_boxes(refinement.stages[-1], coarse, image.resized_hw)
         per_box["iou_coarse"].append(paired_iou(coarse, target))

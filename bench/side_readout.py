@@ -45,9 +45,12 @@ def readout_figures(model_path: Path, store: FeatureStore, annotations: Path, wi
     images = []
     for image in split.images:
         coarse, target = coarse_and_targets(image, noise, seed, None)
-        embedding, early = namespace.read(image.entry, check=True)
-        plane = torch.tensor(namespace.read_with_plane(image.entry)[2][None]) if model.needs_plane else None
-        features = (torch.tensor(embedding[None]).float(), torch.tensor(early[None]).float(), plane)
+        embedding, early, plane = namespace.read_inputs(image.entry, with_plane=model.needs_plane, check=True)
+        features = (
+            torch.tensor(embedding[None]).float(),
+            torch.tensor(early[None]).float(),
+            None if plane is None else torch.tensor(plane[None]),
+        )
         images.append((image, coarse, target, features))
     figures = {"seed": seed, "boxes": sum(len(coarse) for _, coarse, _, _ in images), "readouts": {}}
     for window in windows:

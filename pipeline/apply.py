@@ -53,11 +53,7 @@ def refine_boxes(
         return boxes.reshape(0, 4), boxes.new_zeros(0)
     # Never refine from damaged features; an entry without the plane the fine stage reads is refused in
     # one line that names the command adding it.
-    plane = None
-    if model.needs_plane:
-        embedding, early, plane = namespace.read_with_plane(entry, check=True)
-    else:
-        embedding, early = namespace.read(entry, check=True)
+    embedding, early, plane = namespace.read_inputs(entry, with_plane=model.needs_plane, check=True)
     inputs = to_input(boxes.float(), entry.original_size, entry.resized_size)
     (refined,), (score,) = model(
         torch.tensor(embedding[None], dtype=torch.float32, device=device),  # the stored arrays are read-only

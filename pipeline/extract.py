@@ -99,7 +99,7 @@ def run_extract(config: ExtractConfig, progress: OnProgress | None = None) -> Ex
     # Extract keeps sizes by key anyway, and drops the damaged ones from it. An entry of an older layout has
     # no stride-4 plane and only the image can give it one: a miss, recomputed into the current layout.
     committed = {key: entry for key, entry in scanned.items() if entry.layout == PLANE_LAYOUT}
-    older = frozenset(key for key, _ in scanned.items()) - frozenset(committed)
+    older = frozenset(key for key, entry in scanned.items() if entry.layout != PLANE_LAYOUT)
     summary.repaired.extend(damaged_commits)  # their entries are unknown, so they are misses: recomputed
 
     device = resolve_device(config.device)

@@ -217,10 +217,7 @@ class FeatureDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = self.images[index]
         try:
-            if self.with_plane:
-                embedding, early, plane = self.namespace().read_with_plane(image.entry, check=True)
-            else:
-                embedding, early = self.namespace().read(image.entry, check=True)
+            embedding, early, plane = self.namespace().read_inputs(image.entry, with_plane=self.with_plane, check=True)
         except RefineError as error:
             where = f"image id={image.image_id} {image.file_name!r}"
             return {"index": index, "error": f"{error} ({where}); {recompute_command(self.store_url)}"}

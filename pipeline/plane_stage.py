@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from pipeline.refiner_parts import SideHead, StageOutput, conv_block, enlarge, inside_mask
+from pipeline.refiner_parts import SideHead, StageOutput, conv_block, enlarge, inside_mask, place_sides
 from pipeline.shapes import IMAGE_SIZE, PLANE_STRIDE
 
 # inside mask, 3 standardised colours, distance to the object's and to the surroundings' colour, their
@@ -79,9 +79,4 @@ class PlaneStage(nn.Module):
     def forward(self, plane: Tensor, boxes: Tensor, batch_index: Tensor) -> StageOutput:
         cues, current, origin, size = self.cues(plane, boxes, batch_index)
         x = self.net(cues)
-        sides_x, spread_x = self.along_x(x, current[:, 0::2])
-        sides_y, spread_y = self.along_y(x, current[:, 1::2])
-        sides = torch.stack([sides_x[:, 0], sides_y[:, 0], sides_x[:, 1], sides_y[:, 1]], dim=1)
-        spread = torch.stack([spread_x[:, 0], spread_y[:, 0], spread_x[:, 1], spread_y[:, 1]], dim=1)
-        evidence = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1).float()
-        return StageOutput(origin + sides * size, spread, torch.cat([evidence, spread, sides - current], dim=1))
+        return place_sides(self.along_x, self.along_y, x, current, origin, size)

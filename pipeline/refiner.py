@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from pipeline.plane_stage import PlaneStage
-from pipeline.refiner_parts import SideHead, StageOutput, conv_block, enlarge, inside_mask
+from pipeline.refiner_parts import SideHead, StageOutput, conv_block, enlarge, inside_mask, place_sides
 from pipeline.shapes import EMBEDDING_SHAPE, FEATURE_STRIDE, IMAGE_SIZE
 
 # Cue maps computed from the two features: (object, background, object - background) similarity for each,
@@ -226,7 +226,7 @@ class CascadeStage(nn.Module):
         rois = torch.cat([index[:, None].to(windows.dtype), windows], dim=1).to(maps.dtype)
         return roi_align(maps, rois, self.pool, spatial_scale=1 / FEATURE_STRIDE, sampling_ratio=2, aligned=True)
 
-    def forward(self, maps: CellMaps, boxes: Tensor, batch_index: Tensor, counts: list[int]) -> Tensor:
+    def forward(self, maps: CellMaps, boxes: Tensor, batch_index: Tensor, counts: list[int]) -> StageOutput:
         windows = enlarge(boxes, self.context, self.min_window)
         # roi_align indexes memory with these coordinates and crashes the process on NaN or huge values
         # (a diverged model makes both); a bad box still shows up as NaN in this stage's output and loss.
@@ -263,12 +263,7 @@ class CascadeStage(nn.Module):
             dim=1,
         )
         x = self.net(torch.cat([cues, pooled], dim=1))
-        sides_x, spread_x = self.along_x(x, current[:, 0::2])
-        sides_y, spread_y = self.along_y(x, current[:, 1::2])
-        sides = torch.stack([sides_x[:, 0], sides_y[:, 0], sides_x[:, 1], sides_y[:, 1]], dim=1)
-        spread = torch.stack([spread_x[:, 0], spread_y[:, 0], spread_x[:, 1], spread_y[:, 1]], dim=1)
-        evidence = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1).float()
-        return StageOutput(origin + sides * size, spread, torch.cat([evidence, spread, sides - current], dim=1))
+        return place_sides(self.along_x, self.along_y, x, current, origin, size)
 
 
 class SimilarityCascadeRefiner(nn.Module):

@@ -106,3 +106,17 @@ class StageOutput:
     boxes: Tensor  # K x 4 pixels
     spread: Tensor  # K x 4: the standard deviation of each side's distribution (x0, y0, x1, y1; window units)
     evidence: Tensor  # K x (2 * width + 8): the net's pooled features, each side's spread and move (window units)
+
+
+def place_sides(
+    along_x: SideHead, along_y: SideHead, x: Tensor, current: Tensor, origin: Tensor, size: Tensor
+) -> StageOutput:
+    """A stage's net output (K x width x P x P) and its boxes in window units (K x 4) -> the stage's output:
+    the sides each head places (pixels, through the windows' origin and size, K x 4 each), their spreads,
+    and the evidence the score head reads (the net's pooled features, each side's spread and move)."""
+    sides_x, spread_x = along_x(x, current[:, 0::2])
+    sides_y, spread_y = along_y(x, current[:, 1::2])
+    sides = torch.stack([sides_x[:, 0], sides_y[:, 0], sides_x[:, 1], sides_y[:, 1]], dim=1)
+    spread = torch.stack([spread_x[:, 0], spread_y[:, 0], spread_x[:, 1], spread_y[:, 1]], dim=1)
+    evidence = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1).float()
+    return StageOutput(origin + sides * size, spread, torch.cat([evidence, spread, sides - current], dim=1))

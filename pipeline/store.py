@@ -428,6 +428,15 @@ class Namespace:
         assert plane is not None
         return embedding, early, plane
 
+    def read_inputs(
+        self, entry: Entry, *, with_plane: bool, check: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """What a refiner reads of an entry: `read`, and with `with_plane` the plane (`read_with_plane`)."""
+        if with_plane:
+            return self.read_with_plane(entry, check=check)
+        embedding, early = self.read(entry, check=check)
+        return embedding, early, None
+
     def _read(self, entry: Entry, check: bool, with_plane: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         where = f"{self.store.url}: entry {entry.key} (segment {entry.segment}, row {entry.row})"
         try:

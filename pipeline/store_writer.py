@@ -84,31 +84,21 @@ class SegmentWriter:
         base = f"{self.namespace.fingerprint}/segments/{self._segment}"
         zarr.open_group(self.namespace.store.zarr_store, path=base, mode="w-")
         grid = EMBEDDING_SHAPE[1:]
-        for name, channels in ((EMBEDDING, EMBEDDING_SHAPE[0]), (EARLY, self.early_channels)):
+        arrays = [(EMBEDDING, (EMBEDDING_SHAPE[0], *grid), "float16"), (EARLY, (self.early_channels, *grid), "float16")]
+        if self.layout == PLANE_LAYOUT:
+            arrays.append((PLANE, PLANE_SHAPE, "uint8"))
+        for name, row_shape, dtype in arrays:
             self._arrays[name] = zarr.create_array(
                 self.namespace.store.zarr_store,
                 name=f"{base}/{name}",
-                shape=(SEGMENT_ROWS, channels, *grid),
-                chunks=(1, channels, *grid),
-                shards=(self.shard_rows, channels, *grid),
-                dtype="float16",
+                shape=(SEGMENT_ROWS, *row_shape),
+                chunks=(1, *row_shape),
+                shards=(self.shard_rows, *row_shape),
+                dtype=dtype,
                 serializer=zarr.codecs.BytesCodec(endian="little"),
                 compressors=None,  # raw chunks: readers map them (see pipeline.segment_layout)
                 fill_value=0,
                 # Rows are never all zero; zarr's test for "empty" chunks otherwise costs as much as the write.
-                config={"write_empty_chunks": True},
-            )
-        if self.layout == PLANE_LAYOUT:
-            self._arrays[PLANE] = zarr.create_array(
-                self.namespace.store.zarr_store,
-                name=f"{base}/{PLANE}",
-                shape=(SEGMENT_ROWS, *PLANE_SHAPE),
-                chunks=(1, *PLANE_SHAPE),
-                shards=(self.shard_rows, *PLANE_SHAPE),
-                dtype="uint8",
-                serializer=zarr.codecs.BytesCodec(),
-                compressors=None,
-                fill_value=0,
                 config={"write_empty_chunks": True},
             )
 
