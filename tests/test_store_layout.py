@@ -171,6 +171,8 @@ def test_a_store_without_planes_is_refused_by_train_in_one_line_until_extract_ad
     store = dataset["store"]
     make_legacy(store)
     assert cli("store", "migrate", store).exit_code == 0  # layout 2: the features, no stride-4 planes
+    older = dataset["root"] / "layout2.zarr"
+    shutil.copytree(store, older)
     out = dataset["root"] / "refiner"
     args = ("train", "--store", store, "--annotations", dataset["annotations"], "--out", out, "--epochs", "1")
     refused = cli(*args, "--holdout", "0")
@@ -187,6 +189,15 @@ def test_a_store_without_planes_is_refused_by_train_in_one_line_until_extract_ad
     trained = cli(*args, "--holdout", "0")
     assert trained.exit_code == 0, trained.output
     assert cli("store", "verify", store).exit_code == 0
+
+    # apply with that refiner on the store without planes: one line naming the extract that adds them.
+    written = dataset["root"] / "refined.json"
+    applied = cli(
+        "apply", "--store", older, "--boxes", dataset["annotations"], "--model", out / "model.pt", "--out", written
+    )
+    assert applied.exit_code == 1 and len(applied.stderr.strip().splitlines()) == 1, applied.output
+    assert "has no stride-4 plane" in applied.stderr and "refine extract --images" in applied.stderr
+    assert not written.exists()
 
 
 def test_an_entry_plane_is_its_encoder_input_at_stride_4_and_its_digest_covers_it(cli, dataset) -> None:
