@@ -1,5 +1,5 @@
-"""Which score tells good refined boxes from bad ones: the learnt head's two outputs against the spread of the
-side distributions, on a trained refiner and a split it was not trained on.
+"""Which score tells good refined boxes from bad ones: the score `apply` writes (fitted on held-out images)
+against the spread of the side distributions, on a trained refiner and a split it was not trained on.
 
     python bench/score.py [--store data/features.zarr] [--annotations data/demo/val.json]
                           [--model data/refiner/model.pt] [--max-worse 0.03] [--out bench/results]
@@ -40,7 +40,7 @@ def main() -> None:
     model, namespace, checkpoint = load_model(args.model, FeatureStore(args.store))
     split = load_split(namespace, args.annotations.stem, args.annotations)
     noise, seed = float(checkpoint["config"]["noise"]), int(checkpoint["config"]["seed"])
-    per_box: dict[str, list[torch.Tensor]] = {k: [] for k in ("iou_coarse", "iou_refined", "iou", "better", "spread")}
+    per_box: dict[str, list[torch.Tensor]] = {k: [] for k in ("iou_coarse", "iou_refined", "better", "spread")}
     for image in split.images:
         coarse, target = coarse_and_targets(image, noise, seed, None)
         embedding, early, plane = namespace.read_inputs(image.entry, with_plane=model.needs_plane, check=True)
@@ -53,7 +53,6 @@ def main() -> None:
         final = valid_boxes(refinement.stages[-1], coarse, image.resized_hw)
         per_box["iou_coarse"].append(paired_iou(coarse, target))
         per_box["iou_refined"].append(paired_iou(final, target))
-        per_box["iou"].append(refinement.score_logits[:, 0].sigmoid())
         per_box["better"].append(model.score.probability(refinement.score_logits))  # the score apply writes
         # The last stage's four side spreads (window units, at most 0.5): wide distributions mean doubt.
         per_box["spread"].append(1 - 2 * refinement.spread.mean(dim=1))
@@ -69,8 +68,7 @@ def main() -> None:
         "candidates": {},
     }
     labels = {
-        "better": "head: chance the refined box beats the coarse one",
-        "iou": "head: predicted IoU of the refined box",
+        "better": "the score: fitted chance that the refined box beats the coarse one",
         "spread": "1 - 2 x mean spread of the last stage's side distributions",
     }
     for name, label in labels.items():

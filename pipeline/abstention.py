@@ -21,6 +21,10 @@ from pipeline.metrics import made_worse
 # Operating points `risk_coverage` reports: evenly spaced in the share of boxes changed.
 REPORT_POINTS = 21
 RELIABILITY_BINS = 10
+# `choose_min_score` with images: the share worse it holds to max_worse is this quantile over this many
+# resamples of the images.
+CONFIDENCE = 0.9
+BOOTSTRAPS = 200
 # `fit_calibration` never lets the score's scale fall below this: a score that tells nothing is flattened to
 # the share of boxes improved, and still keeps its order.
 CALIBRATION_MIN_SCALE = 1e-3
@@ -71,20 +75,63 @@ def risk_coverage(iou_coarse: Tensor, iou_refined: Tensor, score: Tensor) -> lis
     return [_point(points, int(i)) for i in nearest]
 
 
-def choose_min_score(iou_coarse: Tensor, iou_refined: Tensor, score: Tensor, max_worse: float) -> dict[str, Any]:
+def choose_min_score(
+    iou_coarse: Tensor,
+    iou_refined: Tensor,
+    score: Tensor,
+    max_worse: float,
+    groups: Tensor | None = None,
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
     """The threshold with the highest mean IoU among those that make at most `max_worse` of the boxes worse.
 
-    Returns that operating point (`risk_coverage`'s keys) with "max_worse", "boxes" and "reached". Refining
-    nothing makes no box worse, so the bar is always reached with boxes; ties keep the lowest threshold (it
-    changes the most boxes for the same mean IoU). No boxes: threshold 0 (refine everything), not reached.
+    With `groups` (N ints: each box's image), "at most" is asked of an upper bound on the share worse, not
+    of the share itself: its `confidence` quantile over BOOTSTRAPS resamples of the images (boxes of one
+    image rise and fall together, so images are what is resampled). A threshold chosen on a few dozen
+    images then still holds on new ones; without `groups`, the share itself.
+
+    Returns that operating point (`risk_coverage`'s keys, and "share_worse_bound") with "max_worse",
+    "boxes" and "reached". Refining nothing makes no box worse, so the bar is always reached with boxes; ties
+    keep the lowest threshold (it changes the most boxes for the same mean IoU). No boxes: threshold 0
+    (refine everything), not reached.
     """
     if len(score) == 0:
         return {"min_score": 0.0, "max_worse": max_worse, "boxes": 0, "reached": False}
     points = frontier(iou_coarse, iou_refined, score)
-    allowed = points["share_worse"] <= max_worse + 1e-12
+    if groups is None:
+        bound = points["share_worse"]
+    else:
+        bound = _worse_bound(iou_coarse, iou_refined, score, groups, confidence)
+    allowed = bound <= max_worse + 1e-12
     mean = torch.where(allowed, points["mean_iou"], torch.tensor(-1.0, dtype=torch.float64))
     best = int(torch.nonzero(mean == mean.max()).min())  # the lowest threshold among the best
-    return {**_point(points, best), "max_worse": max_worse, "boxes": len(score), "reached": bool(allowed.any())}
+    return {
+        **_point(points, best),
+        "share_worse_bound": float(bound[best]),
+        "max_worse": max_worse,
+        "boxes": len(score),
+        "reached": bool(allowed.any()),
+    }
+
+
+def _worse_bound(iou_coarse: Tensor, iou_refined: Tensor, score: Tensor, groups: Tensor, confidence: float) -> Tensor:
+    """The `confidence` quantile of the share worse at each of `frontier`'s thresholds (M + 1, same order), over
+    BOOTSTRAPS resamples of the groups; each resample weighs every box by how often its group was drawn."""
+    order = torch.argsort(score.double(), descending=True, stable=True)
+    ranked = score.double()[order]
+    worse = made_worse(iou_coarse, iou_refined).double()[order]
+    _, group = torch.unique(groups[order], return_inverse=True)
+    last = torch.ones(len(score), dtype=torch.bool)
+    last[:-1] = ranked[1:] != ranked[:-1]
+    count = int(group.max()) + 1
+    generator = torch.Generator().manual_seed(0)  # the same threshold every time for the same boxes
+    shares = []
+    for _ in range(BOOTSTRAPS):
+        drawn = torch.bincount(torch.randint(count, (count,), generator=generator), minlength=count).double()
+        weight = drawn[group]
+        changed_worse = (weight * worse).cumsum(0)[last] / weight.sum().clamp_min(1e-12)
+        shares.append(torch.cat([torch.zeros(1, dtype=torch.float64), changed_worse]).flip(0))
+    return torch.stack(shares).quantile(confidence, dim=0)
 
 
 def fit_calibration(logit: Tensor, better: Tensor, steps: int = 100) -> Tensor:
@@ -136,17 +183,13 @@ def fit_calibration(logit: Tensor, better: Tensor, steps: int = 100) -> Tensor:
 
 def auroc(score: Tensor, worse: Tensor) -> float | None:
     """How well a low score picks out the boxes made worse: the chance that a box made worse scores below a box
-    that was not (ties count half; the Mann-Whitney statistic over average ranks). None without both kinds."""
+    that was not (ties count half). None without both kinds."""
     worse = worse.bool()
-    bad, good = int(worse.sum()), int((~worse).sum())
-    if bad == 0 or good == 0:
+    if worse.all() or not worse.any():
         return None
-    _, inverse, counts = torch.unique(score.double(), return_inverse=True, return_counts=True)
-    # Average rank (1-based) of each distinct value, then of each box; ties share their average.
-    upper = counts.cumsum(0).double()
-    ranks = (upper - (counts.double() - 1) / 2)[inverse]
-    rank_sum_good = ranks[~worse].sum().item()
-    return (rank_sum_good - good * (good + 1) / 2) / (good * bad)
+    from sklearn.metrics import roc_auc_score  # imported late: scikit-learn takes a while to import
+
+    return float(roc_auc_score((~worse).numpy(), score.double().numpy()))
 
 
 def reliability(predicted: Tensor, actual: Tensor, bins: int = RELIABILITY_BINS) -> list[dict[str, Any]]:

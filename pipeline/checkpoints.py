@@ -18,7 +18,7 @@ import torch
 
 from pipeline.errors import RefineError
 from pipeline.jsonio import write_bytes
-from pipeline.refiner import IDENTITY_CALIBRATION, RefinerConfig, SimilarityCascadeRefiner, build_refiner
+from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refiner
 from pipeline.torch_files import read_torch_file
 
 CHECKPOINT = "model.pt"
@@ -27,10 +27,11 @@ CHECKPOINT_FORMAT = "refine-refiner"
 # something else. 2: similarity cues computed on the feature grid instead of in each window. 3: a score
 # head and the abstention threshold. 4: the score's calibration (a version 3 checkpoint reads as calibrated
 # by the identity, which is what its scores and threshold were). 5: the fine stage on the stride-4 plane
-# (a version 4 checkpoint reads as a refiner without it, which is what it was).
-CHECKPOINT_VERSION = 5
-READABLE_VERSIONS = (3, 4, 5)
-UNCALIBRATED_VERSION = 3
+# (a version 4 checkpoint reads as a refiner without it, which is what it was). 6: the score is a logistic
+# regression fitted on held-out images (`pipeline.score`); the learnt head of versions 3 to 5 has no
+# counterpart in it, so those are refused with the line that says to retrain.
+CHECKPOINT_VERSION = 6
+READABLE_VERSIONS = (6,)
 # Options that may change between a run and its --resume. Workers and device do not change what is
 # computed; a larger --epochs trains longer (the learning-rate schedule then stretches to the new total).
 RESUMABLE = {"epochs", "workers", "device", "resume", "max_worse"}
@@ -82,11 +83,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     checkpoint = read_torch_file(path, "refiner checkpoint")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise RefineError(f"{path}: not a refine refiner checkpoint")
-    if checkpoint.get("version") == UNCALIBRATED_VERSION and isinstance(checkpoint.get("model"), dict):
-        checkpoint["model"]["score.calibration"] = IDENTITY_CALIBRATION.clone()
-    elif checkpoint.get("version") not in READABLE_VERSIONS:
+    if checkpoint.get("version") not in READABLE_VERSIONS:
         raise RefineError(
-            f"{path}: refiner checkpoint version {checkpoint.get('version')}, this refine reads versions "
+            f"{path}: refiner checkpoint version {checkpoint.get('version')}, this refine reads version "
             f"{', '.join(map(str, READABLE_VERSIONS))}; train the refiner again with `refine train`"
         )
     return checkpoint

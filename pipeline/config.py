@@ -25,7 +25,7 @@ class TrainConfig:
     coarse: Path | None = None  # COCO results file of coarse training boxes; None: noise protocol
     val_coarse: Path | None = None
     noise: float = 0.2
-    holdout: float = 0.1  # share of the training images held out to choose the abstention threshold on
+    holdout: float = 0.1  # training images held out to fit the score and choose the threshold on
     max_worse: float = 0.03  # the threshold keeps at most this share of the held-out boxes made worse
     jitters: int = 4  # noisy copies of each ground-truth box per epoch (all from one read of the image)
     epochs: int = 8  # the demo (docs/experiments.md: images, boxes per image and epochs against quality)
@@ -42,6 +42,7 @@ class TrainConfig:
     learned: int = 8
     contexts: tuple[float, ...] = (2.0, 1.5)
     plane_pool: int = 48  # the fine stage on the stride-4 plane (0: none; see pipeline.plane_stage)
+    plane_width: int = 16
     plane_context: float = 1.3
     plane_prior_width: float = 0.06
     amp: str = "auto"
@@ -63,6 +64,7 @@ class TrainConfig:
             self.learned,
             tuple(self.contexts),
             plane_pool=self.plane_pool,
+            plane_width=self.plane_width,
             plane_context=self.plane_context,
             plane_prior_width=self.plane_prior_width,
         )

@@ -21,7 +21,7 @@ from pipeline.boxes import valid_boxes
 from pipeline.devices import autocast
 from pipeline.errors import RefineError
 from pipeline.features import FeatureBatch, ImageBoxes, coarse_and_targets
-from pipeline.loss import box_loss, score_loss
+from pipeline.loss import box_loss
 from pipeline.metrics import paired_iou
 from pipeline.refiner import Refinement, SimilarityCascadeRefiner
 
@@ -153,10 +153,8 @@ def train_one_epoch(
                 coarse,
                 _plane(batch, device),
             )
-        stages, all_coarse = [s.float() for s in refinement.stages], torch.cat(coarse)
-        loss = box_loss(stages, all_coarse, targets) + score_loss(
-            refinement.score_logits, stages[-1], all_coarse, targets
-        )
+        stages = [s.float() for s in refinement.stages]
+        loss = box_loss(stages, torch.cat(coarse), targets)
         value = distributed.mean(loss)  # over the ranks: a NaN on one stops every rank at the same step
         if not math.isfinite(value):
             raise RefineError(
@@ -185,8 +183,9 @@ class BoxOutcomes:
 
     iou_coarse: Tensor
     iou_refined: Tensor  # of the refined box as `apply` would write it (clipped to the image)
-    score: Tensor  # calibrated by the model's calibration at the time, as `apply` would see it
-    logits: Tensor  # N x 2: the score head's raw outputs, which `train` calibrates the score on
+    score: Tensor  # by the model's score at the time, as `apply` would see it
+    evidence: Tensor  # N x F: what the score reads, which `train` fits the score on
+    image_id: Tensor  # N: each box's image (the score's cross-fitting folds and bootstrap keep images whole)
 
 
 @torch.inference_mode()
@@ -206,7 +205,7 @@ def predict_outcomes(
     device = precision.device
     steps = len(loader)
     timer = _Timer()
-    coarse_iou, refined_iou, scores, logits = [], [], [], []
+    coarse_iou, refined_iou, scores, evidence, image_ids = [], [], [], [], []
     for step, batch in enumerate(_batches(loader, timer)):
         coarse, targets = boxes.of(batch.indices, None)
         with autocast(device, precision.amp_dtype):
@@ -219,24 +218,27 @@ def predict_outcomes(
         counts = [len(c) for c in coarse]
         refined = refinement.stages[-1].split(counts)
         score = model.score.probability(refinement.score_logits).split(counts)
-        for index, before, after, target, box_score, box_logits in zip(
-            batch.indices, coarse, refined, targets, score, refinement.score_logits.split(counts), strict=True
+        for index, before, after, target, box_score, box_evidence in zip(
+            batch.indices, coarse, refined, targets, score, refinement.evidence.split(counts), strict=True
         ):
             # The boxes `apply` would write (clipped to the image), so these figures match `refine evaluate`.
             final = valid_boxes(after.float().cpu(), before, boxes.images[index].resized_hw)
             coarse_iou.append(paired_iou(before, target))
             refined_iou.append(paired_iou(final, target))
             scores.append(box_score.float().cpu())
-            logits.append(box_logits.float().cpu())
+            evidence.append(box_evidence.float().cpu())
+            image_ids.append(torch.full((len(target),), boxes.images[index].image_id, dtype=torch.int64))
             timer.boxes += len(target)
         if progress:
             boxes_per_s, waiting = timer.rates()
             progress(TrainProgress(phase, epoch + 1, epochs, step + 1, steps, math.nan, boxes_per_s, waiting))
     # Under torchrun each rank refined its part of the images: every rank gets all the outcomes.
+    features = model.score.mean.numel()
     parts = distributed.all_gather(
         (
             *(torch.cat(values or [torch.empty(0)]) for values in (coarse_iou, refined_iou, scores)),
-            torch.cat(logits or [torch.empty(0, 2)]),
+            torch.cat(evidence or [torch.empty(0, features)]),
+            torch.cat(image_ids or [torch.empty(0, dtype=torch.int64)]),
         )
     )
-    return BoxOutcomes(*(torch.cat([part[i] for part in parts]) for i in range(4)))
+    return BoxOutcomes(*(torch.cat([part[i] for part in parts]) for i in range(5)))

@@ -31,16 +31,13 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from pipeline.plane_stage import PlaneStage
+from pipeline.score import BoxScore
 from pipeline.refiner_parts import SideHead, StageOutput, conv_block, enlarge, inside_mask, place_sides
 from pipeline.shapes import EMBEDDING_SHAPE, FEATURE_STRIDE, IMAGE_SIZE
 
 # Cue maps computed from the two features: (object, background, object - background) similarity for each,
 # the inside-the-box mask, and the early feature's local change.
 FIXED_CUES = 8
-# Which score head output is the box's score (`ScoreHead`): 0 the predicted IoU, 1 the chance of beating the coarse box.
-SCORE_OUTPUT = 1
-# The score's calibration (scale, bias of its logit) before `train` fits one: the raw chance.
-IDENTITY_CALIBRATION = torch.tensor([1.0, 0.0])
 
 
 @dataclass(frozen=True)
@@ -58,6 +55,7 @@ class RefinerConfig:
     prior_width: float = 0.1  # spread (window units) of each side's prior around the current side
     interior: float = 0.3  # the object prototype averages the box's central part, +- this share of its size
     plane_pool: int = 0  # samples per window side of the fine stage on the stride-4 plane (0: no fine stage)
+    plane_width: int = 16  # channels of the fine stage's convolutional net
     plane_context: float = 1.3  # the fine stage's window size / box size
     plane_prior_width: float = 0.06  # spread (window units) of the fine stage's prior around the cascade's side
 
@@ -166,45 +164,19 @@ class CellMaps:
 
 @dataclass
 class Refinement:
-    """Every stage's boxes (K x 4 each, last = final, all images' boxes in order), the score logits
-    (K x 2: the final box's IoU with the truth, and whether it beats the coarse box) and the spread of the
-    final stage's side distributions (K x 4, window units; `bench/score.py` compares it with the score)."""
+    """Every stage's boxes (K x 4 each, last = final, all images' boxes in order), the evidence the score
+    reads (K x F), its logits (K) and the spread of the final stage's side distributions (K x 4, window
+    units; `bench/score.py` compares it with the score)."""
 
     stages: list[Tensor]
+    evidence: Tensor
     score_logits: Tensor
     spread: Tensor
 
 
-class ScoreHead(nn.Module):
-    """How far to trust each refined box, from what the cascade saw on the way: K x features -> K x 2 logits.
-
-    Its input is detached, so learning it leaves the boxes exactly as they would be without it.
-    Two outputs, both trained with binary cross-entropy: the IoU of the final box with the truth (a soft
-    target in [0, 1]), and whether the final box is closer to the truth than the coarse box was.
-
-    The box's score is the second, calibrated: the head learns on the training images, where the refiner
-    does better than on new ones, so its raw chances run high. `train` fits a scale and a bias on held-out
-    images (`pipeline.abstention.fit_calibration`); a scale above zero keeps the order of the scores.
-    """
-
-    def __init__(self, features: int, hidden: int = 32) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(features)
-        self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, 2))
-        self.register_buffer("calibration", IDENTITY_CALIBRATION.clone())  # scale, bias of the score's logit
-
-    def forward(self, evidence: Tensor) -> Tensor:
-        return self.mlp(self.norm(evidence.detach().float()))
-
-    def probability(self, logits: Tensor) -> Tensor:
-        """K x 2 logits (`forward`) -> K calibrated scores in [0, 1]: the chance the box beats its coarse box."""
-        scale, bias = self.calibration.unbind()
-        return torch.sigmoid(logits[:, SCORE_OUTPUT].float() * scale + bias)
-
-
 class CascadeStage(nn.Module):
     """One refinement step: the batch's CellMaps and K boxes (pixels) -> K refined boxes (pixels), and what
-    the score head reads of the step (`StageOutput`)."""
+    the score reads of the step (`StageOutput`)."""
 
     def __init__(self, config: RefinerConfig, context: float) -> None:
         super().__init__()
@@ -277,7 +249,7 @@ class SimilarityCascadeRefiner(nn.Module):
         self.stages = nn.ModuleList(CascadeStage(config, context) for context in config.contexts)
         self.fine = (
             PlaneStage(
-                config.width,
+                config.plane_width,
                 config.plane_pool,
                 config.plane_context,
                 config.min_window / 2,
@@ -287,9 +259,9 @@ class SimilarityCascadeRefiner(nn.Module):
             if config.plane_pool
             else None
         )
-        steps = len(config.contexts) + (self.fine is not None)
-        # Built last, so that every other weight starts as it did before the head existed.
-        self.score = ScoreHead(steps * (2 * config.width + 8) + 2)
+        # Each stage's evidence: its net's pooled mean and max (2 x its width), each side's spread and move (8).
+        evidence = len(config.contexts) * (2 * config.width + 8) + (2 * config.plane_width + 8 if self.fine else 0)
+        self.score = BoxScore(evidence + 2)  # and the coarse box's size
 
     @property
     def needs_plane(self) -> bool:
@@ -340,8 +312,8 @@ class SimilarityCascadeRefiner(nn.Module):
             evidence.append(step.evidence)
         # Small boxes are harder: the head also sees the coarse box's size (log, in units of the 1024 frame).
         size = (coarse[:, 2:] - coarse[:, :2]).clamp_min(1.0) / IMAGE_SIZE
-        features = torch.cat([*evidence, size.log()], dim=1)
-        return Refinement(outputs, self.score(features), step.spread.float())
+        features = torch.cat([*evidence, size.log()], dim=1).float()
+        return Refinement(outputs, features, self.score(features), step.spread.float())
 
     def forward(
         self, embedding: Tensor, early: Tensor, boxes: list[Tensor], plane: Tensor | None = None

@@ -81,7 +81,8 @@ def train(
             min=0.0,
             max=0.95,
             callback=finite,
-            help="Share of the training images not trained on: the abstention threshold is chosen on them.",
+            help="Share of the training images not trained on: the box score is fitted and the abstention threshold "
+            "chosen on them (0: a constant score, every box refined).",
         ),
     ] = DEFAULTS.holdout,
     max_worse: Annotated[
@@ -123,6 +124,9 @@ def train(
             "stored beside the features (0: no fine stage; the refiner then reads stores of older layouts too).",
         ),
     ] = DEFAULTS.plane_pool,
+    plane_width: Annotated[
+        int, typer.Option(min=1, max=256, help="Channels of the fine stage's convolutional net.")
+    ] = DEFAULTS.plane_width,
     amp: Annotated[
         Amp, typer.Option(help="Mixed precision: auto = bf16 on CUDA where supported, else fp16 on CUDA, fp32 on CPU.")
     ] = Amp.auto,
@@ -170,6 +174,7 @@ def train(
         weight_decay=weight_decay,
         model=model.value,
         plane_pool=plane_pool,
+        plane_width=plane_width,
         amp=amp.value,
         seed=seed,
         resume=resume,

@@ -388,7 +388,7 @@ def _pickled_object(path: Path) -> None:
         (_garbage, "not a readable refiner checkpoint"),
         (_encoder_state, "not a refine refiner checkpoint"),
         (_pickled_object, "not a readable refiner checkpoint"),
-        (_older_version, "refiner checkpoint version 1, this refine reads versions 3, 4, 5; train the refiner again"),
+        (_older_version, "refiner checkpoint version 1, this refine reads version 6; train the refiner again"),
         (None, "model checkpoint not found"),
     ],
     ids=["garbage-model", "encoder-checkpoint-as-model", "pickle-as-model", "older-version-model", "missing-model"],

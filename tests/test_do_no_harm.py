@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.refiner import IDENTITY_CALIBRATION
 from pipeline.abstention import (
     CALIBRATION_MIN_SCALE,
     auroc,
@@ -20,6 +19,7 @@ from pipeline.abstention import (
 )
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import TrainConfig
+from pipeline.score import IDENTITY_CALIBRATION, RIDGE_GRID, BoxScore, fit_score
 from pipeline.train import hold_out, run_train
 from tests.test_bad_input import assert_clean_error
 
@@ -42,9 +42,11 @@ def border_annotations(base_dataset: dict, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="module")
 def trained(base_dataset: dict, border_annotations: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("refiner")
-    run_train(
-        TrainConfig(store=str(base_dataset["store"]), annotations=border_annotations, out=out, epochs=1, batch_size=2)
+    # Two of the four images held out: the score's two folds have an image each to fit on.
+    config = TrainConfig(
+        store=str(base_dataset["store"]), annotations=border_annotations, out=out, epochs=1, batch_size=2, holdout=0.5
     )
+    run_train(config)
     return out / "model.pt"
 
 
@@ -135,6 +137,49 @@ def test_calibration_recovers_the_chance_and_keeps_the_order() -> None:
     assert fit_calibration(torch.zeros(0), torch.zeros(0, dtype=torch.bool)).tolist() == [1.0, 0.0]
 
 
+def test_a_threshold_chosen_on_images_holds_the_bound_not_just_the_share() -> None:
+    """With the boxes' images, the share worse that must stay under max_worse is an upper bound over
+    resamples of the images: never below the share itself, and so never a lower threshold."""
+    generator = torch.Generator().manual_seed(3)
+    groups = torch.arange(30).repeat_interleave(20)
+    iou_coarse = torch.rand(600, generator=generator)
+    # Images differ in how often refining hurts: boxes of one image rise and fall together.
+    hurts = torch.rand(30, generator=generator)[groups] * 0.3
+    worse = torch.rand(600, generator=generator) < hurts
+    iou_refined = torch.where(worse, iou_coarse * 0.8, (iou_coarse + 0.1).clamp(max=1))
+    score = (~worse).double() * 0.3 + torch.rand(600, generator=generator, dtype=torch.float64)
+    plain = choose_min_score(iou_coarse, iou_refined, score, 0.03)
+    bounded = choose_min_score(iou_coarse, iou_refined, score, 0.03, groups)
+    assert plain["share_worse_bound"] == plain["share_worse"] <= 0.03
+    assert bounded["share_worse"] <= bounded["share_worse_bound"] <= 0.03
+    assert bounded["share_worse_bound"] > bounded["share_worse"]
+    assert bounded["min_score"] >= plain["min_score"] and bounded["share_changed"] < plain["share_changed"]
+    assert choose_min_score(iou_coarse, iou_refined, score, 0.03, groups) == bounded  # seeded: the same each time
+
+
+def test_the_score_is_a_cross_fitted_logistic_regression_on_the_evidence() -> None:
+    generator = torch.Generator().manual_seed(4)
+    groups = torch.arange(12).repeat_interleave(50)
+    signal = torch.randn(600, generator=generator)
+    better = signal + 0.5 * torch.randn(600, generator=generator) > 0
+    # One feature tells, one is noise on another scale, one is constant.
+    evidence = torch.stack([signal * 5 + 2, torch.randn(600, generator=generator) * 100, torch.full((600,), 7.0)], 1)
+    fit = fit_score(evidence, better, groups)
+    assert fit.ridge in RIDGE_GRID
+    assert fit.weight[0] > 1 and abs(fit.weight[1]) < fit.weight[0] / 10 and fit.weight[2] == 0
+    assert fit.inverse_std[2] == 0 and torch.isfinite(fit.out_of_fold).all()
+    assert auroc(fit.out_of_fold, ~better) > 0.9  # out of fold: scored by a fit that never saw the image
+    score = BoxScore(3)
+    assert score.probability(score(evidence)).unique().tolist() == [0.5]  # before `train` installs a fit
+    score.install(fit, torch.tensor([2.0, -1.0]))
+    expected = torch.sigmoid(2 * ((evidence - fit.mean) * fit.inverse_std @ fit.weight + fit.intercept) - 1)
+    assert score.probability(score(evidence)) == pytest.approx(expected, abs=1e-6)
+    # One image, or one outcome: nothing to learn, the constant (smoothed) log-odds of `better`.
+    every = torch.ones(600, dtype=torch.bool)
+    for few in (fit_score(evidence, better, torch.zeros(600)), fit_score(evidence, every, groups)):
+        assert few.ridge is None and few.weight.abs().sum() == 0 and few.out_of_fold.unique().numel() == 1
+
+
 def test_calibrating_the_score_keeps_the_boxes_the_threshold_refines() -> None:
     generator = torch.Generator().manual_seed(2)
     iou_coarse = torch.rand(500, generator=generator)
@@ -165,44 +210,32 @@ def test_held_out_images_are_a_keyed_share_never_trained_on(base_dataset: dict) 
 # --- train, apply and evaluate ------------------------------------------------------------------------
 
 
-def test_the_checkpoint_holds_the_threshold_chosen_on_held_out_images(trained: Path) -> None:
+def test_the_checkpoint_holds_the_score_and_threshold_fitted_on_held_out_images(trained: Path) -> None:
     checkpoint = load_checkpoint(trained)
     abstention = checkpoint["metrics"]["abstention"]
-    # Four images, a tenth held out: one image, two boxes, four noisy copies each.
-    assert abstention["boxes"] == 8 and abstention["max_worse"] == 0.03
+    # Two held-out images, two boxes each, sixteen noisy copies of each box.
+    assert abstention["boxes"] == 64 and abstention["max_worse"] == 0.03
     assert 0.0 <= abstention["min_score"] <= 1.0
-    assert "score.mlp.0.weight" in checkpoint["model"]
+    assert abstention["share_worse"] <= abstention["share_worse_bound"] <= 0.03
+    assert abstention["ridge"] in RIDGE_GRID
+    model = checkpoint["model"]
+    assert model["score.weight"].abs().sum() > 0 and model["score.inverse_std"].min() >= 0
     # The score was calibrated on the same held-out boxes; the model applies what the metrics report.
     calibration = abstention["calibration"]
     assert calibration["scale"] > 0 and (calibration["scale"], calibration["bias"]) != (1.0, 0.0)
-    assert checkpoint["model"]["score.calibration"].tolist() == pytest.approx(
-        [calibration["scale"], calibration["bias"]]
-    )
+    assert model["score.calibration"].tolist() == pytest.approx([calibration["scale"], calibration["bias"]])
 
 
-def test_a_version_3_checkpoint_still_works_with_its_raw_scores(
+def test_a_checkpoint_with_the_learnt_score_head_is_refused_with_what_to_run(
     cli, base_dataset, border_annotations, trained, tmp_path
 ):
-    """Checkpoints from before calibration read as calibrated by the identity: their scores, and the threshold
-    chosen on them, mean what they meant."""
     checkpoint = torch.load(trained, map_location="cpu", weights_only=True)
-    del checkpoint["model"]["score.calibration"]
     old = tmp_path / "old.pt"
-    torch.save({**checkpoint, "version": 3}, old)
-    assert load_checkpoint(old)["model"]["score.calibration"].tolist() == [1.0, 0.0]
-    coco = json.loads(border_annotations.read_text())
-    boxes = tmp_path / "boxes.json"
-    boxes.write_text(json.dumps([{**a, "score": 0.9} for a in coco["annotations"]]))
-    calibrated, raw = tmp_path / "calibrated.json", tmp_path / "raw.json"
-    assert apply(cli, base_dataset, trained, boxes, calibrated).exit_code == 0
-    result = apply(cli, base_dataset, old, boxes, raw)
-    assert result.exit_code == 0, result.output
-    scale, bias = load_checkpoint(trained)["model"]["score.calibration"].tolist()
-    raw_scores = torch.tensor(_scores(json.loads(raw.read_text())), dtype=torch.float64)
-    expected = torch.sigmoid(scale * torch.logit(raw_scores) + bias)  # from scores rounded to 4 decimals
-    calibrated_scores = torch.tensor(_scores(json.loads(calibrated.read_text())), dtype=torch.float64)
-    assert (calibrated_scores - raw_scores).abs().max() > 0.01
-    assert calibrated_scores.tolist() == pytest.approx(expected.tolist(), abs=1e-3)
+    torch.save({**checkpoint, "version": 5}, old)
+    out = tmp_path / "refined.json"
+    result = apply(cli, base_dataset, old, border_annotations, out)
+    assert_clean_error(result, "old.pt: refiner checkpoint version 5", "train the refiner again with `refine train`")
+    assert not out.exists()
 
 
 def test_apply_adds_a_refine_object_and_keeps_the_coarse_box_below_the_threshold(
@@ -216,8 +249,8 @@ def test_apply_adds_a_refine_object_and_keeps_the_coarse_box_below_the_threshold
     source = tmp_path / "detections.json"
     source.write_text(json.dumps(rows))
     everything = tmp_path / "all.json"
-    # The raw score: one epoch on a few boxes may calibrate the score to a constant (a scale of 0 says the
-    # held-out boxes gave it nothing to rank by), and this test is about the threshold, not the calibration.
+    # The raw score: two held-out images may calibrate the score to nearly a constant (a scale near 0 says
+    # they gave it little to rank by), and this test is about the threshold, not the calibration.
     checkpoint = torch.load(trained, weights_only=True)
     checkpoint["model"]["score.calibration"] = IDENTITY_CALIBRATION.clone()
     trained = tmp_path / "raw_score.pt"
