@@ -41,7 +41,7 @@ class TrainConfig:
     pool: int = 24
     learned: int = 8
     contexts: tuple[float, ...] = (2.0, 1.5)
-    plane_pool: int = 48  # the fine stage on the stride-4 plane (0: none; see pipeline.plane_stage)
+    plane_pool: int = 32  # the fine stage on the stride-4 plane (0: none; see pipeline.plane_stage)
     plane_width: int = 16
     plane_context: float = 1.3
     plane_prior_width: float = 0.06

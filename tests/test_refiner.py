@@ -10,12 +10,15 @@ from pipeline.plane_stage import PlaneStage
 from pipeline.refiner import EarlyProjection, RefinerConfig, SideHead, build_refiner, cell_cover, similarity_maps
 
 
-@pytest.mark.parametrize("plane_pool", [0, 16], ids=["cascade", "with-fine-stage"])
-def test_an_untrained_refiner_returns_the_boxes_it_is_given(plane_pool: int) -> None:
+@pytest.mark.parametrize(
+    "plane_pool, plane_width", [(0, 16), (16, 16), (16, 8)], ids=["cascade", "with-fine-stage", "narrow-fine-stage"]
+)
+def test_an_untrained_refiner_returns_the_boxes_it_is_given(plane_pool: int, plane_width: int) -> None:
     """Each side starts at the current box (zero-initialised scores on the prior): training starts from
     the identity, whatever the features (and planes) and wherever the box lies, even half outside the image."""
     torch.manual_seed(0)
-    model = build_refiner("similarity_cascade", RefinerConfig(early_channels=160, plane_pool=plane_pool)).eval()
+    config = RefinerConfig(early_channels=160, plane_pool=plane_pool, plane_width=plane_width)
+    model = build_refiner("similarity_cascade", config).eval()
     assert model.needs_plane == bool(plane_pool)
     boxes = [
         torch.tensor([[100.0, 120.0, 400.0, 300.0], [5.0, 6.0, 20.0, 30.0]]),
