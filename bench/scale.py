@@ -27,16 +27,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import TrainConfig
+from pipeline.demo_data import make_demo_dataset
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.store import FeatureStore
+from pipeline.train import run_train
+
+from results_file import write_and_show  # bench/, next to this script
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.demo_data import make_demo_dataset  # noqa: E402
-from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
-from pipeline.store import FeatureStore  # noqa: E402
-from pipeline.train import run_train  # noqa: E402
-
-from results_file import write_and_show  # noqa: E402  (bench/, next to this script)
 
 
 def run_command(command: list[str], cwd: Path) -> dict[str, float]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -33,12 +32,11 @@ from pipeline.encoder import ENCODERS
 from pipeline.features import FeatureDataset, ImageBoxes, feature_loader
 from pipeline.segment_layout import shard_file
 from pipeline.store import EARLY, EMBEDDING, FeatureStore, Namespace
+from pipeline.store_legacy import mark_version_1, write_legacy_segment
 from pipeline.store_writer import SegmentWriter
 
 from results_file import write_and_show  # bench/, next to this script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/legacy_store.py
-from tests.legacy_store import mark_version_1, write_legacy_segment  # noqa: E402
 
 SHARD_ROWS = 4  # extract's CPU batch: one shard file per 4 entries and array
 SIZES = ([480, 640], [768, 1024])  # original and resized (height, width) of every synthetic entry

@@ -2,53 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.extract import ExtractConfig, run_extract
 from stages.cli import app
-
-
-def write_images(folder: Path, count: int, seed: int = 0, prefix: str = "img") -> list[Path]:
-    """Small images of varied size, each with its own content (so each has its own key)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        height, width = int(rng.integers(40, 120)), int(rng.integers(40, 120))
-        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        path = folder / f"{prefix}{i}.png"
-        Image.fromarray(pixels).save(path)
-        paths.append(path)
-    return paths
-
-
-def write_coco(path: Path, image_root: Path, files: list[Path], boxes_per_image: int = 1) -> Path:
-    """A COCO file listing `files` (relative to `image_root`) with one centred box each."""
-    images, annotations = [], []
-    for i, file in enumerate(files, start=1):
-        with Image.open(file) as opened:
-            width, height = opened.size
-        images.append({"id": i, "file_name": file.relative_to(image_root).as_posix(), "width": width, "height": height})
-        for j in range(boxes_per_image):
-            annotations.append(
-                {
-                    "id": i * 100 + j,
-                    "image_id": i,
-                    "category_id": 1,
-                    "bbox": [width / 4, height / 4, width / 2, height / 2],
-                }
-            )
-    path.write_text(
-        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]})
-    )
-    return path
+from tests.helpers import write_coco, write_images
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,7 @@ import torch
 
 
 from pipeline.manifest import manifest_images
-from tests.conftest import write_coco
-from tests.test_extract_cache import files_under
+from tests.helpers import assert_clean_error, files_under, write_coco
 
 
 def run(cli, data: dict, *extra: str, annotations: Path | None = None):
@@ -31,15 +30,6 @@ def run(cli, data: dict, *extra: str, annotations: Path | None = None):
         "0",
         *extra,
     )
-
-
-def assert_clean_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(message) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
 
 
 def edit_coco(data: dict, change) -> Path:

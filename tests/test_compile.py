@@ -6,7 +6,7 @@ import numpy as np
 
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.store import FeatureStore
-from tests.conftest import write_coco
+from tests.helpers import write_coco
 
 
 def test_compiled_extract_stores_the_eager_features(base_dataset, tmp_path):

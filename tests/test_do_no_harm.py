@@ -21,7 +21,7 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.score import IDENTITY_CALIBRATION, RIDGE_GRID, BoxScore, fit_score
 from pipeline.train import hold_out, run_train
-from tests.test_bad_input import assert_clean_error
+from tests.helpers import assert_clean_error
 
 
 @pytest.fixture(scope="module")

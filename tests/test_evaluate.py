@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import TrainConfig
 from pipeline.train import run_train
-from tests.test_bad_input import assert_clean_error
+from tests.helpers import assert_clean_error
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from pipeline.manifest import manifest_images
 from pipeline.encoder import ENCODERS, build_encoder, identity_for
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.store import FeatureStore
-from tests.conftest import write_coco
+from tests.helpers import files_under, write_coco
 
 
 @pytest.fixture
@@ -37,10 +36,6 @@ def extract(data: dict, **overrides) -> pipeline.extract.ExtractSummary:
     options = dict(images=data["images"], store=str(data["store"]), annotations=data["annotations"], workers=0)
     options.update(overrides)
     return run_extract(ExtractConfig(**options))
-
-
-def files_under(path: Path) -> set[str]:
-    return {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
 
 
 def test_rerun_on_unchanged_dataset_never_calls_the_encoder(dataset, encoder_calls):
@@ -80,7 +75,7 @@ def test_changed_pixels_are_a_miss(dataset, encoder_calls):
 
 
 def test_new_images_only_are_encoded_and_manifest_grows(dataset, encoder_calls):
-    from tests.conftest import write_images
+    from tests.helpers import write_images
 
     extra = write_images(dataset["images"], 1, seed=99, prefix="extra")
     files = sorted(p for p in dataset["images"].iterdir())

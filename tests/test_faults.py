@@ -19,58 +19,16 @@ import pytest
 
 from pipeline.encoder import identity_for
 from pipeline.store import FeatureStore, Namespace
-from pipeline.store_writer import SegmentWriter
 from pipeline.store_gc import collect_garbage
 from pipeline.store_index import INDEX_FILE
 from pipeline.store_report import verify_store
-from tests.conftest import write_coco, write_images
-from tests.test_bad_input import assert_clean_error
+from tests.helpers import assert_clean_error, features, orphans, rows_by_key, write, write_coco, write_images
 
 REPO = Path(__file__).resolve().parents[1]
-EARLY = 160  # vit_tiny's early channels: the gc tests write synthetic features, no encoder
 
 
 def refine(*args: object) -> list[str]:
     return [sys.executable, "-m", "stages.cli", *map(str, args)]
-
-
-def rows_by_key(store: Path) -> dict[str, int]:
-    """How many committed rows each key has, over every commit file."""
-    counts: dict[str, int] = {}
-    for commit in store.glob("*/commits/*.json"):
-        for row in json.loads(commit.read_text())["entries"]:
-            counts[row[0]] = counts.get(row[0], 0) + 1
-    return counts
-
-
-def orphans(store: Path) -> list[str]:
-    """Files no commit references: segments without a commit, shards without a committed row, temporaries."""
-    found = [p.name for p in store.rglob("*.partial")]
-    for segment in (p for p in store.glob("*/segments/*") if p.is_dir()):
-        commit = segment.parents[1] / "commits" / f"{segment.name}.json"
-        if not commit.exists():
-            found.append(segment.name)
-            continue
-        data = json.loads(commit.read_text())
-        used = {row[1] // data["shard_rows"] for row in data["entries"]}
-        found += [shard.as_posix() for shard in segment.glob("*/c/*") if int(shard.name) not in used]
-    return found
-
-
-def features(seed: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return (
-        rng.standard_normal((rows, 256, 64, 64)).astype(np.float16),
-        rng.standard_normal((rows, EARLY, 64, 64)).astype(np.float16),
-    )
-
-
-def write(namespace: Namespace, keys: list[str], seed: int, shard_rows: int = 2):
-    """A fresh writer (own segment) committing `keys` in one batch; returns the writer."""
-    writer = SegmentWriter(namespace, EARLY, shard_rows, planes=False)
-    embedding, early = features(seed, len(keys))
-    writer.write_batch(keys, embedding, early, [(64, 64)] * len(keys), [(1024, 1024)] * len(keys))
-    return writer
 
 
 @pytest.fixture

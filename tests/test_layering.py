@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,16 @@ def test_snap_loads_no_training_or_extraction_code(base_dataset: dict) -> None:
     loaded = loaded_modules(code, str(base_dataset["store"]))
     assert "pipeline.snap" in loaded and SNAP_NEEDS <= loaded
     assert sorted((TRAINING_OR_EXTRACTION - SNAP_NEEDS) & loaded) == []
+
+
+def test_tests_and_benchmarks_import_no_test_module() -> None:
+    """Shared test code lives in helper modules (tests/helpers.py, tests/fuzzing.py) and fixtures in
+    conftest.py; a benchmark runs from the installed package without editing sys.path."""
+    test_imports = [
+        f"{path.name}: {line.strip()}"
+        for path in sorted((REPO / "tests").glob("*.py"))
+        for line in path.read_text().splitlines()
+        if re.match(r"\s*(from|import) tests\.(test_\w+|conftest)\b", line)
+    ]
+    path_edits = [path.name for path in sorted((REPO / "bench").glob("*.py")) if "sys.path" in path.read_text()]
+    assert test_imports == [] and path_edits == []

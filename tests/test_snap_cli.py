@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.config import TrainConfig
 from pipeline.train import run_train
-from tests.test_bad_input import assert_clean_error
+from tests.helpers import assert_clean_error
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from pipeline.manifest import manifest_images
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.images import content_key, prepare, stride4_plane
 from pipeline.store import FeatureStore, all_finite, entry_digest
-from tests.conftest import write_coco, write_images
-from tests.test_faults import orphans, rows_by_key
+from tests.helpers import orphans, rows_by_key, write_coco, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from pipeline.segment_layout import CURRENT_LAYOUT, LEGACY_LAYOUT
 from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.store_index import INDEX_FILE
 from pipeline.store_report import verify_store
-from tests.test_faults import write
+from tests.helpers import write
 
 
 def commit(namespace: Namespace, segment: str, keys: list[str], *, layout: int = CURRENT_LAYOUT, tag: str = "") -> None:

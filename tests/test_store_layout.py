@@ -16,8 +16,8 @@ from pipeline.features import load_split
 from pipeline.segment_layout import CURRENT_LAYOUT, LEGACY_LAYOUT, RAW_LAYOUT, shard_file
 from pipeline.store import EARLY, FeatureStore, Namespace
 from stages.store import DEFAULT_GRACE_S
-from tests.legacy_store import legacy_manifest, mark_version_1, write_legacy_segment
-from tests.test_faults import orphans
+from pipeline.store_legacy import legacy_manifest, mark_version_1, write_legacy_segment
+from tests.helpers import orphans
 
 
 def features(store: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -35,7 +35,7 @@ def joins(store: Path, annotations: Path) -> tuple[dict[int, str], list[int]]:
 
 
 def make_legacy(store: Path) -> None:
-    """Rewrite a store's namespace as the refine before segment layouts wrote it (tests/legacy_store.py)."""
+    """Rewrite a store's namespace as the refine before segment layouts wrote it (pipeline/store_legacy.py)."""
     old = features(store)
     opened = FeatureStore(store)
     fingerprint = opened.fingerprints()[0]

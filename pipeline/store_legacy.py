@@ -1,7 +1,7 @@
-"""Stores as refine wrote them before segment layouts (layout 1, store version 1, manifest version 1), for
-the tests that check such stores keep working and for `bench/store_read.py`'s anchor. Mirrors that writer
-exactly: zstd-compressed sharded chunks, commit rows of seven fields with a BLAKE2b digest and no layout
-field, manifests with a list of image objects."""
+"""Stores as refine wrote them before segment layouts (layout 1, store version 1, manifest version 1): what
+`store migrate` and the older-layout readers are tested against, and `bench/store_read.py`'s anchor. Never
+called by a command. Mirrors that writer exactly: zstd-compressed sharded chunks, commit rows of seven fields
+with a BLAKE2b digest and no layout field, manifests with a list of image objects."""
 
 from __future__ import annotations
 
