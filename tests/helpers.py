@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.store import Namespace
 from pipeline.store_writer import SegmentWriter
 
-EARLY = 160  # vit_tiny's early channels: the gc tests write synthetic features, no encoder
+EARLY_CHANNELS = 160  # vit_tiny's early channels: the gc tests write synthetic features, no encoder
 
 
 def write_images(folder: Path, count: int, seed: int = 0, prefix: str = "img") -> list[Path]:
@@ -91,13 +91,13 @@ def features(seed: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return (
         rng.standard_normal((rows, 256, 64, 64)).astype(np.float16),
-        rng.standard_normal((rows, EARLY, 64, 64)).astype(np.float16),
+        rng.standard_normal((rows, EARLY_CHANNELS, 64, 64)).astype(np.float16),
     )
 
 
 def write(namespace: Namespace, keys: list[str], seed: int, shard_rows: int = 2):
     """A fresh writer (own segment) committing `keys` in one batch; returns the writer."""
-    writer = SegmentWriter(namespace, EARLY, shard_rows, planes=False)
+    writer = SegmentWriter(namespace, EARLY_CHANNELS, shard_rows, planes=False)
     embedding, early = features(seed, len(keys))
     writer.write_batch(keys, embedding, early, [(64, 64)] * len(keys), [(1024, 1024)] * len(keys))
     return writer
