@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from pipeline.abstention import auroc, choose_min_score, risk_coverage
 from pipeline.apply import load_model
-from pipeline.boxes import valid_boxes
 from pipeline.features import coarse_and_targets, load_split
 from pipeline.metrics import made_worse, paired_iou
 from pipeline.store import FeatureStore
 
-from results_file import write_and_show  # bench/, next to this script
+from refined import read_image, refine, written  # bench/, next to this script
+from results_file import write_and_show
 
 
 @torch.inference_mode()
@@ -43,14 +43,8 @@ def main() -> None:
     per_box: dict[str, list[torch.Tensor]] = {k: [] for k in ("iou_coarse", "iou_refined", "better", "spread")}
     for image in split.images:
         coarse, target = coarse_and_targets(image, noise, seed, None)
-        embedding, early, plane = namespace.read_inputs(image.entry, with_plane=model.needs_plane, check=True)
-        refinement = model.forward_stages(
-            torch.tensor(embedding[None], dtype=torch.float32),
-            torch.tensor(early[None], dtype=torch.float32),
-            [coarse],
-            None if plane is None else torch.tensor(plane[None]),
-        )
-        final = valid_boxes(refinement.stages[-1], coarse, image.resized_hw)
+        refinement = refine(model, read_image(model, namespace, image), coarse)
+        final = written(refinement, coarse, image)
         per_box["iou_coarse"].append(paired_iou(coarse, target))
         per_box["iou_refined"].append(paired_iou(final, target))
         per_box["better"].append(model.score.probability(refinement.score_logits))  # the score apply writes

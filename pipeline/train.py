@@ -35,7 +35,15 @@ from pipeline.boxes import HOLDOUT_STREAM, seeded_generator
 from pipeline.checkpoints import CHECKPOINT, check_resume, checkpoint_payload, load_checkpoint, save_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.devices import resolve_amp, resolve_device
-from pipeline.engine import CoarseBoxes, OnProgress, Precision, TrainForward, predict_outcomes, train_one_epoch
+from pipeline.engine import (
+    BoxOutcomes,
+    CoarseBoxes,
+    OnProgress,
+    Precision,
+    TrainForward,
+    predict_outcomes,
+    train_one_epoch,
+)
 from pipeline.errors import RefineError
 from pipeline.features import (
     FeatureDataset,
@@ -51,7 +59,7 @@ from pipeline.jsonio import write_json
 from pipeline.metrics import improved, iou_summary
 from pipeline.refiner import RefinerConfig, SimilarityCascadeRefiner, build_refiner
 from pipeline.sampler import EpochShuffle
-from pipeline.score import fit_score
+from pipeline.score import BoxScore, fit_score
 from pipeline.store import FeatureStore
 
 METRICS = "train_metrics.json"
@@ -241,6 +249,22 @@ def train_epoch(training: Training, epoch: int, progress: OnProgress | None = No
     )
 
 
+def fit_abstention(score: BoxScore, held: BoxOutcomes, max_worse: float) -> dict[str, Any]:
+    """Fit `score` on the held-out boxes and choose its threshold: `choose_min_score`'s figures, with the
+    calibration and the ridge chosen. The out-of-fold logits, as new images would get them, are calibrated
+    and choose the threshold, among the scores computed exactly as `apply` will."""
+    better = improved(held.iou_coarse, held.iou_refined)
+    fit = fit_score(held.evidence, better, held.image_id)
+    calibration = fit_calibration(fit.out_of_fold, better)
+    score.install(fit, calibration)
+    held_score = score.probability(fit.out_of_fold.to(score.calibration.device)).cpu()
+    return {
+        **choose_min_score(held.iou_coarse, held.iou_refined, held_score, max_worse, held.image_id),
+        "calibration": {"scale": float(calibration[0]), "bias": float(calibration[1])},
+        "ridge": fit.ridge,
+    }
+
+
 def run_epoch(training: Training, epoch: int, progress: OnProgress | None = None) -> dict[str, Any]:
     """Train one epoch (0-based), choose the abstention threshold on the held-out images, then validate:
     {epoch (1-based), train_loss, abstention (`choose_min_score`), val (`iou_summary`, every box refined,
@@ -257,19 +281,7 @@ def run_epoch(training: Training, epoch: int, progress: OnProgress | None = None
     last = epoch + 1 == config.epochs
     held_boxes = replace(training.holdout_boxes, copies=FINAL_HOLDOUT_COPIES) if last else training.holdout_boxes
     held = outcomes(training.holdout_loader, held_boxes, "hold-out")
-    # The score is fitted on the held-out boxes; its out-of-fold logits, as new images would get them, are
-    # calibrated and choose the threshold, among the scores computed exactly as `apply` will.
-    better = improved(held.iou_coarse, held.iou_refined)
-    fit = fit_score(held.evidence, better, held.image_id)
-    calibration = fit_calibration(fit.out_of_fold, better)
-    score = training.model.score
-    score.install(fit, calibration)
-    held_score = score.probability(fit.out_of_fold.to(score.calibration.device)).cpu()
-    abstention = {
-        **choose_min_score(held.iou_coarse, held.iou_refined, held_score, config.max_worse, held.image_id),
-        "calibration": {"scale": float(calibration[0]), "bias": float(calibration[1])},
-        "ridge": fit.ridge,
-    }
+    abstention = fit_abstention(training.model.score, held, config.max_worse)
     val = outcomes(training.val_loader, training.val_boxes, "val")
     written = written_iou(val.iou_coarse, val.iou_refined, val.score, abstention["min_score"])
     summary = {**iou_summary(val.iou_coarse, val.iou_refined), "abstained": iou_summary(val.iou_coarse, written)}
