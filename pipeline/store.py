@@ -47,6 +47,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import RefineError
+from pipeline.jsonio import replace_atomically
 from pipeline.shapes import EMBEDDING_SHAPE, PLANE_SHAPE
 from pipeline.store_index import INDEX_FILE, Entry, EntryIndex, file_stamp, parse_commit
 from pipeline.segment_layout import (
@@ -158,26 +159,12 @@ class FeatureStore:
                 return False
             except OSError as error:
                 raise RefineError(f"{self.url}: cannot write {relative} ({error.strerror or error})") from None
-        temporary = f"{target}.{secrets.token_hex(6)}.partial"
+        temporary = Path(f"{target}.{secrets.token_hex(6)}.partial")
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(temporary, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if not exclusive:
-                os.replace(temporary, target)
-                return True
-            try:
-                os.link(temporary, target)  # fails if the target exists: first creator wins
-                return True
-            except FileExistsError:
-                return False
+            return replace_atomically(Path(target), temporary, data, exclusive=exclusive)
         except OSError as error:  # a full disk, a read-only store: the old content stays as it was
             raise RefineError(f"{self.url}: cannot write {relative} ({error.strerror or error})") from None
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)  # never leave a temporary behind, also when the write failed
 
     def list_names(self, relative: str) -> list[str]:
         try:

@@ -295,8 +295,11 @@ def deadly(real):
 # Both count the same small files: root, namespace, first commit, then the second commit.
 if sys.argv[1] == "after-shards":  # before the second commit starts: its batch's shards are on disk
     store.FeatureStore.write_json_atomic = deadly(store.FeatureStore.write_json_atomic)
-else:  # on the fsync of the second commit's temporary
-    store.os.fsync = deadly(os.fsync)
+else:  # on the fsync of the second commit's temporary (files only: each rename's folder is flushed too)
+    import stat
+    file_fsync = deadly(os.fsync)
+    real_fsync = os.fsync
+    os.fsync = lambda fd: file_fsync(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else real_fsync(fd)
 from stages.cli import app
 app(sys.argv[3:])
 """

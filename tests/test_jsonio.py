@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import RefineError
-from pipeline.jsonio import remove_leftovers, write_json
+from pipeline.jsonio import remove_leftovers, replace_atomically, write_json
 
 
 def test_write_json_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -53,3 +53,18 @@ def test_a_write_removes_what_killed_writers_left_and_never_a_live_writers_tempo
     finally:
         live.kill()
         live.wait()
+
+
+def test_an_exclusive_write_creates_once_and_keeps_the_first(tmp_path: Path) -> None:
+    target = tmp_path / "commit.json"
+    assert replace_atomically(target, tmp_path / "a.partial", b"first", exclusive=True)
+    assert not replace_atomically(target, tmp_path / "b.partial", b"second", exclusive=True)
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["commit.json"]
+
+
+def test_every_file_write_that_must_survive_a_crash_goes_through_the_one_writer() -> None:
+    """Only pipeline/jsonio.py flushes files to disk; the review page swaps whole folders by rename."""
+    repo = Path(__file__).resolve().parents[1]
+    flushing = sorted(p.name for p in (repo / "pipeline").rglob("*.py") if "os.fsync(" in p.read_text())
+    assert flushing == ["jsonio.py"]
