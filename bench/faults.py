@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.store import FeatureStore
-from pipeline.store_report import verify_store
+from pipeline.store import FeatureStore, Namespace
+from pipeline.store.report import verify_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def rows_by_key(store: Path) -> Counter:
 def digests(store: Path) -> dict[str, str]:
     opened = FeatureStore(store)
     (fingerprint,) = opened.fingerprints()
-    return {key: entry.digest for key, entry in opened.namespace(fingerprint).entries().items()}
+    return {key: entry.digest for key, entry in Namespace.open(opened, fingerprint).entries().items()}
 
 
 def orphans(store: Path) -> list[str]:

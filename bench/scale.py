@@ -30,7 +30,7 @@ from typing import Any
 from pipeline.config import TrainConfig
 from pipeline.demo_data import make_demo_dataset
 from pipeline.extract import ExtractConfig, run_extract
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, Namespace
 from pipeline.train import run_train
 
 from results_file import write_and_show  # bench/, next to this script
@@ -112,7 +112,7 @@ def stores(images: Path, annotations: Path, work: Path, endpoint: str) -> dict[s
     results: dict[str, Any] = {}
     for name, store in (("local", str(work / "local.zarr")), ("s3", "s3://bench/features.zarr")):
         summary = run_extract(ExtractConfig(images, store, annotations=annotations, workers=1))
-        namespace = FeatureStore(store).namespace(summary.fingerprint)
+        namespace = Namespace.open(FeatureStore(store), summary.fingerprint)
         started = time.perf_counter()
         for entry in namespace.entries().values():
             namespace.read(entry, check=True)

@@ -35,7 +35,7 @@ from pipeline.extract import ExtractConfig, run_extract
 from pipeline.refiner import RefinerConfig, build_refiner
 from pipeline.snap import DECODER_BATCH, build_snapper, masks_to_rle, snap_boxes
 from pipeline.store import Entry, FeatureStore, Namespace
-from pipeline.store_writer import SegmentWriter
+from pipeline.store.writer import SegmentWriter
 
 from results_file import write_and_show  # bench/, next to this script
 
@@ -65,7 +65,7 @@ def vit_h_shaped(store: FeatureStore, work: list[tuple[str, Entry, Tensor]]) -> 
         **identity.provenance(),
         "weights_description": "synthetic random features of vit_h's shapes (bench/snap.py), not an extraction",
     }
-    namespace = store.ensure_namespace(provenance)
+    namespace = Namespace.ensure(store, provenance)
     channels = ENCODERS["vit_h"].early_channels
     writer = SegmentWriter(namespace, channels, shard_rows=1, planes=False)
     rng = np.random.default_rng(0)
@@ -139,7 +139,7 @@ def main() -> None:
         )
         fingerprint = run_extract(config).fingerprint
         store = FeatureStore(store_path)
-        tiny = store.namespace(fingerprint)
+        tiny = Namespace.open(store, fingerprint)
         keyed = coarse_work(tiny, annotations)
         work = [(entry, boxes) for _, entry, boxes in keyed]
         vit_h = vit_h_shaped(store, keyed)

@@ -32,10 +32,10 @@ import orjson
 from pipeline.apply import image_entries
 from pipeline.features import load_split
 from pipeline.manifest import ManifestImage, dataset_manifest
-from pipeline.segment_layout import CURRENT_LAYOUT
+from pipeline.store.layouts import CURRENT_LAYOUT
 from pipeline.store import FeatureStore, Namespace
-from pipeline.store_writer import SEGMENT_ROWS
-from pipeline.store_index import INDEX_FILE
+from pipeline.store.writer import SEGMENT_ROWS
+from pipeline.store.index import INDEX_FILE
 
 from results_file import peak_rss_mib, write_and_show  # bench/, next to this script
 
@@ -47,7 +47,7 @@ CHANNELS = 1280  # vit_h
 def generate(store_path: Path, entries: int, seed: int, coco: bool) -> None:
     rng = np.random.default_rng(seed)
     store = FeatureStore(store_path, create=True)
-    namespace = store.ensure_namespace({"fingerprint": FINGERPRINT, "model_type": "vit_h", "early_channels": CHANNELS})
+    namespace = Namespace.ensure(store, {"fingerprint": FINGERPRINT, "model_type": "vit_h", "early_channels": CHANNELS})
     sizes = rng.integers(200, 4000, size=(300, 2))  # a few hundred distinct (height, width)
     picks = rng.integers(0, len(sizes), size=entries)
     keys = [f"{value:032x}" for value in rng.integers(0, 2**63, size=entries, dtype=np.int64).tolist()]

@@ -30,10 +30,11 @@ import torch
 
 from pipeline.encoder import ENCODERS
 from pipeline.features import FeatureDataset, ImageBoxes, feature_loader
-from pipeline.segment_layout import shard_file
-from pipeline.store import EARLY, EMBEDDING, FeatureStore, Namespace
-from pipeline.store_legacy import mark_version_1, write_legacy_segment
-from pipeline.store_writer import SegmentWriter
+from pipeline.store import FeatureStore, Namespace
+from pipeline.store.layouts import EARLY, EMBEDDING
+from pipeline.store.shards import shard_file
+from pipeline.store.legacy import mark_version_1, write_legacy_segment
+from pipeline.store.writer import SegmentWriter
 
 from results_file import write_and_show  # bench/, next to this script
 
@@ -56,7 +57,7 @@ def write_stores(root: Path, embedding: np.ndarray, early: np.ndarray) -> dict[s
     seconds = {}
     for name in ("current", "legacy"):
         store = FeatureStore(root / f"{name}.zarr", create=True)
-        namespace = store.ensure_namespace({"fingerprint": "bench", "early_channels": early.shape[1]})
+        namespace = Namespace.ensure(store, {"fingerprint": "bench", "early_channels": early.shape[1]})
         started = time.perf_counter()
         if name == "current":
             writer = SegmentWriter(namespace, early.shape[1], SHARD_ROWS, planes=False)

@@ -34,8 +34,8 @@ from pipeline.encoder import ENCODERS, FeatureEncoder, build_encoder, identity_f
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.features import FeatureDataset
 from pipeline.images import prepare, stride4_plane
-from pipeline.store import FeatureStore
-from pipeline.store_writer import SegmentWriter
+from pipeline.store import FeatureStore, Namespace
+from pipeline.store.writer import SegmentWriter
 from pipeline.engine import TrainProgress
 from pipeline.train import prepare_training, train_epoch
 
@@ -104,7 +104,7 @@ def with_shapes(store: Path, fingerprint: str, encoder: str, seed: int = 0) -> s
     """The entries and manifests of one namespace written again into a new one, with random features of
     `encoder`'s shapes (same keys and sizes); returns the new fingerprint."""
     opened = FeatureStore(store)
-    source = opened.namespace(fingerprint)
+    source = Namespace.open(opened, fingerprint)
     channels = ENCODERS[encoder].early_channels
     provenance = {
         **source.provenance,
@@ -113,7 +113,7 @@ def with_shapes(store: Path, fingerprint: str, encoder: str, seed: int = 0) -> s
         "early_channels": channels,
         "weights_description": f"synthetic random features of {encoder}'s shapes (bench/train.py)",
     }
-    target = opened.ensure_namespace(provenance)
+    target = Namespace.ensure(opened, provenance)
     writer = SegmentWriter(target, channels, shard_rows=4)
     rng = np.random.default_rng(seed)
     entries = sorted(source.entries().values(), key=lambda entry: entry.key)

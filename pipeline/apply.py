@@ -22,7 +22,7 @@ from pipeline.errors import RefineError
 from pipeline.manifest import manifest_images
 from pipeline.refiner import SimilarityCascadeRefiner
 from pipeline.store import Entry, FeatureStore, Namespace
-from pipeline.store_index import EntryIndex
+from pipeline.store.index import EntryIndex
 
 
 def load_model(path: Path, store: FeatureStore) -> tuple[SimilarityCascadeRefiner, Namespace, dict[str, Any]]:
@@ -37,7 +37,7 @@ def load_model(path: Path, store: FeatureStore) -> tuple[SimilarityCascadeRefine
             f"{path}: was trained on features of encoder {fingerprint} ({checkpoint['encoder']['model_type']}), "
             f"but {store.url} holds none of them (it has: {known}); extract with that encoder first"
         )
-    return refiner_from_checkpoint(checkpoint), store.namespace(fingerprint), checkpoint
+    return refiner_from_checkpoint(checkpoint), Namespace.open(store, fingerprint), checkpoint
 
 
 @torch.inference_mode()

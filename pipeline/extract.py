@@ -36,9 +36,9 @@ from pipeline.extract_writer import BackgroundWriter, writer_threads
 from pipeline.jsonio import write_json
 from pipeline.manifest import ManifestImage, Sizes, dataset_manifest
 from pipeline.images import stride4_plane
-from pipeline.segment_layout import PLANE_LAYOUT
+from pipeline.store.layouts import LAYOUTS
 from pipeline.store import Entry, FeatureStore, Namespace
-from pipeline.store_writer import SegmentWriter
+from pipeline.store.writer import SegmentWriter
 
 
 @dataclass
@@ -89,7 +89,7 @@ def run_extract(config: ExtractConfig, progress: OnProgress | None = None) -> Ex
     dataset_name, items = list_images(config.images, config.annotations, config.dataset)
     identity = identity_for(config.encoder, config.checkpoint, config.seed)
     store = FeatureStore(config.store, create=True)
-    namespace = store.ensure_namespace(identity.provenance())
+    namespace = Namespace.ensure(store, identity.provenance())
     summary = ExtractSummary(dataset_name, identity.fingerprint, identity.describe_weights(), identity.random_init)
     summary.images = len(items)
     main = distributed.is_main()
@@ -98,8 +98,8 @@ def run_extract(config: ExtractConfig, progress: OnProgress | None = None) -> Ex
     scanned, damaged_commits = namespace.scan()
     # Extract keeps sizes by key anyway, and drops the damaged ones from it. An entry of an older layout has
     # no stride-4 plane and only the image can give it one: a miss, recomputed into the current layout.
-    committed = {key: entry for key, entry in scanned.items() if entry.layout == PLANE_LAYOUT}
-    older = frozenset(key for key, entry in scanned.items() if entry.layout != PLANE_LAYOUT)
+    committed = {key: entry for key, entry in scanned.items() if LAYOUTS[entry.layout].has_plane}
+    older = frozenset(key for key in scanned if key not in committed)
     summary.repaired.extend(damaged_commits)  # their entries are unknown, so they are misses: recomputed
 
     device = resolve_device(config.device)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from pipeline.errors import RefineError
-from pipeline.store_writer import SegmentWriter
+from pipeline.store.writer import SegmentWriter
 
 
 def writer_threads(device: torch.device) -> int:

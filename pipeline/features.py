@@ -26,9 +26,10 @@ from pipeline.boxes import coco_to_xyxy, jitter_boxes, match_to_ground_truth, no
 from pipeline.coco import load_coco, load_detections
 from pipeline.errors import RefineError
 from pipeline.manifest import manifest_images
-from pipeline.segment_layout import PLANE_LAYOUT
+from pipeline.store.layouts import LAYOUTS
 from pipeline.shapes import FEATURE_STRIDE
-from pipeline.store import Entry, FeatureStore, Namespace, recompute_command
+from pipeline.store import Entry, FeatureStore, Namespace
+from pipeline.store.namespace import recompute_command
 
 # A detection counts as a coarse version of the ground-truth box it overlaps this much (IoU).
 MATCH_IOU = 0.5
@@ -74,7 +75,7 @@ class Split:
 def resolve_namespace(store: FeatureStore, dataset: str, fingerprint: str | None) -> Namespace:
     """The namespace holding `dataset`; with several candidates the caller must name a fingerprint."""
     if fingerprint is not None:
-        namespace = store.namespace(fingerprint)
+        namespace = Namespace.open(store, fingerprint)
         namespace.dataset(dataset)  # fails clearly, listing the datasets it has
         return namespace
     holders = [fp for fp in store.fingerprints() if dataset in Namespace(store, fp).dataset_names()]
@@ -228,7 +229,7 @@ class FeatureDataset(Dataset):
 def require_planes(store_url: str, splits: list[Split]) -> None:
     """Refuse, in one line naming the command that adds them, splits with entries of a layout without planes."""
     for split in splits:
-        lacking = [image for image in split.images if image.entry.layout != PLANE_LAYOUT]
+        lacking = [image for image in split.images if not LAYOUTS[image.entry.layout].has_plane]
         if lacking:
             raise RefineError(
                 f"{store_url}: {len(lacking)} image(s) of dataset {split.dataset!r} have no stride-4 plane (extracted "

@@ -109,7 +109,7 @@ def snap_namespace(store: FeatureStore, checkpoint: Path | None, model_type: str
     weights = f"sha256:{sha256_file(checkpoint)}" if checkpoint is not None else None
     matches = []
     for fingerprint in store.fingerprints():
-        namespace = store.namespace(fingerprint)
+        namespace = Namespace.open(store, fingerprint)
         variant = model_type or namespace.provenance.get("model_type")
         if variant not in ENCODERS:
             continue
@@ -120,7 +120,7 @@ def snap_namespace(store: FeatureStore, checkpoint: Path | None, model_type: str
     source = checkpoint if checkpoint is not None else "random init"
     if not matches:
         held = ", ".join(
-            f"{f} ({store.namespace(f).provenance.get('weights_description', '?')})" for f in store.fingerprints()
+            f"{f} ({Namespace.open(store, f).provenance.get('weights_description', '?')})" for f in store.fingerprints()
         )
         raise RefineError(
             f"{source}: {store.url} holds no features of these weights (it has: {held or 'none'}); snap with the "

@@ -10,7 +10,7 @@ import typer
 from stages.common import console, domain_errors, err_console
 from stages.options import finite
 
-# `store gc`'s default grace period, pipeline.store_gc.DEFAULT_GRACE_S (a test keeps them equal); written
+# `store gc`'s default grace period, pipeline.store.gc.DEFAULT_GRACE_S (a test keeps them equal); written
 # out here so that `--help` does not import zarr.
 DEFAULT_GRACE_S = 3600.0
 
@@ -26,7 +26,7 @@ def info(
 ) -> None:
     """Namespaces (one per encoder identity) with provenance, entry counts by layout, datasets and bytes on disk."""
     from pipeline.store import FeatureStore
-    from pipeline.store_report import store_info
+    from pipeline.store.report import store_info
 
     with domain_errors():
         report = store_info(FeatureStore(store))
@@ -61,7 +61,7 @@ def verify(store: StorePath) -> None:
     """Read every committed entry and check shape, dtype, finiteness, digest and the dataset manifests."""
     from pipeline.errors import RefineError
     from pipeline.store import FeatureStore
-    from pipeline.store_report import verify_store
+    from pipeline.store.report import verify_store
 
     with domain_errors():
         checked, problems = verify_store(FeatureStore(store))
@@ -96,7 +96,7 @@ def gc(
 ) -> None:
     """Remove segments and shards no commit references, duplicate copies of a key and stale temporary files."""
     from pipeline.store import FeatureStore
-    from pipeline.store_gc import collect_garbage
+    from pipeline.store.gc import collect_garbage
 
     with domain_errors():
         report = collect_garbage(FeatureStore(store), grace, dry_run, drop_damaged)
@@ -125,7 +125,7 @@ def migrate(store: StorePath) -> None:
     re-run continues.
     """
     from pipeline.store import FeatureStore
-    from pipeline.store_migrate import migrate_store
+    from pipeline.store.migrate import migrate_store
 
     from stages.progress import StatusLines
 

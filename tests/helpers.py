@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.store import Namespace
-from pipeline.store_writer import SegmentWriter
+from pipeline.store.writer import SegmentWriter
 
 EARLY_CHANNELS = 160  # vit_tiny's early channels: the gc tests write synthetic features, no encoder
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.extract import ExtractConfig, run_extract
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, Namespace
 from tests.helpers import write_coco
 
 
@@ -19,12 +19,14 @@ def test_compiled_extract_stores_the_eager_features(base_dataset, tmp_path):
     summary = run_extract(config)
     assert summary.computed == 1 and not summary.failed
 
-    eager = FeatureStore(base_dataset["store"]).namespace(summary.fingerprint)  # the same namespace: same identity
-    compiled = FeatureStore(store).namespace(summary.fingerprint)
+    eager = Namespace.open(
+        FeatureStore(base_dataset["store"]), summary.fingerprint
+    )  # the same namespace: same identity
+    compiled = Namespace.open(FeatureStore(store), summary.fingerprint)
     ((key, entry),) = compiled.entries().items()
     for stored, expected in zip(compiled.read(entry), eager.read(eager.entries()[key]), strict=True):
         np.testing.assert_allclose(stored.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=2e-3)
     # How the features were computed is recorded with the segment, not in the fingerprint.
     (segment,) = compiled.commit_names()
-    recorded = compiled.read_commit(segment)["computed_with"]
+    recorded = compiled.read_commit(segment).computed_with
     assert recorded == {"device": "cpu", "autocast": "off", "fused_attention": True, "compiled": True}

@@ -50,7 +50,7 @@ def one_thread() -> Iterator[None]:
 def only_namespace(store: Path | str) -> Namespace:
     opened = FeatureStore(store)
     (fingerprint,) = opened.fingerprints()
-    return opened.namespace(fingerprint)
+    return Namespace.open(opened, fingerprint)
 
 
 def test_shares_partition_the_keys_and_the_epoch() -> None:

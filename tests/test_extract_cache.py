@@ -14,7 +14,7 @@ import pipeline.extract
 from pipeline.manifest import manifest_images
 from pipeline.encoder import ENCODERS, build_encoder, identity_for
 from pipeline.extract import ExtractConfig, run_extract
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, Namespace
 from tests.helpers import files_under, write_coco
 
 
@@ -58,7 +58,7 @@ def test_renamed_moved_and_copied_images_are_hits(dataset, encoder_calls):
     summary = extract(dataset, annotations=annotations)
     assert encoder_calls == []
     assert (summary.images, summary.unique, summary.hits, summary.computed) == (5, 4, 4, 0)
-    manifest = FeatureStore(dataset["store"]).namespace(summary.fingerprint).dataset("moved")
+    manifest = Namespace.open(FeatureStore(dataset["store"]), summary.fingerprint).dataset("moved")
     images = manifest_images(manifest, "test")
     keys = dict(zip(images.file_names, images.keys, strict=True))
     assert keys["copy-of-third.png"] == keys[third.name]
@@ -82,7 +82,7 @@ def test_new_images_only_are_encoded_and_manifest_grows(dataset, encoder_calls):
     annotations = write_coco(dataset["annotations"], dataset["images"], files)
     summary = extract(dataset, annotations=annotations)
     assert sum(encoder_calls) == 1 and summary.hits == 4
-    manifest = FeatureStore(dataset["store"]).namespace(summary.fingerprint).dataset("train")
+    manifest = Namespace.open(FeatureStore(dataset["store"]), summary.fingerprint).dataset("train")
     assert extra[0].name in manifest_images(manifest, "test").file_names
 
 
@@ -104,12 +104,12 @@ def test_other_checkpoint_or_seed_goes_to_another_namespace(dataset, tmp_path, e
     # The checkpoint path loads exactly the weights it was saved from.
     read = {}
     for summary in (with_checkpoint, with_seed):
-        namespace = store.namespace(summary.fingerprint)
+        namespace = Namespace.open(store, summary.fingerprint)
         read[summary.fingerprint] = namespace.read(next(iter(namespace.entries().values())))
     a, b = read.values()
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
-    provenance = store.namespace(with_checkpoint.fingerprint).provenance
+    provenance = Namespace.open(store, with_checkpoint.fingerprint).provenance
     assert provenance["checkpoint_name"] == "sam_hq_vit_tiny.pth" and provenance["random_init"] is False
     assert str(tmp_path) not in str(provenance)  # no machine paths in the store
 
@@ -122,7 +122,7 @@ def test_each_encoder_type_has_its_own_fingerprint():
 def test_entries_hold_float16_features_and_sizes(base_dataset):
     store = FeatureStore(base_dataset["store"])
     (fingerprint,) = store.fingerprints()
-    namespace = store.namespace(fingerprint)
+    namespace = Namespace.open(store, fingerprint)
     manifest = namespace.dataset("train")
     entries = namespace.entries()
     for key, file in zip(manifest_images(manifest, "test").keys, base_dataset["files"], strict=True):
@@ -143,7 +143,7 @@ def test_features_match_a_fresh_encoder_forward(base_dataset):
     from pipeline.images import prepare
 
     store = FeatureStore(base_dataset["store"])
-    namespace = store.namespace(store.fingerprints()[0])
+    namespace = Namespace.open(store, store.fingerprints()[0])
     images = manifest_images(namespace.dataset("train"), "test")
     pixels, _, resized = prepare(base_dataset["images"] / images.file_names[0])
     model = FeatureEncoder(build_encoder(identity_for("vit_tiny", None), None))

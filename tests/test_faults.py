@@ -19,9 +19,9 @@ import pytest
 
 from pipeline.encoder import identity_for
 from pipeline.store import FeatureStore, Namespace
-from pipeline.store_gc import collect_garbage
-from pipeline.store_index import INDEX_FILE
-from pipeline.store_report import verify_store
+from pipeline.store.gc import collect_garbage
+from pipeline.store.index import INDEX_FILE
+from pipeline.store.report import verify_store
 from tests.helpers import assert_clean_error, features, orphans, rows_by_key, write, write_coco, write_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def refine(*args: object) -> list[str]:
 def messy_store(tmp_path: Path) -> tuple[Path, Namespace]:
     """A store with every kind of garbage a killed or racing writer leaves behind."""
     store = FeatureStore(tmp_path / "store.zarr", create=True)
-    namespace = store.ensure_namespace(identity_for("vit_tiny", None).provenance())
+    namespace = Namespace.ensure(store, identity_for("vit_tiny", None).provenance())
     commits = tmp_path / "store.zarr" / namespace.fingerprint / "commits"
     first = write(namespace, ["k1", "k2"], seed=1)
     committed = next(commits.glob("*.json")).read_text()
@@ -176,7 +176,7 @@ def test_damage_is_named_refused_by_train_and_recomputed_by_extract(kind, cli, d
         assert cli(*named_repair(train.stderr)).exit_code == 0
     assert cli("store", "verify", store).exit_code == 0
     opened = FeatureStore(store)
-    after = {key: entry.digest for key, entry in opened.namespace(opened.fingerprints()[0]).entries().items()}
+    after = {key: entry.digest for key, entry in Namespace.open(opened, opened.fingerprints()[0]).entries().items()}
     assert after == before  # the recomputed entries equal the originals, and they are what readers get
 
 

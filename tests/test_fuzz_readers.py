@@ -29,8 +29,8 @@ from pipeline.errors import RefineError
 from pipeline.features import load_split
 from pipeline.images import load_rgb
 from pipeline.store import Entry, FeatureStore, Namespace
-from pipeline.store_index import INDEX_FILE
-from pipeline.store_report import verify_store
+from pipeline.store.index import INDEX_FILE
+from pipeline.store.report import verify_store
 from tests.fuzzing import (
     FUZZ,
     FUZZ_SLOW,
@@ -135,7 +135,7 @@ def test_images_are_decoded_or_refused_in_one_line(tmp_path: Path, format: str, 
 # -- the store's records ------------------------------------------------------------------------------------
 def _namespace(store: Path) -> Namespace:
     opened = FeatureStore(store)
-    return opened.namespace(opened.fingerprints()[0])
+    return Namespace.open(opened, opened.fingerprints()[0])
 
 
 def _reads(namespace: Namespace) -> dict[str, bytes]:

@@ -21,7 +21,7 @@ TRAINING_OR_EXTRACTION = {
     "pipeline.extract_writer",
     "pipeline.encoder",
     "pipeline.attention",
-    "pipeline.store_writer",
+    "pipeline.store.writer",
     "segment_anything_hq",
 }
 # Snap runs HQ-SAM's own prompt encoder and mask decoder with the weights that made the features.
@@ -50,9 +50,9 @@ def test_snap_loads_no_training_or_extraction_code(base_dataset: dict) -> None:
         "import torch\n"
         "from pipeline.apply import image_entries\n"
         "from pipeline.snap import build_snapper, snap_boxes\n"
-        "from pipeline.store import FeatureStore\n"
+        "from pipeline.store import FeatureStore, Namespace\n"
         "store = FeatureStore(sys.argv[1])\n"
-        "namespace = store.namespace(store.fingerprints()[0])\n"
+        "namespace = Namespace.open(store, store.fingerprints()[0])\n"
         "entries = image_entries(namespace, None)\n"
         "entry = entries[next(iter(entries))][1]\n"
         "box = torch.tensor([[1.0, 1.0, 20.0, 20.0]])\n"

@@ -20,7 +20,7 @@ from pipeline.boxes import valid_boxes
 from pipeline.coco import BORDER_SLACK, load_coco, load_detections
 from pipeline.errors import RefineError
 from pipeline.refiner import RefinerConfig, build_refiner
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, Namespace
 
 # JSON values of every type, and numbers that break naive code (NaN, inf, huge, negative, bool).
 numbers = st.one_of(
@@ -154,7 +154,7 @@ def test_a_refiner_with_any_weights_returns_valid_boxes(
 ) -> None:
     """However wrong its weights, what `apply` writes is a valid box inside the image."""
     store = FeatureStore(base_dataset["store"])
-    namespace = store.namespace(store.fingerprints()[0])
+    namespace = Namespace.open(store, store.fingerprints()[0])
     entry = data.draw(st.sampled_from(sorted(namespace.entries().values(), key=lambda e: e.key)))
     height, width = entry.original_size
     torch.manual_seed(seed)

@@ -17,10 +17,10 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from conftest import write_coco, write_images
-from pipeline.store import FeatureStore
-from pipeline.store_writer import SegmentWriter
-from pipeline.store_gc import collect_garbage
-from pipeline.store_report import verify_store
+from pipeline.store import FeatureStore, Namespace
+from pipeline.store.writer import SegmentWriter
+from pipeline.store.gc import collect_garbage
+from pipeline.store.report import verify_store
 from pipeline.checkpoints import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def test_s3_store_sees_other_writers_and_creates_exclusively(s3_bucket: str) -> 
 
 def test_s3_gc_removes_an_orphan_segment(s3_bucket: str, cli) -> None:
     store = FeatureStore(f"s3://{s3_bucket}/features.zarr", create=True)
-    namespace = store.ensure_namespace({"fingerprint": "f00d", "model_type": "vit_tiny", "early_channels": 2})
+    namespace = Namespace.ensure(store, {"fingerprint": "f00d", "model_type": "vit_tiny", "early_channels": 2})
     writer = SegmentWriter(namespace, early_channels=2, shard_rows=1, planes=False)
     embedding, early = np.ones((1, 256, 64, 64), np.float16), np.ones((1, 2, 64, 64), np.float16)
     writer.write_batch(["ab"], embedding, early, [(10, 10)], [(1024, 1024)])
@@ -154,7 +154,7 @@ def test_missing_remote_store_is_one_line_error(s3_bucket: str, cli) -> None:
 
 def test_memory_store_gc_knows_object_ages() -> None:
     store = FeatureStore(f"memory://refine-{uuid.uuid4().hex[:8]}/features.zarr", create=True)
-    namespace = store.ensure_namespace({"fingerprint": "f00d", "model_type": "vit_tiny", "early_channels": 2})
+    namespace = Namespace.ensure(store, {"fingerprint": "f00d", "model_type": "vit_tiny", "early_channels": 2})
     SegmentWriter(namespace, early_channels=2, shard_rows=1, planes=False).write_batch(
         ["ab"], np.ones((1, 256, 64, 64), np.float16), np.ones((1, 2, 64, 64), np.float16), [(10, 10)], [(1024, 1024)]
     )

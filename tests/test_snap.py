@@ -19,7 +19,7 @@ from pipeline.errors import RefineError
 from pipeline.images import load_rgb, resized_shape
 from pipeline.snap import MASK_THRESHOLD, build_snapper, masks_to_rle, snap_boxes, tight_boxes
 from pipeline.store import Entry, FeatureStore, Namespace
-from pipeline.store_writer import SegmentWriter
+from pipeline.store.writer import SegmentWriter
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the package imports timm through paths timm has deprecated
@@ -35,7 +35,7 @@ BATCH_ROUNDING = 1e-4
 
 def tiny_namespace(base_dataset: dict) -> Namespace:
     store = FeatureStore(base_dataset["store"])
-    return store.namespace(store.fingerprints()[0])
+    return Namespace.open(store, store.fingerprints()[0])
 
 
 def first_entry(namespace: Namespace) -> Entry:
@@ -47,7 +47,7 @@ def synthetic_namespace(root: Path, model_type: str, size: tuple[int, int] = (90
     """A namespace of `model_type`'s random init holding one entry of random features at the real scales
     (embedding std ~1, early feature ~0.003): a vit_b extraction would take a minute on CPU."""
     identity = identity_for(model_type, None)
-    namespace = FeatureStore(root / "features.zarr", create=True).ensure_namespace(identity.provenance())
+    namespace = Namespace.ensure(FeatureStore(root / "features.zarr", create=True), identity.provenance())
     rng = np.random.default_rng(0)
     embedding = rng.standard_normal((1, 256, 64, 64), dtype=np.float32).astype(np.float16)
     early = (rng.standard_normal((1, identity.early_channels, 64, 64), dtype=np.float32) * 0.003).astype(np.float16)
@@ -196,7 +196,7 @@ def test_a_checkpoint_loads_its_own_decoder_weights(tmp_path: Path) -> None:
     weights = build_seeded_sam("vit_tiny", seed=7).state_dict()
     torch.save({"model": weights}, checkpoint)  # a wrapped state dict, as training scripts save them
     store = FeatureStore(tmp_path / "features.zarr", create=True)
-    namespace = store.ensure_namespace(identity_for("vit_tiny", checkpoint).provenance())
+    namespace = Namespace.ensure(store, identity_for("vit_tiny", checkpoint).provenance())
     snapper = build_snapper(namespace, checkpoint)
     loaded = snapper.state_dict()
     assert loaded and all(torch.equal(value, weights[key]) for key, value in loaded.items())
@@ -216,7 +216,7 @@ def test_a_damaged_or_partial_checkpoint_is_one_line_naming_the_file(base_datase
     store = FeatureStore(tmp_path / "features.zarr", create=True)
     for checkpoint in (garbage, truncated, encoder_only):
         # Each in a namespace of its own, so that only the file itself can be wrong.
-        own = store.ensure_namespace(identity_for("vit_tiny", checkpoint).provenance())
+        own = Namespace.ensure(store, identity_for("vit_tiny", checkpoint).provenance())
         with pytest.raises(RefineError) as error:
             build_snapper(own, checkpoint)
         assert one_line_error(error).startswith(f"{checkpoint}: ")

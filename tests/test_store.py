@@ -16,7 +16,8 @@ import zarr
 from pipeline.manifest import manifest_images
 from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.images import content_key, prepare, stride4_plane
-from pipeline.store import FeatureStore, all_finite, entry_digest
+from pipeline.store import FeatureStore, Namespace
+from pipeline.store.layouts import CURRENT_LAYOUT, LAYOUTS, all_finite
 from tests.helpers import orphans, rows_by_key, write_coco, write_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def fresh_digests(files: list[Path]) -> dict[str, str]:
         pixels, _, resized = prepare(path)
         with torch.inference_mode():
             embedding, early = encoder(torch.from_numpy(pixels)[None], torch.tensor([resized]))
-        digests[content_key(path.read_bytes())] = entry_digest(
+        digests[content_key(path.read_bytes())] = LAYOUTS[CURRENT_LAYOUT].digest(
             embedding[0].to(torch.float16).numpy(), early[0].to(torch.float16).numpy(), stride4_plane(pixels[None])[0]
         )
     return digests
@@ -53,7 +54,7 @@ def fresh_digests(files: list[Path]) -> dict[str, str]:
 def stored_digests(store: Path) -> dict[str, str]:
     opened = FeatureStore(store)
     (fingerprint,) = opened.fingerprints()
-    return {key: entry.digest for key, entry in opened.namespace(fingerprint).entries().items()}
+    return {key: entry.digest for key, entry in Namespace.open(opened, fingerprint).entries().items()}
 
 
 def test_info_json_lists_namespaces_with_entries_and_datasets(cli, base_dataset):
@@ -85,7 +86,7 @@ def test_verify_names_damaged_entries(cli, dataset):
 def test_verify_detects_silently_changed_bytes(cli, dataset):
     """A flipped byte that still decodes is caught by the per-entry digest."""
     store = FeatureStore(dataset["store"])
-    namespace = store.namespace(store.fingerprints()[0])
+    namespace = Namespace.open(store, store.fingerprints()[0])
     entry = min(namespace.entries().values(), key=lambda e: e.row)
     array = zarr.open_array(
         dataset["store"] / namespace.fingerprint / "segments" / entry.segment / "embedding", mode="r+"
@@ -174,7 +175,7 @@ def test_two_concurrent_writers_on_overlapping_images(tmp_path):
         assert process.returncode == 0, stderr
     opened = FeatureStore(store)
     (fingerprint,) = opened.fingerprints()
-    namespace = opened.namespace(fingerprint)
+    namespace = Namespace.open(opened, fingerprint)
     segments = namespace.commit_names()
     assert len(segments) == 2  # each writer committed into its own segment
     assert len(namespace.entries()) == 5

@@ -11,10 +11,10 @@ from pipeline.apply import image_entries
 from pipeline.coco import ImageRecord
 from pipeline.encoder import identity_for
 from pipeline.errors import RefineError
-from pipeline.segment_layout import CURRENT_LAYOUT, LEGACY_LAYOUT
+from pipeline.store.layouts import CURRENT_LAYOUT, LEGACY_LAYOUT
 from pipeline.store import Entry, FeatureStore, Namespace
-from pipeline.store_index import INDEX_FILE
-from pipeline.store_report import verify_store
+from pipeline.store.index import INDEX_FILE
+from pipeline.store.report import verify_store
 from tests.helpers import write
 
 
@@ -47,7 +47,7 @@ def reopen(namespace: Namespace) -> Namespace:
 @pytest.fixture
 def namespace(tmp_path: Path) -> Namespace:
     store = FeatureStore(tmp_path / "store.zarr", create=True)
-    namespace = store.ensure_namespace({"fingerprint": "f" * 16, "early_channels": 8})
+    namespace = Namespace.ensure(store, {"fingerprint": "f" * 16, "early_channels": 8})
     commit(namespace, "0001-a", ["k1", "k2", "k3"], layout=LEGACY_LAYOUT)
     commit(namespace, "0002-b", ["k2", "k4"])  # k2 again: this later copy wins
     commit(namespace, "0003-c", ["k5", "k1"])
@@ -128,7 +128,7 @@ def test_an_index_whose_columns_do_not_match_its_digest_is_ignored(namespace: Na
 
 def test_two_writers_and_the_index_verify_says_when_it_is_damaged(tmp_path: Path) -> None:
     store = FeatureStore(tmp_path / "store.zarr", create=True)
-    namespace = store.ensure_namespace(identity_for("vit_tiny", None).provenance())
+    namespace = Namespace.ensure(store, identity_for("vit_tiny", None).provenance())
     first = write(namespace, ["a1", "a2"], seed=1)
     write(namespace, ["b1", "a2"], seed=2)  # a second writer, its own segment, a later copy of a2
     namespace.write_index()

@@ -4,6 +4,7 @@ and `store migrate` moves them to the current one without losing or changing a b
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,29 +14,32 @@ import zarr
 
 from pipeline.apply import image_entries
 from pipeline.features import load_split
-from pipeline.segment_layout import CURRENT_LAYOUT, LEGACY_LAYOUT, RAW_LAYOUT, shard_file
-from pipeline.store import EARLY, FeatureStore, Namespace
+from pipeline.errors import RefineError
+from pipeline.store import Entry, FeatureStore, Namespace
+from pipeline.store.commit import CommitFile
+from pipeline.store.layouts import CURRENT_LAYOUT, EARLY, LAYOUTS, LEGACY_LAYOUT, RAW_LAYOUT
+from pipeline.store.legacy import legacy_manifest, mark_version_1, write_legacy_segment
+from pipeline.store.shards import shard_file
 from stages.store import DEFAULT_GRACE_S
-from pipeline.store_legacy import legacy_manifest, mark_version_1, write_legacy_segment
 from tests.helpers import orphans
 
 
 def features(store: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     opened = FeatureStore(store)
-    namespace = opened.namespace(opened.fingerprints()[0])
+    namespace = Namespace.open(opened, opened.fingerprints()[0])
     return {key: namespace.read(entry, check=True) for key, entry in namespace.entries().items()}
 
 
 def joins(store: Path, annotations: Path) -> tuple[dict[int, str], list[int]]:
     """What `apply` (image id -> key) and `train` (image ids of the split) make of the dataset's manifest."""
     opened = FeatureStore(store)
-    namespace = opened.namespace(opened.fingerprints()[0])
+    namespace = Namespace.open(opened, opened.fingerprints()[0])
     by_apply = {image_id: pair[1].key for image_id, pair in image_entries(namespace, None).items()}
     return by_apply, [image.image_id for image in load_split(namespace, "train", annotations).images]
 
 
 def make_legacy(store: Path) -> None:
-    """Rewrite a store's namespace as the refine before segment layouts wrote it (pipeline/store_legacy.py)."""
+    """Rewrite a store's namespace as the refine before segment layouts wrote it (pipeline/store/legacy.py)."""
     old = features(store)
     opened = FeatureStore(store)
     fingerprint = opened.fingerprints()[0]
@@ -60,7 +64,7 @@ def make_legacy(store: Path) -> None:
 
 def test_direct_read_equals_zarrs_own_decoding(base_dataset) -> None:
     store = FeatureStore(base_dataset["store"])
-    namespace = store.namespace(store.fingerprints()[0])
+    namespace = Namespace.open(store, store.fingerprints()[0])
     for entry in namespace.entries().values():
         assert entry.layout == CURRENT_LAYOUT
         embedding, early = namespace.read(entry, check=True)
@@ -77,7 +81,7 @@ def test_direct_read_equals_zarrs_own_decoding(base_dataset) -> None:
 
 
 def test_gc_default_in_the_cli_is_the_library_s() -> None:
-    from pipeline.store_gc import DEFAULT_GRACE_S as library_default
+    from pipeline.store.gc import DEFAULT_GRACE_S as library_default
 
     assert DEFAULT_GRACE_S == library_default
 
@@ -164,7 +168,7 @@ def test_namespace_reads_need_no_zarr_array(base_dataset) -> None:
     namespace = Namespace(store, store.fingerprints()[0])
     for entry in namespace.entries().values():
         namespace.read(entry, check=True)
-    assert namespace._arrays == {}
+    assert namespace.files._arrays == {}
 
 
 def test_a_store_without_planes_is_refused_by_train_in_one_line_until_extract_adds_them(cli, dataset) -> None:
@@ -217,3 +221,30 @@ def test_an_entry_plane_is_its_encoder_input_at_stride_4_and_its_digest_covers_i
     shard.write_bytes(bytes(data))
     result = cli("store", "verify", dataset["store"])
     assert result.exit_code == 1 and "does not match its recorded digest" in result.stderr
+
+
+def test_only_the_layouts_module_decides_what_a_layout_number_means() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    deciding = sorted(
+        path.relative_to(repo).as_posix()
+        for folder in ("pipeline", "stages")
+        for path in (repo / folder).rglob("*.py")
+        if re.search(r"layout\s*[!=]=", path.read_text())
+    )
+    assert deciding in ([], ["pipeline/store/layouts.py"])
+
+
+@pytest.mark.parametrize("number", sorted(LAYOUTS))
+def test_a_commit_file_of_every_layout_reads_back_as_written(number: int) -> None:
+    layout = LAYOUTS[number]
+    entry = Entry("k" * 32, "0001-a", 3, (480, 640), (768, 1024), "d" * 32, number, 4, 8, (4096, 8192))
+    commit = CommitFile("0001-a", layout, 4, 8, {"device": "cpu"}, [layout.commit_row(entry)])
+    again = CommitFile.parse(json.loads(json.dumps(commit.to_json())), "0001-a", "c.json")
+    (read,) = again.entries("c.json")
+    expected = entry if layout.mapped else entry._replace(shard_rows=0, early_channels=0, offsets=(0, 0))
+    assert read == expected and again.computed_with == {"device": "cpu"}
+
+
+def test_a_commit_file_of_an_unknown_layout_is_refused_in_one_line() -> None:
+    with pytest.raises(RefineError, match=r"^c\.json has layout 9, which this refine cannot read; use a newer one$"):
+        CommitFile.parse({"layout": 9, "entries": []}, "0001-a", "c.json")

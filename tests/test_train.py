@@ -38,8 +38,8 @@ from pipeline.devices import resolve_amp
 from pipeline.encoder import identity_for
 from pipeline.engine import TrainProgress
 from pipeline.errors import RefineError
-from pipeline.store import FeatureStore
-from pipeline.store_writer import SegmentWriter
+from pipeline.store import FeatureStore, Namespace
+from pipeline.store.writer import SegmentWriter
 from pipeline.train import METRICS, run_train
 from stages.train import train
 
@@ -186,7 +186,7 @@ def test_a_diverging_run_stops_naming_epoch_and_step(base_dataset: dict, tmp_pat
 def test_damaged_features_stop_naming_the_entry(dataset: dict, tmp_path: Path) -> None:
     """A bit flip on disk that makes a stored value infinite is named, not trained on."""
     store = FeatureStore(dataset["store"])
-    namespace = store.namespace(store.fingerprints()[0])
+    namespace = Namespace.open(store, store.fingerprints()[0])
     entry = next(iter(namespace.entries().values()))
     early = zarr.open_array(store.zarr_store, path=f"{namespace.fingerprint}/segments/{entry.segment}/early", mode="r+")
     early[entry.row, 0, 0, 0] = np.inf
@@ -218,9 +218,9 @@ def test_missing_dataset_and_features_of_another_encoder(dataset: dict, tmp_path
 
     # The same dataset written again under a second encoder identity (seeded differently): now ambiguous.
     store = FeatureStore(dataset["store"])
-    first = store.namespace(store.fingerprints()[0])
+    first = Namespace.open(store, store.fingerprints()[0])
     manifest = first.dataset("train")
-    second = store.ensure_namespace(identity_for("vit_tiny", None, seed=1).provenance())
+    second = Namespace.ensure(store, identity_for("vit_tiny", None, seed=1).provenance())
     entries = first.entries()
     keys = manifest_images(manifest, "test").keys
     features = [first.read_with_plane(entries[key]) for key in keys]

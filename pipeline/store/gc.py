@@ -8,7 +8,7 @@ What goes, per namespace:
     `pipeline.store`): the commit file is rewritten without them, a segment left with no row goes whole;
   - temporary files (`*.partial`) of a write that was killed.
 
-Then it writes each namespace's compacted index (`pipeline.store_index`) of the commit files that are left.
+Then it writes each namespace's compacted index (`pipeline.store.index`) of the commit files that are left.
 
 Safe next to a running `extract`: only segments and temporaries with no write for `grace_s` seconds are
 touched. A writer writes its segment after every batch, and one that has been idle for SEGMENT_IDLE_S
@@ -29,8 +29,8 @@ from typing import Any
 
 from pipeline.errors import RefineError
 from pipeline.store import Entry, FeatureStore, Namespace
-from pipeline.store_index import commit_row
-from pipeline.store_writer import SEGMENT_IDLE_S
+from pipeline.store.commit import commit_path
+from pipeline.store.writer import SEGMENT_IDLE_S
 
 # Six times SEGMENT_IDLE_S: the margin covers a batch being written while the clocks run.
 DEFAULT_GRACE_S = 6 * SEGMENT_IDLE_S
@@ -105,7 +105,7 @@ class _Collector:
             if len(parts) > 3 and parts[0] == fingerprint and parts[1] == "segments":  # a file inside a segment
                 segment_files.setdefault(parts[2], {})[name] = info
         for segment in sorted(set(segment_files) | set(commits) | set(damaged)):
-            commit_file = f"{fingerprint}/commits/{segment}.json"
+            commit_file = commit_path(fingerprint, segment)
             touched = [_mtime(info, self.now) for info in segment_files.get(segment, {}).values()]
             if commit_file in self.files:
                 touched.append(_mtime(self.files[commit_file], self.now))
@@ -130,7 +130,7 @@ class _Collector:
         files: dict[str, dict],
     ) -> None:
         fingerprint = namespace.fingerprint
-        commit_file = f"{fingerprint}/commits/{segment}.json"
+        commit_file = commit_path(fingerprint, segment)
         kept = [entry for entry in entries or [] if winners[entry.key] == entry]
         self.report.duplicates_removed += len(entries or []) - len(kept)
         if not kept:
@@ -139,12 +139,10 @@ class _Collector:
             self.remove(f"{fingerprint}/segments/{segment}")
             self.report.segments_removed += 1
             return
-        raw = namespace.read_commit(segment)
-        if entries is not None and len(kept) < len(entries):
-            raw["entries"] = [commit_row(entry) for entry in kept]
-            if not self.dry_run:
-                self.store.write_json_atomic(commit_file, raw)
-        used = {entry.row // int(raw["shard_rows"]) for entry in kept}
+        commit = namespace.read_commit(segment)
+        if entries is not None and len(kept) < len(entries) and not self.dry_run:
+            namespace.write_commit(commit.with_entries(kept))
+        used = {entry.row // commit.shard_rows for entry in kept}
         shards = set()
         for name in files:
             if name not in self.files:

@@ -9,8 +9,9 @@ import numpy as np
 
 from pipeline.errors import RefineError
 from pipeline.manifest import manifest_images
-from pipeline.segment_layout import LAYOUTS, LEGACY_LAYOUT, PLANE_LAYOUT
-from pipeline.store import Entry, FeatureStore, Namespace, all_finite, recompute_command
+from pipeline.store import Entry, FeatureStore, Namespace
+from pipeline.store.layouts import LAYOUTS, all_finite
+from pipeline.store.namespace import recompute_command
 
 
 def store_info(store: FeatureStore) -> dict:
@@ -29,7 +30,7 @@ def store_info(store: FeatureStore) -> dict:
                 "random_init": provenance.get("random_init"),
                 "entries": len(entries),
                 "layouts": [
-                    {"layout": layout, "entries": count, "description": LAYOUTS[layout]}
+                    {"layout": layout, "entries": count, "description": LAYOUTS[layout].description}
                     for layout, count in sorted(layouts.items())
                 ],
                 "datasets": namespace.dataset_names(),
@@ -62,11 +63,8 @@ def verify_store(store: FeatureStore) -> tuple[int, list[str]]:
         for entry in entries.values():
             checked += 1
             try:
-                if entry.layout == PLANE_LAYOUT:
-                    embedding, early, plane = namespace.read_with_plane(entry, check=True)
-                    mapped: tuple[np.ndarray, ...] = (embedding, early, plane)
-                else:
-                    embedding, early = mapped = namespace.read(entry, check=True)
+                stored = namespace.read_stored(entry, check=True)
+                embedding, early = stored[:2]
             except RefineError as error:
                 problems.append(f"{error}; {recompute_command(store.url)}")
                 continue
@@ -77,8 +75,8 @@ def verify_store(store: FeatureStore) -> tuple[int, list[str]]:
                 problems.append(f"{where}: dtype is not float16")
             if not (all_finite(embedding) and all_finite(early)):
                 problems.append(f"{where}: holds NaN or inf")
-            if entry.layout != LEGACY_LAYOUT:
-                problems.extend(_check_zarr_view(namespace, entry, mapped, where))
+            if LAYOUTS[entry.layout].mapped:
+                problems.extend(_check_zarr_view(namespace, entry, stored, where))
         for name in namespace.dataset_names():
             problems.extend(_check_dataset(namespace, name, entries))
     return checked, problems

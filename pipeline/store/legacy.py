@@ -11,9 +11,9 @@ import zarr
 import zarr.codecs
 
 from pipeline.manifest import manifest_images
-from pipeline.segment_layout import legacy_digest
-from pipeline.store import EARLY, EMBEDDING, FeatureStore
-from pipeline.store_writer import SEGMENT_ROWS
+from pipeline.store import FeatureStore
+from pipeline.store.layouts import EARLY, EMBEDDING, LAYOUTS, LEGACY_LAYOUT
+from pipeline.store.writer import SEGMENT_ROWS
 
 LEGACY_COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=2)
 
@@ -46,7 +46,7 @@ def write_legacy_segment(
         )
         array[: len(keys)] = values
     rows = [
-        [key, row, *sizes[row][0], *sizes[row][1], legacy_digest(embeddings[row], early[row])]
+        [key, row, *sizes[row][0], *sizes[row][1], LAYOUTS[LEGACY_LAYOUT].digest(embeddings[row], early[row])]
         for row, key in enumerate(keys)
     ]
     commit = {"segment": segment, "shard_rows": shard_rows, "early_channels": early.shape[1], "entries": rows}

@@ -17,18 +17,22 @@ import zarr
 import zarr.codecs
 
 from pipeline.errors import RefineError
-from pipeline.segment_layout import (
-    INDEX_CRC_BYTES,
-    INDEX_ENTRY_BYTES,
+from pipeline.shapes import EMBEDDING_SHAPE, PLANE_SHAPE
+from pipeline.store.commit import CommitFile
+from pipeline.store.index import Entry
+from pipeline.store.layouts import (
+    EARLY,
+    EMBEDDING,
+    LAYOUTS,
+    PLANE,
+    PLANE_BYTES,
     PLANE_LAYOUT,
     RAW_LAYOUT,
-    parse_shard_index,
+    all_finite,
     plane_offset,
-    shard_file,
 )
-from pipeline.shapes import EMBEDDING_SHAPE, PLANE_SHAPE
-from pipeline.store import EARLY, EMBEDDING, PLANE, PLANE_BYTES, Namespace, all_finite, entry_digest
-from pipeline.store_index import Entry, commit_row
+from pipeline.store.namespace import Namespace
+from pipeline.store.shards import INDEX_CRC_BYTES, INDEX_ENTRY_BYTES, parse_shard_index, shard_file
 
 # Rows per segment: bounds the commit file a writer rewrites after every batch (~100 bytes a row).
 SEGMENT_ROWS = 2048
@@ -56,7 +60,7 @@ class SegmentWriter:
         planes: bool = True,
     ) -> None:
         self.namespace = namespace
-        self.layout = PLANE_LAYOUT if planes else RAW_LAYOUT
+        self.layout = LAYOUTS[PLANE_LAYOUT if planes else RAW_LAYOUT]
         self.early_channels = early_channels
         self.shard_rows = shard_rows
         # How this writer's features were computed (device, precision, kernels): provenance that may differ
@@ -85,7 +89,7 @@ class SegmentWriter:
         zarr.open_group(self.namespace.store.zarr_store, path=base, mode="w-")
         grid = EMBEDDING_SHAPE[1:]
         arrays = [(EMBEDDING, (EMBEDDING_SHAPE[0], *grid), "float16"), (EARLY, (self.early_channels, *grid), "float16")]
-        if self.layout == PLANE_LAYOUT:
+        if self.layout.has_plane:
             arrays.append((PLANE, PLANE_SHAPE, "uint8"))
         for name, row_shape, dtype in arrays:
             self._arrays[name] = zarr.create_array(
@@ -96,7 +100,7 @@ class SegmentWriter:
                 shards=(self.shard_rows, *row_shape),
                 dtype=dtype,
                 serializer=zarr.codecs.BytesCodec(endian="little"),
-                compressors=None,  # raw chunks: readers map them (see pipeline.segment_layout)
+                compressors=None,  # raw chunks: readers map them (see pipeline.store.layouts)
                 fill_value=0,
                 # Rows are never all zero; zarr's test for "empty" chunks otherwise costs as much as the write.
                 config={"write_empty_chunks": True},
@@ -127,13 +131,13 @@ class SegmentWriter:
         count = len(keys)
         if not 0 < count <= self.shard_rows:
             raise ValueError(f"a batch holds 1 to {self.shard_rows} entries, got {count}")
-        if (planes is not None) != (self.layout == PLANE_LAYOUT):
-            raise ValueError(f"a segment of layout {self.layout} takes planes exactly when it is of layout 3")
+        if (planes is not None) != self.layout.has_plane:
+            raise ValueError(f"a segment of layout {self.layout.number} takes planes exactly when it holds them")
         finite = self._pool.map(lambda i: all_finite(embeddings[i]) and all_finite(early[i]), range(count))
         if not all(finite):
             raise RefineError("the encoder produced non-finite features (NaN or inf); nothing was written")
         digests = [
-            self._pool.submit(entry_digest, embeddings[i], early[i], None if planes is None else planes[i], self.layout)
+            self._pool.submit(self.layout.digest, embeddings[i], early[i], None if planes is None else planes[i])
             for i in range(count)
         ]
         full = (self._next_shard + 1) * self.shard_rows > SEGMENT_ROWS
@@ -155,7 +159,7 @@ class SegmentWriter:
         if planes is not None:
             # Readers compute where a plane starts (the commit row has no column for it): never guess.
             plane_at = self._chunk_offsets(PLANE, shard, count, PLANE_BYTES)
-            if plane_at != [plane_offset(start + i, self.shard_rows, PLANE_BYTES) for i in range(count)]:
+            if plane_at != [plane_offset(start + i, self.shard_rows) for i in range(count)]:
                 where = f"{self.namespace.store.url}: segment {self._segment}"
                 raise RefineError(f"{where}: its planes are not in row order; nothing of this batch was committed")
         for i, key in enumerate(keys):
@@ -166,19 +170,14 @@ class SegmentWriter:
                 original_sizes[i],
                 resized_sizes[i],
                 digests[i].result(),
-                self.layout,
+                self.layout.number,
                 self.shard_rows,
                 self.early_channels,
                 (embedding_at[i], early_at[i]),
             )
-            self._entries.append(commit_row(entry))
-        commit = {
-            "segment": self._segment,
-            "layout": self.layout,
-            "shard_rows": self.shard_rows,
-            "early_channels": self.early_channels,
-            "computed_with": self.computed_with,
-            "entries": self._entries,
-        }
-        self.namespace.store.write_json_atomic(f"{self.namespace.fingerprint}/commits/{self._segment}.json", commit)
+            self._entries.append(self.layout.commit_row(entry))
+        commit = CommitFile(
+            self._segment, self.layout, self.shard_rows, self.early_channels, self.computed_with, self._entries
+        )
+        self.namespace.write_commit(commit)
         self._last_write = time.monotonic()

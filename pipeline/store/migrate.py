@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.segment_layout import LEGACY_LAYOUT
 from pipeline.store import Entry, FeatureStore, Namespace
-from pipeline.store_writer import SegmentWriter
+from pipeline.store.layouts import LAYOUTS
+from pipeline.store.writer import SegmentWriter
 
 
 @dataclass
@@ -36,7 +36,7 @@ def migrate_store(store: FeatureStore, progress: Callable[[int, int], None] | No
     old: list[tuple[Namespace, list[Entry]]] = []
     for namespace in namespaces:
         entries = namespace.entries()  # a damaged commit file stops here, named, before anything is written
-        stale = [entry for entry in entries.values() if entry.layout == LEGACY_LAYOUT]
+        stale = [entry for entry in entries.values() if not LAYOUTS[entry.layout].mapped]
         report.entries_current += len(entries) - len(stale)
         old.append((namespace, sorted(stale, key=lambda entry: (entry.segment, entry.row))))
     total = sum(len(stale) for _, stale in old)
@@ -48,8 +48,8 @@ def migrate_store(store: FeatureStore, progress: Callable[[int, int], None] | No
         writers: dict[str, SegmentWriter] = {}
         for segment, entries in by_segment.items():
             commit = namespace.read_commit(segment)
-            shard_rows = int(commit["shard_rows"])
-            how = (int(commit["early_channels"]), shard_rows, commit.get("computed_with") or {})
+            shard_rows = commit.shard_rows
+            how = (commit.early_channels, shard_rows, commit.computed_with)
             key = json.dumps(how, sort_keys=True)
             if key not in writers:
                 writers[key] = SegmentWriter(namespace, *how, planes=False)

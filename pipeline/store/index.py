@@ -28,8 +28,6 @@ import numpy as np
 import orjson
 import xxhash
 
-from pipeline.errors import RefineError
-from pipeline.segment_layout import LAYOUTS, LEGACY_LAYOUT
 
 INDEX_FILE = "index.npz"
 INDEX_FORMAT = "refine-entry-index"
@@ -48,7 +46,7 @@ class Entry(NamedTuple):
     original_size: tuple[int, int]  # height, width after EXIF orientation
     resized_size: tuple[int, int]  # height, width inside the 1024 x 1024 encoder input
     digest: str  # of the embedding bytes followed by the early-feature bytes, by the layout's hash
-    layout: int = LEGACY_LAYOUT
+    layout: int = 1  # see pipeline.store.layouts
     shard_rows: int = 0  # rows per shard file (layout 2)
     early_channels: int = 0  # C of the early feature (layout 2)
     offsets: tuple[int, int] = (0, 0)  # where the embedding and the early chunk start in their shards (layout 2)
@@ -80,53 +78,6 @@ class SegmentRows:
     layouts: np.ndarray  # s int32
     shard_rows: np.ndarray  # s int32
     channels: np.ndarray  # s int32
-
-
-def commit_row(entry: Entry) -> list[Any]:
-    """An entry as its commit file's row: the one writer of the rows `parse_commit` reads.
-
-    Layout 1: [key, row, height, width, resized height, resized width, digest]; layout 2 adds the offsets
-    of the embedding and early chunk in their shard files.
-    """
-    row = [entry.key, entry.row, *entry.original_size, *entry.resized_size, entry.digest]
-    return row if entry.layout == LEGACY_LAYOUT else [*row, *entry.offsets]
-
-
-def parse_commit(commit: Any, segment: str, where: str) -> SegmentRows:
-    """One commit file's rows as columns (rows as `commit_row` writes them); a damaged one is a RefineError
-    naming `where`."""
-    try:
-        layout = int(commit.get("layout", LEGACY_LAYOUT))
-        if layout not in LAYOUTS:
-            raise RefineError(f"{where} has layout {layout}, which this refine cannot read; use a newer one")
-        rows = commit["entries"]
-        width = 7 if layout == LEGACY_LAYOUT else 9
-        if not isinstance(rows, list) or any(len(row) != width for row in rows):
-            raise ValueError(f"rows of {width} fields expected")
-        shard_rows, channels = (
-            (0, 0) if layout == LEGACY_LAYOUT else (int(commit["shard_rows"]), int(commit["early_channels"]))
-        )
-        columns = list(zip(*rows, strict=True)) if rows else [()] * width
-        keys = np.array([str(key).encode() for key in columns[0]], dtype=bytes)
-        digests = np.array([str(digest).encode() for digest in columns[6]], dtype=bytes)
-        count = len(rows)
-        offsets = (
-            np.array(columns[7:9], dtype=np.int64).T if layout != LEGACY_LAYOUT else np.zeros((count, 2), np.int64)
-        )
-        return SegmentRows(
-            keys,
-            np.zeros(count, np.int32),
-            np.array(columns[1], dtype=np.int64),
-            np.array(columns[2:6], dtype=np.int32).T.reshape(count, 4),
-            digests,
-            offsets.reshape(count, 2),
-            [segment],
-            np.array([layout], np.int32),
-            np.array([shard_rows], np.int32),
-            np.array([channels], np.int32),
-        )
-    except (AttributeError, KeyError, TypeError, ValueError, OverflowError, UnicodeError) as error:
-        raise RefineError(f"{where} is damaged (bad entries: {error})") from None
 
 
 class EntryIndex(Mapping[str, Entry]):
