@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.devices import resolve_device
-from pipeline.encoder import build_encoder, identity_for
+from pipeline.hqsam.encoder import build_encoder, identity_for
 
 from results_file import write_and_show  # bench/, next to this script
 

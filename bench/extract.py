@@ -18,9 +18,10 @@ import torch
 
 from pipeline.demo_data import make_demo_dataset
 from pipeline.devices import resolve_device
-from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
-from pipeline.extract import ExtractConfig, run_extract
-from pipeline.extract_encoder import default_batch_size
+from pipeline.hqsam.encoder import FeatureEncoder, build_encoder, identity_for
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.extract import run_extract
+from pipeline.extraction.encoder_runner import default_batch_size
 from pipeline.images import prepare
 
 from results_file import write_and_show  # bench/, next to this script

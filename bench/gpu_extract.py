@@ -30,10 +30,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.demo_data import make_demo_dataset
 from pipeline.devices import resolve_device
-from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
-from pipeline.extract import ExtractConfig, run_extract
-from pipeline.extract_encoder import default_batch_size
-from pipeline.extract_writer import writer_threads
+from pipeline.hqsam.encoder import FeatureEncoder, build_encoder, identity_for
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.extract import run_extract
+from pipeline.extraction.encoder_runner import default_batch_size
+from pipeline.extraction.writers import writer_threads
 from pipeline.images import prepare
 
 from results_file import slug, write_result  # bench/, next to this script

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from pipeline.boxes import valid_boxes
-from pipeline.features import ImageBoxes
-from pipeline.refiner import Refinement, SimilarityCascadeRefiner
+from pipeline.splits import ImageBoxes
+from pipeline.model.base import Refinement, Refiner
 from pipeline.store import Namespace
 
 
@@ -29,7 +29,7 @@ class ImageInputs:
         )
 
 
-def read_image(model: SimilarityCascadeRefiner, namespace: Namespace, image: ImageBoxes) -> ImageInputs:
+def read_image(model: Refiner, namespace: Namespace, image: ImageBoxes) -> ImageInputs:
     """The image's entry read (and checked) as the refiner needs it."""
     embedding, early, plane = namespace.read_inputs(image.entry, with_plane=model.needs_plane, check=True)
     return ImageInputs(
@@ -39,7 +39,7 @@ def read_image(model: SimilarityCascadeRefiner, namespace: Namespace, image: Ima
     )
 
 
-def refine(model: SimilarityCascadeRefiner, inputs: ImageInputs, boxes: Tensor) -> Refinement:
+def refine(model: Refiner, inputs: ImageInputs, boxes: Tensor) -> Refinement:
     """K x 4 xyxy boxes (1024 frame) of one image -> the refiner's stages, evidence and score logits."""
     return model.forward_stages(inputs.embedding, inputs.early, [boxes], inputs.plane)
 

@@ -27,11 +27,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TrainConfig
+from pipeline.training.config import TrainConfig
 from pipeline.demo_data import make_demo_dataset
-from pipeline.extract import ExtractConfig, run_extract
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.extract import run_extract
 from pipeline.store import FeatureStore, Namespace
-from pipeline.train import run_train
+from pipeline.training.train import run_train
 
 from results_file import write_and_show  # bench/, next to this script
 

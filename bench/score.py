@@ -17,9 +17,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from pipeline.abstention import auroc, choose_min_score, risk_coverage
-from pipeline.apply import load_model
-from pipeline.features import coarse_and_targets, load_split
+from pipeline.model.abstention import auroc, choose_min_score, risk_coverage
+from pipeline.inference.core import load_model
+from pipeline.splits import coarse_and_targets, load_split
 from pipeline.metrics import made_worse, paired_iou
 from pipeline.store import FeatureStore
 
@@ -39,7 +39,7 @@ def main() -> None:
 
     model, namespace, checkpoint = load_model(args.model, FeatureStore(args.store))
     split = load_split(namespace, args.annotations.stem, args.annotations)
-    noise, seed = float(checkpoint["config"]["noise"]), int(checkpoint["config"]["seed"])
+    noise, seed = checkpoint.noise, checkpoint.seed
     per_box: dict[str, list[torch.Tensor]] = {k: [] for k in ("iou_coarse", "iou_refined", "better", "spread")}
     for image in split.images:
         coarse, target = coarse_and_targets(image, noise, seed, None)

@@ -23,16 +23,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pipeline.abstention import auroc, choose_min_score, written_iou
-from pipeline.apply import load_model
-from pipeline.engine import BoxOutcomes
-from pipeline.features import ImageBoxes, coarse_and_targets, load_split
+from pipeline.model.abstention import auroc, choose_min_score, written_iou
+from pipeline.inference.core import load_model
+from pipeline.training.engine import BoxOutcomes
+from pipeline.splits import ImageBoxes, coarse_and_targets, load_split
 from pipeline.metrics import made_worse, paired_iou
-from pipeline.refiner import SimilarityCascadeRefiner
-from pipeline.score import BoxScore
+from pipeline.model.base import Refiner
+from pipeline.model.score import BoxScore
 from pipeline.shapes import IMAGE_SIZE
 from pipeline.store import FeatureStore, Namespace
-from pipeline.train import FINAL_HOLDOUT_COPIES, fit_abstention, hold_out
+from pipeline.training.setup import hold_out
+from pipeline.training.train import FINAL_HOLDOUT_COPIES, fit_abstention
 
 from refined import read_image, refine, written  # bench/, next to this script
 from results_file import write_and_show
@@ -54,7 +55,7 @@ def mirror(boxes: Tensor) -> Tensor:
 
 
 def image_evidence(
-    model: SimilarityCascadeRefiner, namespace: Namespace, image: ImageBoxes, coarse: Tensor, target: Tensor
+    model: Refiner, namespace: Namespace, image: ImageBoxes, coarse: Tensor, target: Tensor
 ) -> dict[str, Tensor]:
     """One image's boxes: coarse and refined IoU, the shipped score, and every candidate evidence (K x F)."""
     inputs = read_image(model, namespace, image)
@@ -81,7 +82,7 @@ def image_evidence(
 
 
 def split_evidence(
-    model: SimilarityCascadeRefiner,
+    model: Refiner,
     namespace: Namespace,
     images: list[ImageBoxes],
     noise: float,
@@ -136,10 +137,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model, namespace, checkpoint = load_model(args.model, FeatureStore(args.store))
-    config = checkpoint["config"]
-    noise, seed = float(config["noise"]), int(config["seed"])
+    noise, seed = checkpoint.noise, checkpoint.seed
     train = load_split(namespace, args.train_annotations.stem, args.train_annotations)
-    _, held_images = hold_out(train.images, float(config["holdout"]), seed)
+    _, held_images = hold_out(train.images, float(checkpoint.config["holdout"]), seed)
     val_split = load_split(namespace, args.annotations.stem, args.annotations)
     held = split_evidence(model, namespace, held_images, noise, seed, FINAL_HOLDOUT_COPIES)
     val = split_evidence(model, namespace, val_split.images, noise, seed, 1)

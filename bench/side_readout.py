@@ -18,11 +18,11 @@ import argparse
 from pathlib import Path
 
 import torch
-from pipeline.apply import load_model
+from pipeline.inference.core import load_model
 from pipeline.boxes import valid_boxes
-from pipeline.features import coarse_and_targets, load_split
+from pipeline.splits import coarse_and_targets, load_split
 from pipeline.metrics import made_worse, paired_iou
-from pipeline.refiner import SideHead
+from pipeline.model.refiner import SideHead
 from pipeline.store import FeatureStore
 
 from results_file import write_and_show  # bench/, next to this script
@@ -40,7 +40,7 @@ def side_errors(boxes: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 def readout_figures(model_path: Path, store: FeatureStore, annotations: Path, windows: list[int | None]) -> dict:
     model, namespace, checkpoint = load_model(model_path, store)
     split = load_split(namespace, annotations.stem, annotations)
-    noise, seed = float(checkpoint["config"]["noise"]), int(checkpoint["config"]["seed"])
+    noise, seed = checkpoint.noise, checkpoint.seed
     heads = [module for module in model.modules() if isinstance(module, SideHead)]
     images = []
     for image in split.images:

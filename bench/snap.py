@@ -27,13 +27,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.apply import image_entries, refine_boxes
+from pipeline.inference.apply import image_entries
+from pipeline.inference.core import refine_boxes
 from pipeline.boxes import coco_to_xyxy, jitter_boxes, noise_generator
 from pipeline.demo_data import make_demo_dataset
-from pipeline.encoder import ENCODERS, identity_for
-from pipeline.extract import ExtractConfig, run_extract
-from pipeline.refiner import RefinerConfig, build_refiner
-from pipeline.snap import DECODER_BATCH, build_snapper, masks_to_rle, snap_boxes
+from pipeline.hqsam.encoder import ENCODERS, identity_for
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.extract import run_extract
+from pipeline.model.base import RefinerConfig
+from pipeline.model.registry import build_refiner
+from pipeline.inference.snap import DECODER_BATCH, masks_to_rle, snap_boxes
+from pipeline.inference.snapper import build_snapper
 from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.store.writer import SegmentWriter
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from pipeline.apply import image_entries
-from pipeline.features import load_split
+from pipeline.inference.apply import image_entries
+from pipeline.splits import load_split
 from pipeline.manifest import ManifestImage, dataset_manifest
 from pipeline.store.layouts import CURRENT_LAYOUT
 from pipeline.store import FeatureStore, Namespace
@@ -109,7 +109,7 @@ def generate(store_path: Path, entries: int, seed: int, coco: bool) -> None:
         ],
         skipped=[],
     )
-    namespace.write_dataset(manifest)
+    namespace.write_manifest(manifest)
     if not coco:
         return
     annotations = {

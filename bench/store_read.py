@@ -28,8 +28,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.encoder import ENCODERS
-from pipeline.features import FeatureDataset, ImageBoxes, feature_loader
+from pipeline.hqsam.encoder import ENCODERS
+from pipeline.splits import ImageBoxes
+from pipeline.training.data import FeatureDataset, feature_loader
 from pipeline.store import FeatureStore, Namespace
 from pipeline.store.layouts import EARLY, EMBEDDING
 from pipeline.store.shards import shard_file

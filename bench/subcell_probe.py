@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pipeline.demo_data import render_scene
-from pipeline.features import load_split, resolve_namespace
+from pipeline.splits import load_split, resolve_namespace
 from pipeline.images import prepare
 from pipeline.shapes import GRID, IMAGE_SIZE
 from pipeline.store import FeatureStore

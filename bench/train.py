@@ -3,7 +3,7 @@
     python bench/train.py [--encoder vit_tiny] [--images 16] [--large 32] [--out bench/results]
     python bench/train.py --shapes vit_h [--images 16]     # store epoch only, on entries of vit_h's shapes
 
-Both epochs run the same `prepare_training` and `train_epoch` as `refine train`, with the same refiner,
+Both epochs run the same `prepare_training` and `train_shuffled_epoch` as `refine train`, with the same refiner,
 optimizer and boxes; only the dataset differs: stored features (one store read per image) or features
 computed on the fly (decode, resize, HQ-SAM encoder forward per image, as a training script without a
 cache would). Peak memory of a store epoch is measured in fresh processes on stores of `--images` and
@@ -28,16 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.training.config import TrainConfig
 from pipeline.demo_data import make_demo_dataset
-from pipeline.encoder import ENCODERS, FeatureEncoder, build_encoder, identity_for
-from pipeline.extract import ExtractConfig, run_extract
-from pipeline.features import FeatureDataset
+from pipeline.hqsam.encoder import ENCODERS, FeatureEncoder, build_encoder, identity_for
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.extract import run_extract
+from pipeline.training.data import FeatureDataset
 from pipeline.images import prepare, stride4_plane
 from pipeline.store import FeatureStore, Namespace
 from pipeline.store.writer import SegmentWriter
-from pipeline.engine import TrainProgress
-from pipeline.train import prepare_training, train_epoch
+from pipeline.training.engine import TrainProgress
+from pipeline.training.setup import prepare_training
+from pipeline.training.train import train_shuffled_epoch
 
 from results_file import peak_rss_mib, write_and_show  # bench/, next to this script
 
@@ -77,7 +79,7 @@ def one_epoch(
     training = prepare_training(config, wrap_train_data=wrap)
     reports: list[TrainProgress] = []
     started = time.perf_counter()
-    train_epoch(training, 0, reports.append)
+    train_shuffled_epoch(training, 0, reports.append)
     seconds = time.perf_counter() - started
     return {
         "seconds": round(seconds, 3),
@@ -128,8 +130,8 @@ def with_shapes(store: Path, fingerprint: str, encoder: str, seed: int = 0) -> s
             np.stack([source.read_with_plane(entry)[2] for entry in batch]),  # the images' own planes
         )
     for name in source.dataset_names():
-        manifest = source.dataset(name)
-        target.write_dataset(
+        manifest = source.manifest(name)
+        target.write_manifest(
             {**manifest, "fingerprint": target.fingerprint, "encoder": encoder, "early_channels": channels}
         )
     return target.fingerprint

@@ -3,7 +3,7 @@
     python bench/train_amp.py [--amps off,bf16,fp16] [--epochs 8] [--n-train 160] [--n-val 40] [--out bench/results]
 
 Makes the demo dataset, extracts it (vit_tiny, random weights) into a fresh store, then for each AMP
-mode trains a refiner from the same seed through the same `prepare_training` / `run_epoch` that
+mode trains a refiner from the same seed through the same `prepare_training` / `train_and_validate` that
 `refine train` runs, and records every epoch's loss (finite or not), the final val metrics and the
 training boxes/s. Writes `<out>/train_amp_<device>.json` after every mode.
 """
@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.training.config import TrainConfig
 from pipeline.demo_data import make_demo_dataset
 from pipeline.devices import resolve_device
-from pipeline.extract import ExtractConfig, run_extract
-from pipeline.engine import TrainProgress
-from pipeline.train import prepare_training, run_epoch
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.extract import run_extract
+from pipeline.training.engine import TrainProgress
+from pipeline.training.setup import prepare_training
+from pipeline.training.train import train_and_validate
 
 from results_file import slug, write_result  # bench/, next to this script
 
@@ -49,7 +51,7 @@ def train_with(amp: str, store: str, demo: Path, epochs: int, device_name: str) 
     started = time.perf_counter()
     for epoch in range(epochs):
         reports: list[TrainProgress] = []
-        metrics = run_epoch(training, epoch, reports.append)
+        metrics = train_and_validate(training, epoch, reports.append)
         losses.append(metrics["train_loss"])
         rates.append([report for report in reports if report.phase == "train"][-1].boxes_per_s)
     amp_dtype = training.precision.amp_dtype

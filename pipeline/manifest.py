@@ -1,7 +1,7 @@
 """The dataset manifest: which image (id, file name) of a dataset has which store key and sizes.
 
 `extract` writes one per dataset into the store (`<fingerprint>/datasets/<name>.json`, through
-`Namespace.write_dataset`) and optionally a copy for DVC (`--manifest`); `train`, `evaluate`, `apply` and
+`Namespace.write_manifest`) and optionally a copy for DVC (`--manifest`); `train`, `evaluate`, `apply` and
 `store verify` read its images through `manifest_images`. It is content-determined (no times), sorted by
 image id, so DVC sees a change only when the dataset or its features change. Its fields:
 

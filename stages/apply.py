@@ -59,8 +59,8 @@ def apply(
     """Refine every box of a file: `bbox` becomes the recommended box and `refine` says how far to trust it
     ({score, coarse_bbox, kept_coarse}); every other field kept, nothing dropped, order kept."""
     # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
-    from pipeline.apply import apply_to_file, load_model, refiner_proposer
-    from pipeline.checkpoints import min_score_of
+    from pipeline.inference.apply import apply_file
+    from pipeline.inference.core import load_model, refiner_proposer
     from pipeline.devices import resolve_device
     from pipeline.jsonio import write_json
     from pipeline.store import FeatureStore
@@ -70,7 +70,8 @@ def apply(
         where = resolve_device(device.value)
         if method is Method.snap:
             # HQ-SAM's decoder loads only for snap: the refiner needs none of it.
-            from pipeline.snap import SnapOptions, build_snapper, snap_namespace, snap_proposer
+            from pipeline.inference.snap import SnapOptions, snap_method
+            from pipeline.inference.snapper import snap_namespace
 
             namespace = snap_namespace(feature_store, checkpoint, encoder.value if encoder else None)
             if namespace.provenance.get("random_init"):
@@ -80,18 +81,17 @@ def apply(
                     markup=False,
                     highlight=False,
                 )
-            snapper = build_snapper(namespace, checkpoint, model_type=encoder.value if encoder else None)
             options = SnapOptions(multimask, hq_token_only, mask_threshold)
-            propose = snap_proposer(snapper, namespace, where, options, masks)
+            propose = snap_method(namespace, checkpoint, where, options, masks, encoder.value if encoder else None)
             threshold = min_score if min_score is not None else 0.0
             source = "given" if min_score is not None else "snap's default: every box with a mask"
         else:
             refiner, namespace, trained = load_model(model, feature_store)
             propose = refiner_proposer(refiner, namespace, where)
-            threshold = min_score_of(trained, min_score)
+            threshold = trained.min_score(min_score)
             source = "given" if min_score is not None else TRAINED_THRESHOLD
         console.print(threshold_line(threshold, source), markup=False, highlight=False)
-        refined, summary = apply_to_file(propose, namespace, boxes, dataset, threshold)
+        refined, summary = apply_file(propose, namespace, boxes, dataset, threshold)
         write_json(out, refined)
     lines = [
         f"{'snapped' if method is Method.snap else 'refined'} {summary.boxes - summary.kept_coarse} of "

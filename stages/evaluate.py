@@ -66,7 +66,7 @@ def evaluate(
 ) -> None:
     """Mean IoU, improved/worse shares and recall at IoU 0.5/0.75/0.9 (by object size) of coarse vs refined boxes."""
     # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
-    from pipeline.evaluate import EvaluateConfig, run_evaluate
+    from pipeline.inference.evaluate import EvaluateConfig, run_evaluate
 
     config = EvaluateConfig(
         store,

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn
 
 from pipeline.errors import RefineError
 from stages.common import console, domain_errors, err_console
 from stages.options import MAX_SEED, Device, EncoderName
-from stages.progress import StatusLines, eta
+from stages.progress import PhaseProgress, eta
 
 if TYPE_CHECKING:
-    from pipeline.extract import ExtractSummary
+    from pipeline.extraction.config import ExtractSummary
 
 # Under torchrun the ranks wait for each other once, at the end, for the slowest share: after a rank died
 # and the run was re-launched, one rank may have hours of work left while the others only hash.
@@ -101,7 +101,8 @@ def extract(
     """
     # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
     from pipeline import distributed
-    from pipeline.extract import ExtractConfig, run_extract
+    from pipeline.extraction.config import ExtractConfig
+    from pipeline.extraction.extract import run_extract
 
     config = ExtractConfig(
         images=images,
@@ -147,21 +148,11 @@ def extract(
             )
 
 
-class ExtractProgress:
-    """Progress of each phase (extract, then repair of damaged entries), fed by `run_extract`'s callback:
-    a rich bar on a terminal, else a plain status line now and then (stages/progress.py)."""
+class ExtractProgress(PhaseProgress):
+    """Progress of each phase (extract, then repair of damaged entries), fed by `run_extract`'s callback."""
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled  # under torchrun only the main rank reports (its own share's progress)
-        self.bar: Progress | None = None
-
-    def __enter__(self) -> Callable[[str, int, int, ExtractSummary], None] | None:
-        if not self.enabled:
-            return None
-        if not err_console.is_terminal:
-            self.status = StatusLines()
-            return self.status_line
-        self.bar = Progress(
+    def columns(self) -> tuple[ProgressColumn, ...]:
+        return (
             TextColumn("{task.description:<8}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -170,23 +161,15 @@ class ExtractProgress:
                 "computed {task.fields[computed]}  failed {task.fields[failed]}"
             ),
             TimeElapsedColumn(),
-            console=err_console,
-            transient=False,
         )
-        self.tasks: dict[str, int] = {}
-        self.bar.__enter__()
-        return self.report
 
     def report(self, phase: str, done: int, total: int, summary: ExtractSummary) -> None:
-        assert self.bar is not None
-        if phase not in self.tasks:
-            self.tasks[phase] = self.bar.add_task(
-                phase, total=total or None, rate=0.0, wait=0.0, hits=0, computed=0, failed=0
-            )
         elapsed = summary.wall_s
-        self.bar.update(
-            self.tasks[phase],
-            completed=done,
+        self.update(
+            phase,
+            phase,
+            total or None,
+            done,
             rate=done / elapsed if elapsed > 0 else 0.0,
             wait=summary.data_wait_s / elapsed if elapsed > 0 else 0.0,  # share of the time spent waiting for images
             hits=summary.hits,
@@ -201,10 +184,6 @@ class ExtractProgress:
             f"{summary.hits} hits, {summary.computed} computed, {len(summary.failed)} failed, "
             f"ETA {eta(total - done, done, elapsed)}"
         )
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
 
 def _print_summary(summary: ExtractSummary) -> None:

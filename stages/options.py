@@ -9,10 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 
-# The names of `pipeline.encoder.ENCODERS` and `pipeline.refiner.REFINERS`, whose modules import torch;
-# tests/test_cli.py checks that they stay equal.
+from pipeline.model.registry import REFINERS
+
+# The names of `pipeline.hqsam.encoder.ENCODERS`, whose module imports torch; tests/test_cli.py checks that
+# they stay equal. The refiners' registry imports nothing heavy.
 ENCODER_NAMES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
-REFINER_NAMES = ("similarity_cascade",)
+REFINER_NAMES = tuple(REFINERS)
 
 EncoderName = Enum("EncoderName", {name: name for name in ENCODER_NAMES}, type=str)
 RefinerName = Enum("RefinerName", {name: name for name in REFINER_NAMES}, type=str)

@@ -44,7 +44,7 @@ def review(
     if (boxes is None) == (annotations is None):
         raise typer.BadParameter("give exactly one of --boxes and --annotations")
     # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
-    from pipeline.review_run import ReviewConfig, run_review
+    from pipeline.inference.review_run import ReviewConfig, run_review
 
     config = ReviewConfig(store, model, images, out, boxes, annotations, dataset, min_score, device.value)
     with domain_errors():

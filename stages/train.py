@@ -6,19 +6,19 @@ import math
 import time
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn
 
-from pipeline.config import TrainConfig
-from stages.common import console, domain_errors, err_console
+from pipeline.training.config import TrainConfig
+from stages.common import console, domain_errors
 from stages.options import MAX_SEED, Device, RefinerName, finite
-from stages.progress import StatusLines, eta
+from stages.progress import PhaseProgress, eta
 
 if TYPE_CHECKING:
-    from pipeline.engine import TrainProgress
-    from pipeline.train import TrainSummary
+    from pipeline.training.engine import TrainProgress
+    from pipeline.training.train import TrainSummary
 
 DEFAULTS = TrainConfig(store="", annotations=Path())
 
@@ -152,7 +152,7 @@ def train(
     # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
     from pipeline import distributed
     from pipeline.devices import resolve_device
-    from pipeline.train import run_train
+    from pipeline.training.train import run_train
 
     config = TrainConfig(
         store=store,
@@ -191,42 +191,27 @@ def train(
         _print_summary(summary)
 
 
-class TrainProgressDisplay:
-    """Progress of each epoch and its validation, fed by `run_train`'s callback: a rich bar per phase on a
-    terminal, else a plain status line now and then (stages/progress.py)."""
+class TrainProgressDisplay(PhaseProgress):
+    """Progress of each epoch and its validation, fed by `run_train`'s callback."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled  # under torchrun only the main rank reports
-        self.bar: Progress | None = None
+        super().__init__(enabled)
         self.first: tuple[int, float] | None = None  # (step of the run, time) of the first step seen
 
-    def __enter__(self) -> Callable[[TrainProgress], None] | None:
-        if not self.enabled:
-            return None
-        if not err_console.is_terminal:
-            self.status = StatusLines()
-            return self.status_line
-        self.bar = Progress(
+    def columns(self) -> tuple[ProgressColumn, ...]:
+        return (
             TextColumn("{task.description:<14}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),
-            console=err_console,
         )
-        self.tasks: dict[tuple[str, int], int] = {}
-        self.bar.__enter__()
-        return self.report
 
     def report(self, event: TrainProgress) -> None:
-        assert self.bar is not None
-        key = (event.phase, event.epoch)
-        if key not in self.tasks:
-            description = f"epoch {event.epoch}/{event.epochs}" if event.phase == "train" else f"  {_label(event)}"
-            self.tasks[key] = self.bar.add_task(description, total=event.steps, stats="")
+        description = f"epoch {event.epoch}/{event.epochs}" if event.phase == "train" else f"  {_label(event)}"
         loss = "" if math.isnan(event.loss) else f"loss {event.loss:.4f}  "
         stats = f"{loss}{event.boxes_per_s:7.1f} boxes/s  data wait {event.data_wait_share:4.0%}"
-        self.bar.update(self.tasks[key], completed=event.step, stats=stats)
+        self.update((event.phase, event.epoch), description, event.steps, event.step, stats=stats)
 
     def status_line(self, event: TrainProgress) -> None:
         if event.phase != "train":
@@ -245,10 +230,6 @@ class TrainProgressDisplay:
             f"{event.boxes_per_s:.1f} boxes/s, data wait {event.data_wait_share:.0%}, "
             f"ETA {eta(event.epochs * event.steps - step, done, elapsed)}"
         )
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
 
 def _label(event: TrainProgress) -> str:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a handful of small real images, their COCO file, and one store extracted once."""
+"""Shared fixtures: a handful of small real images, their COCO file, one store extracted once, and one refiner
+trained on it once."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.extract import ExtractConfig, run_extract
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.extract import run_extract
 from stages.cli import app
 from tests.helpers import write_coco, write_images
 
@@ -23,6 +25,20 @@ def base_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
     summary = run_extract(ExtractConfig(images=root / "images", store=str(store), annotations=annotations, workers=0))
     assert summary.computed == 4
     return {"root": root, "images": root / "images", "annotations": annotations, "store": store, "files": files}
+
+
+@pytest.fixture(scope="session")
+def trained(base_dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A refiner trained for one epoch on the base dataset (its `model.pt`), built once; never change it."""
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.train import run_train
+
+    out = tmp_path_factory.mktemp("refiner")
+    config = TrainConfig(
+        store=str(base_dataset["store"]), annotations=base_dataset["annotations"], out=out, epochs=1, batch_size=2
+    )
+    run_train(config)
+    return out / "model.pt"
 
 
 @pytest.fixture

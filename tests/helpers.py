@@ -101,3 +101,9 @@ def write(namespace: Namespace, keys: list[str], seed: int, shard_rows: int = 2)
     embedding, early = features(seed, len(keys))
     writer.write_batch(keys, embedding, early, [(64, 64)] * len(keys), [(1024, 1024)] * len(keys))
     return writer
+
+
+def extract_args(images: Path, annotations: Path, store: Path) -> list:
+    """`refine extract`'s arguments for one image a batch and no loader workers: a kill lands between batches."""
+    return ["extract", "--images", images, "--annotations", annotations, "--store", store, "--batch-size", "1",
+            "--workers", "0"]  # fmt: skip

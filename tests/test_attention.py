@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.attention import tiny_vit_attention, use_fused_attention
-from pipeline.encoder import build_encoder, identity_for
+from pipeline.hqsam.attention import tiny_vit_attention, use_fused_attention
+from pipeline.hqsam.encoder import build_encoder, identity_for
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # timm deprecation noise from the package's imports

@@ -268,20 +268,6 @@ def test_one_pixel_image_is_valid_input(cli, dataset):
     assert manifest_images(json.loads(manifest.read_text()), "test").resized_size(0) == (1024, 1024)
 
 
-@pytest.fixture(scope="module")
-def trained_model(base_dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.config import TrainConfig
-    from pipeline.train import run_train
-
-    out = tmp_path_factory.mktemp("bad-input-refiner")
-    run_train(
-        TrainConfig(
-            store=str(base_dataset["store"]), annotations=base_dataset["annotations"], out=out, epochs=1, batch_size=2
-        )
-    )
-    return out / "model.pt"
-
-
 def _detections(base_dataset: dict) -> list[dict]:
     coco = json.loads(base_dataset["annotations"].read_text())
     return [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.5} for a in coco["annotations"]]
@@ -309,13 +295,13 @@ def _detections(base_dataset: dict) -> list[dict]:
     ],
 )
 def test_bad_results_files_for_apply_leave_earlier_output_intact(
-    cli, base_dataset, trained_model, tmp_path, content, fragments
+    cli, base_dataset, trained, tmp_path, content, fragments
 ):
     boxes = tmp_path / "detections.json"
     boxes.write_text(json.dumps(content))
     out = tmp_path / "refined.json"
     out.write_text("earlier output")
-    result = cli("apply", "--store", base_dataset["store"], "--boxes", boxes, "--model", trained_model, "--out", out)
+    result = cli("apply", "--store", base_dataset["store"], "--boxes", boxes, "--model", trained, "--out", out)
     assert_clean_error(result, "detections.json", *fragments)
     assert out.read_text() == "earlier output"
 
@@ -329,12 +315,10 @@ def test_bad_results_files_for_apply_leave_earlier_output_intact(
     ],
     ids=["train-results-not-a-list", "train-inf-detection", "train-unknown-image"],
 )
-def test_bad_coarse_boxes_for_train_keep_the_earlier_model(
-    cli, base_dataset, trained_model, tmp_path, content, fragments
-):
+def test_bad_coarse_boxes_for_train_keep_the_earlier_model(cli, base_dataset, trained, tmp_path, content, fragments):
     out = tmp_path / "refiner"
     out.mkdir()
-    shutil.copy(trained_model, out / "model.pt")
+    shutil.copy(trained, out / "model.pt")
     before = (out / "model.pt").read_bytes()
     coarse = tmp_path / "coarse.json"
     coarse.write_text(json.dumps(content))
@@ -441,7 +425,7 @@ def test_a_device_that_is_not_there(cli, dataset):
     assert_clean_error(run(cli, dataset, "--device", "cuda"), "--device cuda", "no CUDA device")
 
 
-def test_a_store_that_does_not_exist(cli, base_dataset, trained_model, tmp_path):
+def test_a_store_that_does_not_exist(cli, base_dataset, trained, tmp_path):
     result = cli(
         "evaluate",
         "--store",
@@ -449,7 +433,7 @@ def test_a_store_that_does_not_exist(cli, base_dataset, trained_model, tmp_path)
         "--annotations",
         base_dataset["annotations"],
         "--model",
-        trained_model,
+        trained,
         "--out",
         tmp_path / "eval",
     )

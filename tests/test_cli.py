@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.encoder import ENCODERS
-from pipeline.refiner import REFINERS
+from pipeline.hqsam.encoder import ENCODERS
+from pipeline.model.registry import REFINERS
 from stages import progress
 from stages.options import ENCODER_NAMES, REFINER_NAMES, EncoderName, RefinerName
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.extract import ExtractConfig, run_extract
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.extract import run_extract
 from pipeline.store import FeatureStore, Namespace
 from tests.helpers import write_coco
 

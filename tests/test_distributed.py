@@ -16,14 +16,15 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from conftest import write_coco, write_images
-from pipeline.config import TrainConfig
+from pipeline.training.config import TrainConfig
 from pipeline.distributed import Share
-from pipeline.extract import ExtractConfig, run_extract
-from pipeline.sampler import EpochShuffle
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.extract import run_extract
+from pipeline.training.sampler import EpochShuffle
 from pipeline.images import content_key
 from pipeline.store import FeatureStore, Namespace
-from pipeline.checkpoints import load_checkpoint
-from pipeline.train import run_train
+from pipeline.model.checkpoints import Checkpoint
+from pipeline.training.train import run_train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +120,7 @@ def test_distributed_extract_equals_single_process(tmp_path: Path) -> None:
     assert "2 hits, 0 computed" in finished.stdout  # the re-launch only hashes what is committed
     written = json.loads(manifest.read_text())
     assert written["skipped"] == ["bad.png"]
-    assert written == namespace.dataset("train")
+    assert written == namespace.manifest("train")
 
     # One process, one thread like each rank (float sums depend on the thread count, not on the batch).
     single = tmp_path / "single.zarr"
@@ -128,7 +129,7 @@ def test_distributed_extract_equals_single_process(tmp_path: Path) -> None:
             ExtractConfig(tmp_path / "images", str(single), annotations=annotations, workers=0, skip_bad_images=True)
         )
     reference = only_namespace(single)
-    assert written == reference.dataset("train")  # the same manifest, byte for byte
+    assert written == reference.manifest("train")  # the same manifest, byte for byte
     entries, expected = namespace.entries(), reference.entries()
     assert entries.keys() == expected.keys()
     for key, entry in entries.items():
@@ -151,14 +152,14 @@ def test_distributed_train_checkpoints_and_resumes(dataset: dict, tmp_path: Path
     args = (*args, "--holdout", 0)
     first = torchrun("stages.cli", "train", *args, "--epochs", 1, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert load_checkpoint(out / "model.pt")["epoch"] == 1
+    assert Checkpoint.load(out / "model.pt").epoch == 1
     assert first.stdout.count("wrote ") == 1  # the main rank reports, once
 
     resumed = torchrun("stages.cli", "train", *args, "--epochs", 2, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    checkpoint = load_checkpoint(out / "model.pt")
-    assert checkpoint["epoch"] == 2
-    assert json.loads((out / "train_metrics.json").read_text()) == checkpoint["metrics"]
+    checkpoint = Checkpoint.load(out / "model.pt")
+    assert checkpoint.epoch == 2
+    assert json.loads((out / "train_metrics.json").read_text()) == checkpoint.metrics
     assert sorted(p.name for p in out.iterdir()) == ["live", "model.pt", "train_metrics.json"]  # no partials
 
     # The same seed in one process: the same steps and draws, so the same numbers up to float sums.
@@ -173,6 +174,6 @@ def test_distributed_train_checkpoints_and_resumes(dataset: dict, tmp_path: Path
                 holdout=0.0,
             )
         ).metrics
-    assert checkpoint["metrics"]["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-3)
+    assert checkpoint.metrics["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-3)
     for name in ("mean_iou_coarse", "mean_iou_refined"):
-        assert checkpoint["metrics"]["val"][name] == pytest.approx(alone["val"][name], abs=1e-3)
+        assert checkpoint.metrics["val"][name] == pytest.approx(alone["val"][name], abs=1e-3)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.abstention import (
+from pipeline.model.abstention import (
     CALIBRATION_MIN_SCALE,
     auroc,
     choose_min_score,
@@ -17,10 +17,11 @@ from pipeline.abstention import (
     reliability,
     risk_coverage,
 )
-from pipeline.checkpoints import load_checkpoint
-from pipeline.config import TrainConfig
-from pipeline.score import IDENTITY_CALIBRATION, RIDGE_GRID, BoxScore, fit_score
-from pipeline.train import hold_out, run_train
+from pipeline.model.checkpoints import Checkpoint
+from pipeline.training.config import TrainConfig
+from pipeline.model.score import IDENTITY_CALIBRATION, RIDGE_GRID, BoxScore, fit_score
+from pipeline.training.setup import hold_out
+from pipeline.training.train import run_train
 from tests.helpers import assert_clean_error
 
 
@@ -211,14 +212,14 @@ def test_held_out_images_are_a_keyed_share_never_trained_on(base_dataset: dict) 
 
 
 def test_the_checkpoint_holds_the_score_and_threshold_fitted_on_held_out_images(trained: Path) -> None:
-    checkpoint = load_checkpoint(trained)
-    abstention = checkpoint["metrics"]["abstention"]
+    checkpoint = Checkpoint.load(trained)
+    abstention = checkpoint.metrics["abstention"]
     # Two held-out images, two boxes each, sixteen noisy copies of each box.
     assert abstention["boxes"] == 64 and abstention["max_worse"] == 0.03
     assert 0.0 <= abstention["min_score"] <= 1.0
     assert abstention["share_worse"] <= abstention["share_worse_bound"] <= 0.03
     assert abstention["ridge"] in RIDGE_GRID
-    model = checkpoint["model"]
+    model = checkpoint.model
     assert model["score.weight"].abs().sum() > 0 and model["score.inverse_std"].min() >= 0
     # The score was calibrated on the same held-out boxes; the model applies what the metrics report.
     calibration = abstention["calibration"]
@@ -287,7 +288,7 @@ def test_apply_uses_the_checkpoint_threshold_by_default(cli, base_dataset, train
     out = tmp_path / "refined.json"
     result = apply(cli, base_dataset, trained, base_dataset["annotations"], out)
     assert result.exit_code == 0, result.output
-    threshold = load_checkpoint(trained)["metrics"]["abstention"]["min_score"]
+    threshold = Checkpoint.load(trained).min_score()
     assert f"min score {threshold:.3f} (chosen by `refine train` on held-out training images)" in result.output
     for annotation in json.loads(out.read_text())["annotations"]:
         score, kept = annotation["refine"]["score"], annotation["refine"]["kept_coarse"]
@@ -352,7 +353,7 @@ def test_evaluate_reports_abstention_and_the_trade_off(cli, base_dataset, border
     result = cli(*args, "--out", out)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    checkpoint_threshold = load_checkpoint(trained)["metrics"]["abstention"]["min_score"]
+    checkpoint_threshold = Checkpoint.load(trained).min_score()
     assert metrics["abstention"]["min_score"] == pytest.approx(checkpoint_threshold, abs=1e-6)
     assert f"min score {checkpoint_threshold:.3f}" in result.output
     every = metrics["without_abstention"]

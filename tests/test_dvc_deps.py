@@ -182,7 +182,7 @@ def stage_code(stage: Stage) -> dict[str, str | None]:
 
 
 def _chain(code: dict[str, str | None], module: str) -> str:
-    """How the command reaches `module`: `pipeline/errors.py <- pipeline/extract.py <- stages/train.py`."""
+    """How the command reaches `module`: `pipeline/errors.py <- pipeline/extraction/extract.py <- stages/train.py`."""
     chain = [module]
     while (importer := code[chain[-1]]) is not None:
         chain.append(importer)

@@ -4,24 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-from pipeline.config import TrainConfig
-from pipeline.train import run_train
 from tests.helpers import assert_clean_error
-
-
-@pytest.fixture(scope="module")
-def trained(base_dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("refiner")
-    run_train(
-        TrainConfig(
-            store=str(base_dataset["store"]), annotations=base_dataset["annotations"], out=out, epochs=1, batch_size=2
-        )
-    )
-    return out / "model.pt"
 
 
 def detections(base_dataset: dict) -> list[dict]:

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.encoder
-import pipeline.extract
+import pipeline.hqsam.encoder
+import pipeline.extraction.extract
 from pipeline.manifest import manifest_images
-from pipeline.encoder import ENCODERS, build_encoder, identity_for
-from pipeline.extract import ExtractConfig, run_extract
+from pipeline.hqsam.encoder import ENCODERS, build_encoder, identity_for
+from pipeline.extraction.config import ExtractConfig
+from pipeline.extraction.extract import run_extract
 from pipeline.store import FeatureStore, Namespace
 from tests.helpers import files_under, write_coco
 
@@ -22,17 +23,17 @@ from tests.helpers import files_under, write_coco
 def encoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts images through the real encoder (a spy around the real forward, not a stand-in)."""
     calls: list[int] = []
-    real_forward = pipeline.encoder.FeatureEncoder.forward
+    real_forward = pipeline.hqsam.encoder.FeatureEncoder.forward
 
     def counting_forward(self, pixels, resized_hw):
         calls.append(pixels.shape[0])
         return real_forward(self, pixels, resized_hw)
 
-    monkeypatch.setattr(pipeline.encoder.FeatureEncoder, "forward", counting_forward)
+    monkeypatch.setattr(pipeline.hqsam.encoder.FeatureEncoder, "forward", counting_forward)
     return calls
 
 
-def extract(data: dict, **overrides) -> pipeline.extract.ExtractSummary:
+def extract(data: dict, **overrides) -> pipeline.extraction.extract.ExtractSummary:
     options = dict(images=data["images"], store=str(data["store"]), annotations=data["annotations"], workers=0)
     options.update(overrides)
     return run_extract(ExtractConfig(**options))
@@ -58,7 +59,7 @@ def test_renamed_moved_and_copied_images_are_hits(dataset, encoder_calls):
     summary = extract(dataset, annotations=annotations)
     assert encoder_calls == []
     assert (summary.images, summary.unique, summary.hits, summary.computed) == (5, 4, 4, 0)
-    manifest = Namespace.open(FeatureStore(dataset["store"]), summary.fingerprint).dataset("moved")
+    manifest = Namespace.open(FeatureStore(dataset["store"]), summary.fingerprint).manifest("moved")
     images = manifest_images(manifest, "test")
     keys = dict(zip(images.file_names, images.keys, strict=True))
     assert keys["copy-of-third.png"] == keys[third.name]
@@ -82,7 +83,7 @@ def test_new_images_only_are_encoded_and_manifest_grows(dataset, encoder_calls):
     annotations = write_coco(dataset["annotations"], dataset["images"], files)
     summary = extract(dataset, annotations=annotations)
     assert sum(encoder_calls) == 1 and summary.hits == 4
-    manifest = Namespace.open(FeatureStore(dataset["store"]), summary.fingerprint).dataset("train")
+    manifest = Namespace.open(FeatureStore(dataset["store"]), summary.fingerprint).manifest("train")
     assert extra[0].name in manifest_images(manifest, "test").file_names
 
 
@@ -123,7 +124,7 @@ def test_entries_hold_float16_features_and_sizes(base_dataset):
     store = FeatureStore(base_dataset["store"])
     (fingerprint,) = store.fingerprints()
     namespace = Namespace.open(store, fingerprint)
-    manifest = namespace.dataset("train")
+    manifest = namespace.manifest("train")
     entries = namespace.entries()
     for key, file in zip(manifest_images(manifest, "test").keys, base_dataset["files"], strict=True):
         with Image.open(file) as opened:
@@ -139,12 +140,12 @@ def test_entries_hold_float16_features_and_sizes(base_dataset):
 
 def test_features_match_a_fresh_encoder_forward(base_dataset):
     """What the store holds is what the real encoder computes for the image (fp16 rounding aside)."""
-    from pipeline.encoder import FeatureEncoder
+    from pipeline.hqsam.encoder import FeatureEncoder
     from pipeline.images import prepare
 
     store = FeatureStore(base_dataset["store"])
     namespace = Namespace.open(store, store.fingerprints()[0])
-    images = manifest_images(namespace.dataset("train"), "test")
+    images = manifest_images(namespace.manifest("train"), "test")
     pixels, _, resized = prepare(base_dataset["images"] / images.file_names[0])
     model = FeatureEncoder(build_encoder(identity_for("vit_tiny", None), None))
     with torch.inference_mode():

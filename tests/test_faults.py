@@ -17,12 +17,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.encoder import identity_for
+from pipeline.hqsam.encoder import identity_for
 from pipeline.store import FeatureStore, Namespace
 from pipeline.store.gc import collect_garbage
 from pipeline.store.index import INDEX_FILE
 from pipeline.store.report import verify_store
-from tests.helpers import assert_clean_error, features, orphans, rows_by_key, write, write_coco, write_images
+from tests.helpers import (
+    assert_clean_error,
+    extract_args,
+    features,
+    orphans,
+    rows_by_key,
+    write,
+    write_coco,
+    write_images,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,19 +202,7 @@ def test_full_disk_stops_clearly_and_keeps_the_committed_part(limit, tmp_path) -
     mount = tmp_path / "disk"
     mount.mkdir()
     store = mount / "store.zarr"
-    extract = refine(
-        "extract",
-        "--images",
-        tmp_path / "images",
-        "--annotations",
-        annotations,
-        "--store",
-        store,
-        "--batch-size",
-        "1",
-        "--workers",
-        "0",
-    )
+    extract = refine(*extract_args(tmp_path / "images", annotations, store))
     verify = refine("store", "verify", store)
     if limit == "tmpfs":
         if not _tmpfs_available():
@@ -310,19 +307,7 @@ def test_kill_at_the_worst_moment_leaves_only_garbage_that_gc_removes(moment, ca
     files = write_images(tmp_path / "images", 2, seed=11)
     annotations = write_coco(tmp_path / "train.json", tmp_path / "images", files)
     store = tmp_path / "store.zarr"
-    args = [
-        "extract",
-        "--images",
-        tmp_path / "images",
-        "--annotations",
-        annotations,
-        "--store",
-        store,
-        "--batch-size",
-        "1",
-        "--workers",
-        "0",
-    ]
+    args = extract_args(tmp_path / "images", annotations, store)
     killed = subprocess.run(
         [sys.executable, "-c", KILL_ON_CALL, moment, str(call), *map(str, args)],
         cwd=REPO,

@@ -26,7 +26,7 @@ from PIL import Image
 
 from pipeline.coco import BORDER_SLACK, load_coco, load_detections
 from pipeline.errors import RefineError
-from pipeline.features import load_split
+from pipeline.splits import load_split
 from pipeline.images import load_rgb
 from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.store.index import INDEX_FILE

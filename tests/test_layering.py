@@ -9,23 +9,26 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The training and extraction wings (their packages included), HQ-SAM, and the store's writer.
 TRAINING_OR_EXTRACTION = {
-    "pipeline.train",
-    "pipeline.engine",
-    "pipeline.loss",
-    "pipeline.sampler",
-    "pipeline.config",
-    "pipeline.extract",
-    "pipeline.extract_encoder",
-    "pipeline.extract_images",
-    "pipeline.extract_writer",
-    "pipeline.encoder",
-    "pipeline.attention",
+    "pipeline.training",
+    "pipeline.training.train",
+    "pipeline.training.engine",
+    "pipeline.training.loss",
+    "pipeline.training.sampler",
+    "pipeline.training.config",
+    "pipeline.extraction",
+    "pipeline.extraction.extract",
+    "pipeline.extraction.encoder_runner",
+    "pipeline.extraction.image_files",
+    "pipeline.extraction.writers",
+    "pipeline.hqsam.encoder",
+    "pipeline.hqsam.attention",
     "pipeline.store.writer",
     "segment_anything_hq",
 }
 # Snap runs HQ-SAM's own prompt encoder and mask decoder with the weights that made the features.
-SNAP_NEEDS = {"pipeline.encoder", "segment_anything_hq"}
+SNAP_NEEDS = {"pipeline.hqsam.encoder", "segment_anything_hq"}
 
 
 def loaded_modules(code: str, *args: str) -> set[str]:
@@ -38,9 +41,10 @@ def loaded_modules(code: str, *args: str) -> set[str]:
 
 def test_inference_loads_no_training_or_extraction_code() -> None:
     loaded = loaded_modules(
-        "import pipeline.apply, pipeline.evaluate, pipeline.review_run, stages.apply, stages.evaluate, stages.review"
+        "import pipeline.inference.apply, pipeline.inference.evaluate, pipeline.inference.review_run\n"
+        "import stages.apply, stages.evaluate, stages.review"
     )
-    assert "pipeline.apply" in loaded and "pipeline.checkpoints" in loaded
+    assert "pipeline.inference.apply" in loaded and "pipeline.model.checkpoints" in loaded
     assert sorted(TRAINING_OR_EXTRACTION & loaded) == []
 
 
@@ -48,8 +52,9 @@ def test_snap_loads_no_training_or_extraction_code(base_dataset: dict) -> None:
     """Building a snapper and snapping a box, not only importing: the package is imported when building."""
     code = (
         "import torch\n"
-        "from pipeline.apply import image_entries\n"
-        "from pipeline.snap import build_snapper, snap_boxes\n"
+        "from pipeline.inference.apply import image_entries\n"
+        "from pipeline.inference.snap import snap_boxes\n"
+        "from pipeline.inference.snapper import build_snapper\n"
         "from pipeline.store import FeatureStore, Namespace\n"
         "store = FeatureStore(sys.argv[1])\n"
         "namespace = Namespace.open(store, store.fingerprints()[0])\n"
@@ -59,7 +64,7 @@ def test_snap_loads_no_training_or_extraction_code(base_dataset: dict) -> None:
         "snap_boxes(build_snapper(namespace), namespace, entry, box, torch.device('cpu'))"
     )
     loaded = loaded_modules(code, str(base_dataset["store"]))
-    assert "pipeline.snap" in loaded and SNAP_NEEDS <= loaded
+    assert "pipeline.inference.snap" in loaded and SNAP_NEEDS <= loaded
     assert sorted((TRAINING_OR_EXTRACTION - SNAP_NEEDS) & loaded) == []
 
 
@@ -74,3 +79,19 @@ def test_tests_and_benchmarks_import_no_test_module() -> None:
     ]
     path_edits = [path.name for path in sorted((REPO / "bench").glob("*.py")) if "sys.path" in path.read_text()]
     assert test_imports == [] and path_edits == []
+
+
+def test_library_modules_and_functions_stay_small() -> None:
+    """One concept a module: at most 300 lines (the demo generator aside) and no function over 60."""
+    import ast
+
+    too_long = []
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        text = path.read_text()
+        name = path.relative_to(REPO).as_posix()
+        if text.count("\n") > 300 and name != "pipeline/demo_data.py":
+            too_long.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                too_long.append(f"{name}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []

@@ -17,7 +17,7 @@ from torchvision.ops import box_iou
 from pipeline import metrics
 from pipeline.errors import RefineError
 from pipeline.metrics import box_metrics, coco_ap, paired_iou, write_metrics
-from pipeline.overlays import COARSE_COLOUR, GT_COLOUR, REFINED_COLOUR, draw_overlay, save_overlays
+from pipeline.inference.overlays import COARSE_COLOUR, GT_COLOUR, REFINED_COLOUR, draw_overlay, save_overlays
 
 GROUP_KEYS = {"count", "mean_iou_coarse", "mean_iou_refined", "share_improved", "share_worse", "recall_at_iou"}
 

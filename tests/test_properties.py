@@ -15,11 +15,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.apply import refine_boxes
+from pipeline.inference.core import refine_boxes
 from pipeline.boxes import valid_boxes
 from pipeline.coco import BORDER_SLACK, load_coco, load_detections
 from pipeline.errors import RefineError
-from pipeline.refiner import RefinerConfig, build_refiner
+from pipeline.model.base import RefinerConfig
+from pipeline.model.registry import build_refiner
 from pipeline.store import FeatureStore, Namespace
 
 # JSON values of every type, and numbers that break naive code (NaN, inf, huge, negative, bool).

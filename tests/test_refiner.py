@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.plane_stage import PlaneStage
-from pipeline.refiner import EarlyProjection, RefinerConfig, SideHead, build_refiner, cell_cover, similarity_maps
+from pipeline.model.plane_stage import PlaneStage
+from pipeline.model.base import RefinerConfig
+from pipeline.model.registry import build_refiner
+from pipeline.model.refiner import EarlyProjection, SideHead, cell_cover, similarity_maps
 
 
 @pytest.mark.parametrize(

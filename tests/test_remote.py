@@ -21,7 +21,7 @@ from pipeline.store import FeatureStore, Namespace
 from pipeline.store.writer import SegmentWriter
 from pipeline.store.gc import collect_garbage
 from pipeline.store.report import verify_store
-from pipeline.checkpoints import load_checkpoint
+from pipeline.model.checkpoints import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -91,7 +91,7 @@ def test_s3_workflow_extract_verify_train_evaluate_apply(s3_bucket: str, cli, tm
         timeout=300,
     )
     assert trained.returncode == 0, trained.stderr
-    assert load_checkpoint(tmp_path / "refiner" / "model.pt")["epoch"] == 1
+    assert Checkpoint.load(tmp_path / "refiner" / "model.pt").epoch == 1
 
     evaluated = cli(
         "evaluate", "--store", store, "--annotations", annotations, "--model", "refiner/model.pt", "--out", "eval"

@@ -25,7 +25,8 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import RefineError
-from pipeline.review import CROP_SIZE, MAX_CARDS, ReviewCard, write_review
+from pipeline.inference.review import MAX_CARDS, write_review
+from pipeline.inference.review_cards import CROP_SIZE, ReviewCard
 
 EVIL_CATEGORY = "</script><script>document.body.dataset.pwned=1</script>"
 EVIL_FILE = '<b>&"<img src=x onerror="document.body.dataset.pwned=2">.png'
@@ -247,7 +248,7 @@ def test_rewrite_replaces_the_old_review_whole(tmp_path: Path):
 KILLED_REVIEW = """
 import os, signal, sys
 from pathlib import Path
-import pipeline.review as review
+import pipeline.inference.review as review
 
 def killed(*args):
     os.kill(os.getpid(), signal.SIGKILL)  # half-way: the temporary folder holds crops, no page

@@ -11,13 +11,14 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-import pipeline.encoder
-from pipeline.apply import image_entries
+import pipeline.hqsam.encoder
+from pipeline.inference.apply import image_entries
 from pipeline.boxes import coco_to_xyxy
-from pipeline.encoder import build_seeded_sam, identity_for
+from pipeline.hqsam.encoder import build_seeded_sam, identity_for
 from pipeline.errors import RefineError
 from pipeline.images import load_rgb, resized_shape
-from pipeline.snap import MASK_THRESHOLD, build_snapper, masks_to_rle, snap_boxes, tight_boxes
+from pipeline.inference.snap import MASK_THRESHOLD, masks_to_rle, snap_boxes, tight_boxes
+from pipeline.inference.snapper import build_snapper
 from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.store.writer import SegmentWriter
 
@@ -162,7 +163,7 @@ def test_snap_never_runs_the_image_encoder(base_dataset: dict, monkeypatch: pyte
     def refuse(self, *args, **kwargs):
         raise AssertionError(f"{type(self).__name__}.forward ran")
 
-    for encoder in (TinyViT, ImageEncoderViT, pipeline.encoder.FeatureEncoder):
+    for encoder in (TinyViT, ImageEncoderViT, pipeline.hqsam.encoder.FeatureEncoder):
         monkeypatch.setattr(encoder, "forward", refuse)
     namespace = tiny_namespace(base_dataset)
     snapper = build_snapper(namespace)

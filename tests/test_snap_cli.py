@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from pipeline.config import TrainConfig
-from pipeline.train import run_train
 from tests.helpers import assert_clean_error
-
-
-@pytest.fixture(scope="module")
-def trained(base_dataset: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("refiner")
-    config = TrainConfig(store=str(base_dataset["store"]), annotations=base_dataset["annotations"], out=out, epochs=1)
-    run_train(config)
-    return out / "model.pt"
 
 
 def test_apply_snap_writes_boxes_scores_and_masks(cli, base_dataset, tmp_path):

@@ -14,11 +14,11 @@ import torch
 import zarr
 
 from pipeline.manifest import manifest_images
-from pipeline.encoder import FeatureEncoder, build_encoder, identity_for
+from pipeline.hqsam.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.images import content_key, prepare, stride4_plane
 from pipeline.store import FeatureStore, Namespace
 from pipeline.store.layouts import CURRENT_LAYOUT, LAYOUTS, all_finite
-from tests.helpers import orphans, rows_by_key, write_coco, write_images
+from tests.helpers import extract_args, orphans, rows_by_key, write_coco, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,19 +108,7 @@ def test_sigkill_mid_run_then_resume_completes(tmp_path):
     files = write_images(tmp_path / "images", 5, seed=3)
     annotations = write_coco(tmp_path / "train.json", tmp_path / "images", files)
     store = tmp_path / "features.zarr"
-    command = refine(
-        "extract",
-        "--images",
-        tmp_path / "images",
-        "--annotations",
-        annotations,
-        "--store",
-        store,
-        "--batch-size",
-        "1",
-        "--workers",
-        "0",
-    )
+    command = refine(*extract_args(tmp_path / "images", annotations, store))
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while committed_rows(store) < 2 and time.monotonic() < deadline and process.poll() is None:
@@ -150,19 +138,7 @@ def test_two_concurrent_writers_on_overlapping_images(tmp_path):
     FeatureStore(store, create=True)  # both writers start on an existing, empty store
     processes = [
         subprocess.Popen(
-            refine(
-                "extract",
-                "--images",
-                tmp_path / "images",
-                "--annotations",
-                annotations,
-                "--store",
-                store,
-                "--batch-size",
-                "1",
-                "--workers",
-                "0",
-            ),
+            refine(*extract_args(tmp_path / "images", annotations, store)),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -184,7 +160,7 @@ def test_two_concurrent_writers_on_overlapping_images(tmp_path):
     assert gc.returncode == 0, gc.stderr
     assert rows_by_key(store) == dict.fromkeys(stored_digests(store), 1) and orphans(store) == []
     for name, expected in (("first", files[:3]), ("second", files[2:])):
-        manifest = namespace.dataset(name)
+        manifest = namespace.manifest(name)
         assert manifest_images(manifest, "test").file_names == [f.name for f in expected]
     verify = subprocess.run(refine("store", "verify", store), cwd=REPO, capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr

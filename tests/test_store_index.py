@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.apply import image_entries
+from pipeline.inference.apply import image_entries
 from pipeline.coco import ImageRecord
-from pipeline.encoder import identity_for
+from pipeline.hqsam.encoder import identity_for
 from pipeline.errors import RefineError
 from pipeline.store.layouts import CURRENT_LAYOUT, LEGACY_LAYOUT
 from pipeline.store import Entry, FeatureStore, Namespace
@@ -158,8 +158,8 @@ def manifest(name: str, images: list[tuple[int, str, str]]) -> dict:
 
 def test_image_entries_joins_datasets_to_the_index(namespace: Namespace) -> None:
     namespace.write_index()
-    namespace.write_dataset(manifest("a", [(3, "c.jpg", "k3"), (1, "a.jpg", "k1"), (9, "gone.jpg", "missing")]))
-    namespace.write_dataset(manifest("b", [(1, "a2.jpg", "k1"), (4, "d.jpg", "k4")]))  # id 1: the same image
+    namespace.write_manifest(manifest("a", [(3, "c.jpg", "k3"), (1, "a.jpg", "k1"), (9, "gone.jpg", "missing")]))
+    namespace.write_manifest(manifest("b", [(1, "a2.jpg", "k1"), (4, "d.jpg", "k4")]))  # id 1: the same image
     found = image_entries(reopen(namespace), None)
     assert sorted(found) == [1, 3, 4] and 9 not in found and "1" not in found and True not in found  # key unknown
     record, entry = found[3]
@@ -170,8 +170,8 @@ def test_image_entries_joins_datasets_to_the_index(namespace: Namespace) -> None
 
 
 def test_image_entries_refuses_an_id_that_means_two_images(namespace: Namespace) -> None:
-    namespace.write_dataset(manifest("a", [(1, "a.jpg", "k1")]))
-    namespace.write_dataset(manifest("b", [(1, "b.jpg", "k2")]))
+    namespace.write_manifest(manifest("a", [(1, "a.jpg", "k1")]))
+    namespace.write_manifest(manifest("b", [(1, "b.jpg", "k2")]))
     with pytest.raises(RefineError, match="image id 1 means different images"):
         image_entries(namespace, None)
     assert len(image_entries(namespace, "b")) == 1

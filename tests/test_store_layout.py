@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.apply import image_entries
-from pipeline.features import load_split
+from pipeline.inference.apply import image_entries
+from pipeline.splits import load_split
 from pipeline.errors import RefineError
 from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.store.commit import CommitFile

@@ -14,8 +14,8 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from pipeline.checkpoints import load_checkpoint
-from pipeline.encoder import read_state_dict
+from pipeline.model.checkpoints import Checkpoint
+from pipeline.hqsam.encoder import read_state_dict
 from pipeline.errors import RefineError
 from tests.fuzzing import FUZZ, assert_one_line_naming, flipped, truncated
 
@@ -27,7 +27,7 @@ def saved_state_dict() -> bytes:
 
 
 VALID = saved_state_dict()
-READERS = [read_state_dict, load_checkpoint]
+READERS = [read_state_dict, Checkpoint.load]
 
 
 def read_fails_cleanly(tmp_path: Path, data: bytes) -> None:
@@ -65,4 +65,4 @@ def test_a_flipped_byte_is_read_or_refused_in_one_line(tmp_path: Path, data: byt
     else:  # a flip inside the tensor bytes or an unchecked field: still a state dict of tensors
         assert all(isinstance(value, torch.Tensor) for value in state.values())
     with pytest.raises(RefineError):  # never a refiner checkpoint, whatever survives the flip
-        load_checkpoint(path)
+        Checkpoint.load(path)

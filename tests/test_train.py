@@ -32,15 +32,15 @@ from pipeline.boxes import (
     to_original,
     xyxy_to_coco,
 )
-from pipeline.checkpoints import CHECKPOINT
-from pipeline.config import TrainConfig
+from pipeline.model.checkpoints import CHECKPOINT
+from pipeline.training.config import TrainConfig
 from pipeline.devices import resolve_amp
-from pipeline.encoder import identity_for
-from pipeline.engine import TrainProgress
+from pipeline.hqsam.encoder import identity_for
+from pipeline.training.engine import TrainProgress
 from pipeline.errors import RefineError
 from pipeline.store import FeatureStore, Namespace
 from pipeline.store.writer import SegmentWriter
-from pipeline.train import METRICS, run_train
+from pipeline.training.train import METRICS, run_train
 from stages.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,8 @@ def test_train_reads_only_the_store(dataset: dict) -> None:
     """No image file, no encoder package, no extraction code: train runs from the store and the annotations alone."""
     shutil.rmtree(dataset["images"])
     script = (
-        "import sys; sys.modules['segment_anything_hq'] = sys.modules['pipeline.extract'] = None\n"  # imports fail
+        # imports of the encoder package and of extraction fail
+        "import sys; sys.modules['segment_anything_hq'] = sys.modules['pipeline.extraction'] = None\n"
         "from tests.test_train import train_app\n"
         "train_app(sys.argv[1:])\n"
     )
@@ -219,7 +220,7 @@ def test_missing_dataset_and_features_of_another_encoder(dataset: dict, tmp_path
     # The same dataset written again under a second encoder identity (seeded differently): now ambiguous.
     store = FeatureStore(dataset["store"])
     first = Namespace.open(store, store.fingerprints()[0])
-    manifest = first.dataset("train")
+    manifest = first.manifest("train")
     second = Namespace.ensure(store, identity_for("vit_tiny", None, seed=1).provenance())
     entries = first.entries()
     keys = manifest_images(manifest, "test").keys
@@ -232,7 +233,7 @@ def test_missing_dataset_and_features_of_another_encoder(dataset: dict, tmp_path
         [entries[key].resized_size for key in keys],
         np.stack([plane for _, _, plane in features]),
     )
-    second.write_dataset({**manifest, "fingerprint": second.fingerprint})
+    second.write_manifest({**manifest, "fingerprint": second.fingerprint})
 
     common = ["--store", dataset["store"], "--annotations", dataset["annotations"], *FAST]
     result = run_cli(*common, "--out", tmp_path / "a")

@@ -217,7 +217,7 @@ class Namespace:
         names = self.store.list_names(f"{self.fingerprint}/datasets")
         return [n[: -len(".json")] for n in names if n.endswith(".json")]
 
-    def dataset(self, name: str) -> dict:
+    def manifest(self, name: str) -> dict:
         """The manifest of dataset `name` (an object; `pipeline.manifest.manifest_images` reads its images)."""
         relative = f"{self.fingerprint}/datasets/{name}.json"
         try:
@@ -233,5 +233,5 @@ class Namespace:
                 f"{self.store.url}: no dataset {name!r} for encoder {self.fingerprint} (known: {known})"
             ) from None
 
-    def write_dataset(self, manifest: dict) -> None:
+    def write_manifest(self, manifest: dict) -> None:
         self.store.write_json_atomic(f"{self.fingerprint}/datasets/{manifest['dataset']}.json", manifest)

@@ -97,7 +97,7 @@ def _check_zarr_view(namespace: Namespace, entry: Entry, mapped: tuple[np.ndarra
 def _check_dataset(namespace: Namespace, name: str, entries: Mapping[str, Entry]) -> list[str]:
     prefix = f"namespace {namespace.fingerprint}: dataset {name}"
     try:
-        manifest = namespace.dataset(name)
+        manifest = namespace.manifest(name)
         images = manifest_images(manifest, prefix)
     except RefineError as error:
         return [str(error)]

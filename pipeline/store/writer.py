@@ -117,6 +117,32 @@ class SegmentWriter:
             raise RefineError(f"{self.namespace.store.url}: {relative}: chunks are not raw as expected")
         return [int(offset) for offset in index[:count, 0]]
 
+    def _write_shard(
+        self, embeddings: np.ndarray, early: np.ndarray, planes: np.ndarray | None
+    ) -> tuple[int, list[int], list[int]]:
+        """Write a batch into the segment's next shard of each array; returns its first row and where each
+        entry's embedding and early chunk start in their shard files."""
+        count = len(embeddings)
+        shard = self._next_shard
+        start = shard * self.shard_rows
+        rows = slice(start, start + count)
+        # Each batch fills one whole fresh shard per array: no shard is ever rewritten.
+        self._arrays[EMBEDDING][rows] = embeddings
+        self._arrays[EARLY][rows] = early
+        if planes is not None:
+            self._arrays[PLANE][rows] = planes
+        self._next_shard += 1
+        grid = EMBEDDING_SHAPE[1] * EMBEDDING_SHAPE[2]
+        embedding_at = self._chunk_offsets(EMBEDDING, shard, count, 2 * EMBEDDING_SHAPE[0] * grid)
+        early_at = self._chunk_offsets(EARLY, shard, count, 2 * self.early_channels * grid)
+        if planes is not None:
+            # Readers compute where a plane starts (the commit row has no column for it): never guess.
+            plane_at = self._chunk_offsets(PLANE, shard, count, PLANE_BYTES)
+            if plane_at != [plane_offset(start + i, self.shard_rows) for i in range(count)]:
+                where = f"{self.namespace.store.url}: segment {self._segment}"
+                raise RefineError(f"{where}: its planes are not in row order; nothing of this batch was committed")
+        return start, embedding_at, early_at
+
     def write_batch(
         self,
         keys: list[str],
@@ -144,24 +170,7 @@ class SegmentWriter:
         if self._segment is None or full or time.monotonic() - self._last_write > SEGMENT_IDLE_S:
             self._open_segment()
         assert self._segment is not None
-        shard = self._next_shard
-        start = shard * self.shard_rows
-        rows = slice(start, start + count)
-        # Each batch fills one whole fresh shard per array: no shard is ever rewritten.
-        self._arrays[EMBEDDING][rows] = embeddings
-        self._arrays[EARLY][rows] = early
-        if planes is not None:
-            self._arrays[PLANE][rows] = planes
-        self._next_shard += 1
-        grid = EMBEDDING_SHAPE[1] * EMBEDDING_SHAPE[2]
-        embedding_at = self._chunk_offsets(EMBEDDING, shard, count, 2 * EMBEDDING_SHAPE[0] * grid)
-        early_at = self._chunk_offsets(EARLY, shard, count, 2 * self.early_channels * grid)
-        if planes is not None:
-            # Readers compute where a plane starts (the commit row has no column for it): never guess.
-            plane_at = self._chunk_offsets(PLANE, shard, count, PLANE_BYTES)
-            if plane_at != [plane_offset(start + i, self.shard_rows) for i in range(count)]:
-                where = f"{self.namespace.store.url}: segment {self._segment}"
-                raise RefineError(f"{where}: its planes are not in row order; nothing of this batch was committed")
+        start, embedding_at, early_at = self._write_shard(embeddings, early, planes)
         for i, key in enumerate(keys):
             entry = Entry(
                 key,

@@ -9,18 +9,17 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from pipeline.abstention import auroc, reliability, risk_coverage
-from pipeline.apply import apply_to_file, load_model, recommend, refine_boxes, refiner_proposer
+from pipeline.model.abstention import auroc, reliability, risk_coverage
+from pipeline.inference.apply import apply_file
+from pipeline.inference.core import Proposer, load_model, recommend, refiner_proposer
 from pipeline.boxes import to_original
-from pipeline.checkpoints import min_score_of
 from pipeline.coco import read_json
 from pipeline.devices import resolve_device
 from pipeline.errors import RefineError
-from pipeline.features import ImageBoxes, Split, coarse_and_targets, load_split
+from pipeline.splits import ImageBoxes, Split, coarse_and_targets, load_split
 from pipeline.images import load_rgb
 from pipeline.metrics import box_metrics, coco_ap, image_bootstrap, improved, made_worse, paired_iou, write_metrics
-from pipeline.overlays import save_overlays
-from pipeline.refiner import SimilarityCascadeRefiner
+from pipeline.inference.overlays import save_overlays
 from pipeline.store import FeatureStore, Namespace
 
 
@@ -45,6 +44,8 @@ class EvaluateConfig:
 # The box methods `evaluate --methods` compares: the coarse boxes as they are, the zero-shot HQ-SAM snap, and
 # the trained refiner (with its abstention).
 METHODS = ("coarse", "snap", "refiner")
+# The curves in metrics.json that are also written to a file of their own each, for DVC plots.
+CURVES = ("risk_coverage", "reliability")
 
 
 @dataclass
@@ -60,24 +61,17 @@ class ImageOutcome:
     kept: Tensor  # N bools: the score was below the threshold
 
 
-def refine_split(
-    model: SimilarityCascadeRefiner,
-    namespace: Namespace,
-    split: Split,
-    noise: float,
-    seed: int,
-    min_score: float,
-    device: torch.device,
-) -> list[ImageOutcome]:
-    """Refine the coarse boxes of every image of a split: its results file's, or the fixed noise draw."""
+def refine_split(propose: Proposer, split: Split, noise: float, seed: int, min_score: float) -> list[ImageOutcome]:
+    """Refine the coarse boxes of every image of a split (its results file's, or the fixed noise draw) by a box
+    method of the inference core, and recommend as `apply` does."""
     outcomes = []
     for image in split.images:
         coarse, target = coarse_and_targets(image, noise, seed, None)
         coarse = to_original(coarse, image.original_hw, image.resized_hw)
         target = to_original(target, image.original_hw, image.resized_hw)
-        refined, score = refine_boxes(model, namespace, image.entry, coarse, device)
-        written, kept = recommend(coarse, refined, score, min_score)
-        outcomes.append(ImageOutcome(image, target, coarse, written, refined, score, kept))
+        proposal = propose(image.entry, coarse)
+        written, kept = recommend(coarse, proposal.boxes, proposal.scores, min_score, proposal.failed)
+        outcomes.append(ImageOutcome(image, target, coarse, written, proposal.boxes, proposal.scores, kept))
     return outcomes
 
 
@@ -97,14 +91,37 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     device = resolve_device(config.device)
     store = FeatureStore(config.store)
     model, namespace, checkpoint = load_model(config.model, store)
-    model = model.to(device)
-    noise = config.noise if config.noise is not None else float(checkpoint["config"]["noise"])
-    seed = config.seed if config.seed is not None else int(checkpoint["config"]["seed"])
-    min_score = min_score_of(checkpoint, config.min_score)
+    propose = refiner_proposer(model, namespace, device)
+    noise = config.noise if config.noise is not None else checkpoint.noise
+    seed = config.seed if config.seed is not None else checkpoint.seed
+    min_score = checkpoint.min_score(config.min_score)
     split = load_split(namespace, config.dataset or config.annotations.stem, config.annotations, config.coarse)
 
-    per_image = refine_split(model, namespace, split, noise, seed, min_score, device)
+    per_image = refine_split(propose, split, noise, seed, min_score)
     snapped = _snapped(namespace, config, per_image, device) if "snap" in config.methods else None
+    metrics = _metrics(per_image, snapped, config, min_score, split.clipped_boxes, noise, seed)
+    if config.coarse is not None:
+        metrics["coco_ap"] = _coco_ap(config, propose, namespace, min_score)
+    write_metrics(config.out / "metrics.json", metrics)
+    for name in CURVES:  # DVC plots read these (dvc.yaml)
+        write_metrics(config.out / f"{name}.json", metrics[name])
+    if config.images is not None and config.overlays > 0:
+        items = _overlay_items(config.images, per_image, snapped)
+        save_overlays(config.out / "overlays", items, config.overlays)
+    return metrics
+
+
+def _metrics(
+    per_image: list[ImageOutcome],
+    snapped: list[Tensor] | None,
+    config: EvaluateConfig,
+    min_score: float,
+    clipped_boxes: int,
+    noise: float,
+    seed: int,
+) -> dict[str, Any]:
+    """`metrics.json`: the figures of what `apply` writes, every box refined, the score, the curves, and each
+    method's figures."""
     gt, coarse, written, refined, score = (
         torch.cat([getattr(row, name) for row in per_image])
         for name in ("truth", "coarse", "written", "refined", "score")
@@ -126,7 +143,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
             "auroc_worse": auroc(score, made_worse(iou_coarse, iou_refined)),
         },
         "images": len(per_image),
-        "clipped_boxes": split.clipped_boxes,
+        "clipped_boxes": clipped_boxes,
         "coarse_source": "results file" if config.coarse else f"noise protocol r={noise}, seed {seed}",
     }
     curves = {
@@ -138,22 +155,16 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     by_method = {"coarse": coarse, "refiner": written, "snap": torch.cat(snapped) if snapped is not None else None}
     # Each method's boxes scored as the refiner's are at the top level: mean_iou_refined is the method's.
     metrics["methods"] = {name: box_metrics(gt, coarse, by_method[name]) for name in config.methods}
-    if config.coarse is not None:
-        ground_truth = read_json(config.annotations)
-        detections = read_json(config.coarse)
-        propose = refiner_proposer(model, namespace, device)
-        refined_detections, _ = apply_to_file(propose, namespace, config.coarse, config.dataset, min_score)
-        metrics["coco_ap"] = {
-            "coarse": coco_ap(ground_truth, detections),
-            "refined": coco_ap(ground_truth, refined_detections),
-        }
-    write_metrics(config.out / "metrics.json", metrics)
-    for name, rows in curves.items():  # DVC plots read these (dvc.yaml)
-        write_metrics(config.out / f"{name}.json", rows)
-    if config.images is not None and config.overlays > 0:
-        items = _overlay_items(config.images, per_image, snapped)
-        save_overlays(config.out / "overlays", items, config.overlays)
     return metrics
+
+
+def _coco_ap(config: EvaluateConfig, propose: Proposer, namespace: Namespace, min_score: float) -> dict[str, Any]:
+    """COCO AP of the results file's detections, before and after `apply`."""
+    ground_truth = read_json(config.annotations)
+    assert config.coarse is not None
+    detections = read_json(config.coarse)
+    refined_detections, _ = apply_file(propose, namespace, config.coarse, config.dataset, min_score)
+    return {"coarse": coco_ap(ground_truth, detections), "refined": coco_ap(ground_truth, refined_detections)}
 
 
 def _snapped(
@@ -161,10 +172,10 @@ def _snapped(
 ) -> list[Tensor]:
     """Every image's coarse boxes snapped by HQ-SAM (N_i x 4 each), with the weights that made the namespace."""
     # HQ-SAM's decoder loads only when snap is asked for: the refiner alone needs none of it.
-    from pipeline.snap import build_snapper, snap_boxes
+    from pipeline.inference.snap import snap_method
 
-    snapper = build_snapper(namespace, config.snap_checkpoint).to(device)
-    return [snap_boxes(snapper, namespace, row.image.entry, row.coarse, device).boxes for row in per_image]
+    snap = snap_method(namespace, config.snap_checkpoint, device)
+    return [snap(row.image.entry, row.coarse).boxes for row in per_image]
 
 
 def _overlay_items(image_root: Path, per_image: list[ImageOutcome], snapped: list[Tensor] | None) -> Iterator[tuple]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.encoder import EncoderIdentity, FeatureEncoder, build_encoder
+from pipeline.hqsam.encoder import EncoderIdentity, FeatureEncoder, build_encoder
 
 CPU_BATCH = 4
 # Largest default batch on CUDA: beyond it throughput no longer grows, while shards and host buffers do.

@@ -16,55 +16,28 @@ of the early feature), which is what lets a refiner trained on a few hundred ima
 of memorising them. A small convolutional net reads the cue maps and each side is placed along the
 window from a 1-D profile (side-aware boundary localisation: a distribution over positions, read out as
 its expectation, that starts at the box's own sides so an untrained stage is the identity).
-With `plane_pool` set, a fine stage (`pipeline.plane_stage`) then moves each side on the entry's stride-4
+With `plane_pool` set, a fine stage (`pipeline.model.plane_stage`) then moves each side on the entry's stride-4
 image plane (B x 3 x 256 x 256 uint8), below the 16-px cell.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from pipeline.plane_stage import PlaneStage
-from pipeline.score import BoxScore
-from pipeline.refiner_parts import SideHead, StageOutput, conv_block, enlarge, inside_mask, place_sides
+from pipeline.model.base import Refiner, RefinerConfig, Refinement
+from pipeline.model.plane_stage import PlaneStage
+from pipeline.model.score import BoxScore
+from pipeline.model.refiner_parts import SideHead, StageOutput, conv_block, enlarge, inside_mask, place_sides
 from pipeline.shapes import EMBEDDING_SHAPE, FEATURE_STRIDE, IMAGE_SIZE
 
 # Cue maps computed from the two features: (object, background, object - background) similarity for each,
 # the inside-the-box mask, and the early feature's local change.
 FIXED_CUES = 8
-
-
-@dataclass(frozen=True)
-class RefinerConfig:
-    """Hyper-parameters of a refiner; stored in checkpoints as a plain dict."""
-
-    early_channels: int
-    dim: int = 64  # channels the whitened early feature is projected to before windows are pooled
-    trunk: int = 1  # 3x3 convolutions on the projected 64 x 64 map (context: 16 px cells are coarse)
-    width: int = 16  # channels of each stage's convolutional net on the cue maps
-    pool: int = 24  # RoIAlign output size (pool x pool samples over the enlarged window)
-    learned: int = 8  # learnt channels of the early feature given to each stage next to the fixed cues
-    contexts: tuple[float, ...] = (2.0, 1.5)  # window size / box size, one per cascade stage
-    min_window: float = 48.0  # smallest window side in pixels: tiny boxes still see their surroundings
-    prior_width: float = 0.1  # spread (window units) of each side's prior around the current side
-    interior: float = 0.3  # the object prototype averages the box's central part, +- this share of its size
-    plane_pool: int = 0  # samples per window side of the fine stage on the stride-4 plane (0: no fine stage)
-    plane_width: int = 16  # channels of the fine stage's convolutional net
-    plane_context: float = 1.3  # the fine stage's window size / box size
-    plane_prior_width: float = 0.06  # spread (window units) of the fine stage's prior around the cascade's side
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "contexts": list(self.contexts)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> RefinerConfig:
-        return cls(**{**values, "contexts": tuple(values["contexts"])})
 
 
 class Whitening(nn.Module):
@@ -162,18 +135,6 @@ class CellMaps:
     change: Tensor  # B x 1 x 64 x 64: local change of the early feature
 
 
-@dataclass
-class Refinement:
-    """Every stage's boxes (K x 4 each, last = final, all images' boxes in order), the evidence the score
-    reads (K x F), its logits (K) and the spread of the final stage's side distributions (K x 4, window
-    units; `bench/score.py` compares it with the score)."""
-
-    stages: list[Tensor]
-    evidence: Tensor
-    score_logits: Tensor
-    spread: Tensor
-
-
 class CascadeStage(nn.Module):
     """One refinement step: the batch's CellMaps and K boxes (pixels) -> K refined boxes (pixels), and what
     the score reads of the step (`StageOutput`)."""
@@ -238,7 +199,7 @@ class CascadeStage(nn.Module):
         return place_sides(self.along_x, self.along_y, x, current, origin, size)
 
 
-class SimilarityCascadeRefiner(nn.Module):
+class SimilarityCascadeRefiner(Refiner):
     """Whiten both features, then refine each box through a cascade of cue-map + side-aware stages."""
 
     def __init__(self, config: RefinerConfig) -> None:
@@ -314,24 +275,3 @@ class SimilarityCascadeRefiner(nn.Module):
         size = (coarse[:, 2:] - coarse[:, :2]).clamp_min(1.0) / IMAGE_SIZE
         features = torch.cat([*evidence, size.log()], dim=1).float()
         return Refinement(outputs, features, self.score(features), step.spread.float())
-
-    def forward(
-        self, embedding: Tensor, early: Tensor, boxes: list[Tensor], plane: Tensor | None = None
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Refined boxes (N_i x 4) and their scores (N_i, in [0, 1]), one tensor each per image in the order of
-        `boxes`. The score is the predicted chance, calibrated, that the refined box beats the coarse one."""
-        refinement = self.forward_stages(embedding, early, boxes, plane)
-        counts = [len(b) for b in boxes]
-        scores = self.score.probability(refinement.score_logits)
-        return list(refinement.stages[-1].split(counts)), list(scores.split(counts))
-
-
-Builder = Callable[[RefinerConfig], SimilarityCascadeRefiner]
-REFINERS: dict[str, Builder] = {"similarity_cascade": SimilarityCascadeRefiner}
-
-
-def build_refiner(name: str, config: RefinerConfig) -> SimilarityCascadeRefiner:
-    """A refiner variant from `REFINERS` by name."""
-    if name not in REFINERS:
-        raise KeyError(f"unknown refiner {name!r}; choose one of {', '.join(REFINERS)}")
-    return REFINERS[name](config)

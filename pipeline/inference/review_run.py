@@ -1,6 +1,6 @@
 """`refine review`: a trained refiner's changes to a box file, or to a split with ground truth, as a review page.
 
-The cards (`pipeline.review`) hold boxes in original pixels (xyxy); strings and ids are taken from the
+The cards (`pipeline.inference.review`) hold boxes in original pixels (xyxy); strings and ids are taken from the
 input files as they are, and the page escapes them.
 """
 
@@ -13,14 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.apply import RefinedFile, load_model, refine_file, refiner_proposer
-from pipeline.checkpoints import min_score_of
+from pipeline.inference.apply import RefinedFile, propose_file
+from pipeline.inference.core import load_model, refiner_proposer
 from pipeline.coco import CocoDataset, load_coco
 from pipeline.devices import resolve_device
-from pipeline.evaluate import ImageOutcome, refine_split
-from pipeline.features import load_split
+from pipeline.inference.evaluate import ImageOutcome, refine_split
+from pipeline.splits import load_split
 from pipeline.metrics import iou_summary, paired_iou
-from pipeline.review import ReviewCard, write_review
+from pipeline.inference.review import write_review
+from pipeline.inference.review_cards import ReviewCard
 from pipeline.store import FeatureStore
 
 
@@ -42,18 +43,18 @@ def run_review(config: ReviewConfig) -> tuple[float, dict[str, str]]:
     device = resolve_device(config.device)
     model, namespace, checkpoint = load_model(config.model, FeatureStore(config.store))
     model = model.to(device)
-    min_score = min_score_of(checkpoint, config.min_score)
+    min_score = checkpoint.min_score(config.min_score)
     if config.boxes is not None:
         propose = refiner_proposer(model, namespace, device)
-        result = refine_file(propose, namespace, config.boxes, config.dataset, min_score)
+        result = propose_file(propose, namespace, config.boxes, config.dataset, min_score)
         categories = result.data.get("categories") if isinstance(result.data, dict) else None
         cards = cards_from_file(result, category_names(categories))
         source = config.boxes.name
     else:
         assert config.annotations is not None
         split = load_split(namespace, config.dataset or config.annotations.stem, config.annotations)
-        noise, seed = float(checkpoint["config"]["noise"]), int(checkpoint["config"]["seed"])
-        outcomes = refine_split(model, namespace, split, noise, seed, min_score, device)
+        noise, seed = checkpoint.noise, checkpoint.seed
+        outcomes = refine_split(refiner_proposer(model, namespace, device), split, noise, seed, min_score)
         coco = load_coco(config.annotations)
         cards = cards_from_outcomes(outcomes, coco, category_names(coco.categories))
         source = f"{config.annotations.name} (coarse boxes: noise r={noise}, seed {seed})"

@@ -134,7 +134,7 @@ def build_seeded_sam(model_type: str, seed: int = DEFAULT_SEED) -> nn.Module:
     """The whole HQ-SAM model (`Sam`: image encoder, prompt encoder, mask decoder) with seeded random weights.
 
     The seed covers the whole build, so the prompt encoder and mask decoder that go with a random-init
-    image encoder come out the same in every process (`pipeline.snap` builds them this way).
+    image encoder come out the same in every process (`pipeline.inference.snap` builds them this way).
     """
     # Seed only our own RNG stream so building a model never perturbs the caller's randomness.
     with torch.random.fork_rng(devices=[]):
@@ -154,14 +154,14 @@ def build_encoder(
 ) -> nn.Module:
     """The real HQ-SAM image encoder, in eval mode, with checkpoint weights or seeded random ones.
 
-    With `fused_attention` its attention runs through SDPA (`pipeline.attention`): the same features within
+    With `fused_attention` its attention runs through SDPA (`pipeline.hqsam.attention`): the same features within
     float rounding, so it is not part of the fingerprint, without ever building the attention matrix.
     """
     encoder = build_seeded_sam(identity.model_type, seed).image_encoder
     if checkpoint is not None:
         encoder.load_state_dict(load_encoder_state(checkpoint, identity.model_type, encoder))
     if fused_attention:
-        from pipeline.attention import use_fused_attention  # imports the package: only when building
+        from pipeline.hqsam.attention import use_fused_attention  # imports the package: only when building
 
         use_fused_attention(encoder)
     return encoder.eval().requires_grad_(False)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from pipeline.refiner_parts import SideHead, StageOutput, conv_block, enlarge, inside_mask, place_sides
+from pipeline.model.refiner_parts import SideHead, StageOutput, conv_block, enlarge, inside_mask, place_sides
 from pipeline.shapes import IMAGE_SIZE, PLANE_STRIDE
 
 # inside mask, 3 standardised colours, distance to the object's and to the surroundings' colour, their

@@ -1,6 +1,6 @@
 """The refiner's training loss: L1 + GIoU on normalised coordinates, never raw pixels.
 
-The score is not trained with it: `train` fits it on held-out images (`pipeline.score`)."""
+The score is not trained with it: `train` fits it on held-out images (`pipeline.model.score`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """One training epoch and one validation pass, as plain functions (in the spirit of torchvision's
-references/detection/engine.py); `pipeline.train` builds what they take and runs them epoch after epoch.
+references/detection/engine.py); `pipeline.training.train` builds what they take and runs them epoch after epoch.
 
 Both iterate a `feature_loader` of whole images and take every box of an image from one read of its
 features; the coarse boxes of each image come from `CoarseBoxes` (its results file or the noise protocol).
@@ -20,10 +20,11 @@ from pipeline import distributed
 from pipeline.boxes import valid_boxes
 from pipeline.devices import autocast
 from pipeline.errors import RefineError
-from pipeline.features import FeatureBatch, ImageBoxes, coarse_and_targets
-from pipeline.loss import box_loss
+from pipeline.splits import ImageBoxes, coarse_and_targets
+from pipeline.training.data import FeatureBatch
+from pipeline.training.loss import box_loss
 from pipeline.metrics import paired_iou
-from pipeline.refiner import Refinement, SimilarityCascadeRefiner
+from pipeline.model.base import Refinement, Refiner
 
 
 @dataclass
@@ -77,7 +78,7 @@ class TrainForward(torch.nn.Module):
     """The refiner's training forward (every cascade stage's boxes) as `forward`: DistributedDataParallel
     synchronises gradients only for what runs through the wrapped module's `forward`."""
 
-    def __init__(self, refiner: SimilarityCascadeRefiner) -> None:
+    def __init__(self, refiner: Refiner) -> None:
         super().__init__()
         self.refiner = refiner
 
@@ -190,7 +191,7 @@ class BoxOutcomes:
 
 @torch.inference_mode()
 def predict_outcomes(
-    model: SimilarityCascadeRefiner,
+    model: Refiner,
     loader: DataLoader,
     boxes: CoarseBoxes,
     precision: Precision,

@@ -1,11 +1,12 @@
-"""Use a trained refiner: refine the boxes of whole files (COCO results or COCO datasets) from the store."""
+"""`refine apply` on whole files (COCO results or COCO datasets): every box through a box method of the
+inference core (`pipeline.inference.core`), the file's structure kept."""
 
 from __future__ import annotations
 
 import copy
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,64 +16,13 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
-from pipeline.boxes import coco_to_xyxy, to_input, to_original, valid_boxes, xyxy_to_coco
-from pipeline.checkpoints import load_checkpoint, refiner_from_checkpoint
+from pipeline.boxes import coco_to_xyxy, xyxy_to_coco
 from pipeline.coco import BoxFile, ImageRecord, coarse_box, read_json
 from pipeline.errors import RefineError
+from pipeline.inference.core import Proposal, Proposer, recommend
 from pipeline.manifest import manifest_images
-from pipeline.refiner import SimilarityCascadeRefiner
-from pipeline.store import Entry, FeatureStore, Namespace
+from pipeline.store import Entry, Namespace
 from pipeline.store.index import EntryIndex
-
-
-def load_model(path: Path, store: FeatureStore) -> tuple[SimilarityCascadeRefiner, Namespace, dict[str, Any]]:
-    """The refiner of a checkpoint, the store namespace of the encoder it was trained on, the checkpoint."""
-    if not path.is_file():
-        raise RefineError(f"{path}: model checkpoint not found; run `refine train` first")
-    checkpoint = load_checkpoint(path)
-    fingerprint = checkpoint["fingerprint"]
-    if fingerprint not in store.fingerprints():
-        known = ", ".join(store.fingerprints()) or "none"
-        raise RefineError(
-            f"{path}: was trained on features of encoder {fingerprint} ({checkpoint['encoder']['model_type']}), "
-            f"but {store.url} holds none of them (it has: {known}); extract with that encoder first"
-        )
-    return refiner_from_checkpoint(checkpoint), Namespace.open(store, fingerprint), checkpoint
-
-
-@torch.inference_mode()
-def refine_boxes(
-    model: SimilarityCascadeRefiner, namespace: Namespace, entry: Entry, boxes: Tensor, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Refine one image's boxes (N x 4 xyxy, original pixels, inside the image) from one read of its features.
-
-    Returns the refined boxes (N x 4 valid xyxy, original pixels, inside the image; see `valid_boxes`) and
-    their scores (N, in [0, 1]).
-    """
-    if boxes.numel() == 0:
-        return boxes.reshape(0, 4), boxes.new_zeros(0)
-    # Never refine from damaged features; an entry without the plane the fine stage reads is refused in
-    # one line that names the command adding it.
-    embedding, early, plane = namespace.read_inputs(entry, with_plane=model.needs_plane, check=True)
-    inputs = to_input(boxes.float(), entry.original_size, entry.resized_size)
-    (refined,), (score,) = model(
-        torch.tensor(embedding[None], dtype=torch.float32, device=device),  # the stored arrays are read-only
-        torch.tensor(early[None], dtype=torch.float32, device=device),
-        [inputs.to(device)],
-        None if plane is None else torch.tensor(plane[None], device=device),
-    )
-    refined = to_original(refined.float().cpu(), entry.original_size, entry.resized_size)
-    return valid_boxes(refined, boxes, entry.original_size), score.float().cpu()
-
-
-def recommend(
-    coarse: Tensor, refined: Tensor, score: Tensor, min_score: float, failed: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """The boxes `refine` recommends (N x 4): the refined box where its score reaches `min_score` (and the
-    method did not fail on it: N bools, e.g. an empty snap mask), else the coarse box; and which kept the
-    coarse box (N bools)."""
-    kept = score < min_score if failed is None else failed | (score < min_score)
-    return torch.where(kept[:, None], coarse, refined), kept
 
 
 class ImageEntries(Mapping[int, tuple[ImageRecord, Entry]]):
@@ -124,7 +74,7 @@ def image_entries(namespace: Namespace, dataset: str | None) -> ImageEntries:
     file_names: list[str] = []
     for name in names:
         images = manifest_images(
-            namespace.dataset(name), f"{namespace.store.url}: dataset {name!r} of encoder {namespace.fingerprint}"
+            namespace.manifest(name), f"{namespace.store.url}: dataset {name!r} of encoder {namespace.fingerprint}"
         )
         found = entries.positions(images.keys)
         held = found >= 0
@@ -149,31 +99,6 @@ def image_entries(namespace: Namespace, dataset: str | None) -> ImageEntries:
     return ImageEntries(entries, all_ids[kept], [file_names[i] for i in kept.tolist()], all_positions[kept])
 
 
-@dataclass(frozen=True)
-class Proposal:
-    """What a box method proposes for one image's N boxes (xyxy, original pixels, inside the image)."""
-
-    boxes: Tensor  # N x 4
-    scores: Tensor  # N, in [0, 1]
-    failed: Tensor  # N bools: no proposal (an empty snap mask); the coarse box stays
-    masks: list[dict[str, Any]] | None = None  # N COCO RLEs, from methods that make masks
-
-
-# entry, N x 4 coarse boxes (original pixels, inside the image) -> the method's proposal for them
-Proposer = Callable[[Entry, Tensor], Proposal]
-
-
-def refiner_proposer(model: SimilarityCascadeRefiner, namespace: Namespace, device: torch.device) -> Proposer:
-    """The trained refiner as a box method: one read of each image's features for all its boxes."""
-    model = model.to(device)
-
-    def propose(entry: Entry, coarse: Tensor) -> Proposal:
-        refined, score = refine_boxes(model, namespace, entry, coarse, device)
-        return Proposal(refined, score, torch.zeros(len(coarse), dtype=torch.bool))
-
-    return propose
-
-
 @dataclass
 class RefinedFile:
     """Every box of a COCO results list or dataset, refined: K boxes in file order (xyxy, original pixels).
@@ -194,7 +119,7 @@ class RefinedFile:
     masks: list[dict[str, Any]] | None  # K COCO RLEs, from methods that make masks
 
 
-def refine_file(
+def propose_file(
     propose: Proposer, namespace: Namespace, boxes_path: Path, dataset: str | None, min_score: float
 ) -> RefinedFile:
     """Propose a box for every box of a COCO results list or COCO dataset, one read per image."""
@@ -242,7 +167,7 @@ def refine_file(
 
 @dataclass
 class ApplySummary:
-    """What `apply_to_file` did to a file's boxes."""
+    """What `apply_file` did to a file's boxes."""
 
     boxes: int
     kept_coarse: int  # scored below the threshold: the coarse box stays
@@ -250,7 +175,7 @@ class ApplySummary:
     area_updated: int  # COCO annotations whose `area` was their box's and now follows the new box
 
 
-def apply_to_file(
+def apply_file(
     propose: Proposer, namespace: Namespace, boxes_path: Path, dataset: str | None, min_score: float
 ) -> tuple[Any, ApplySummary]:
     """Refine every box of a COCO results list or COCO dataset; returns (the same structure, what was done).
@@ -261,7 +186,7 @@ def apply_to_file(
     new box where it was the area of the old one and there is no segmentation it could have come from. A
     method that makes masks gives each box it changes its mask as COCO RLE `segmentation`, and its `area`.
     """
-    result = refine_file(propose, namespace, boxes_path, dataset, min_score)
+    result = propose_file(propose, namespace, boxes_path, dataset, min_score)
     output = copy.deepcopy(result.data)
     out_records = output if isinstance(output, list) else output["annotations"]
     area_updated = 0

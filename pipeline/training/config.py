@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.refiner import RefinerConfig
+    from pipeline.model.base import RefinerConfig
 
 
 @dataclass
@@ -34,14 +34,14 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     model: str = "similarity_cascade"
-    # The refiner's shape (see pipeline.refiner.RefinerConfig).
+    # The refiner's shape (see pipeline.model.refiner.RefinerConfig).
     dim: int = 64
     trunk: int = 1
     width: int = 16
     pool: int = 24
     learned: int = 8
     contexts: tuple[float, ...] = (2.0, 1.5)
-    plane_pool: int = 32  # the fine stage on the stride-4 plane (0: none; see pipeline.plane_stage)
+    plane_pool: int = 32  # the fine stage on the stride-4 plane (0: none; see pipeline.model.plane_stage)
     plane_width: int = 16
     plane_context: float = 1.3
     plane_prior_width: float = 0.06
@@ -53,7 +53,7 @@ class TrainConfig:
 
     def refiner_config(self, early_channels: int) -> RefinerConfig:
         """The refiner this run trains, for features with `early_channels` early channels."""
-        from pipeline.refiner import RefinerConfig  # imports torch, which this module must not
+        from pipeline.model.base import RefinerConfig  # imports torch, which this module must not
 
         return RefinerConfig(
             early_channels,

@@ -1,0 +1,1 @@
+"""Extraction: `refine extract` runs the HQ-SAM image encoder once per image and writes the store."""
