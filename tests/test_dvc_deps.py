@@ -67,7 +67,8 @@ def load_stages() -> list[Stage]:
 
 
 def module_file(dotted: str) -> str | None:
-    """The repository-relative file of a project module (`pipeline.store` -> `pipeline/store.py`), else None."""
+    """The repository-relative file of a project module (`pipeline.splits` -> `pipeline/splits.py`, a package
+    `pipeline.store` -> `pipeline/store/__init__.py`), else None."""
     if dotted.split(".")[0] not in PACKAGES:
         return None
     base = ROOT.joinpath(*dotted.split("."))
