@@ -42,10 +42,9 @@ def run_review(config: ReviewConfig) -> tuple[float, dict[str, str]]:
     """Write the review folder; returns the threshold used and the figures in the page's header."""
     device = resolve_device(config.device)
     model, namespace, checkpoint = load_model(config.model, FeatureStore(config.store))
-    model = model.to(device)
+    propose = refiner_proposer(model, namespace, device)
     min_score = checkpoint.min_score(config.min_score)
     if config.boxes is not None:
-        propose = refiner_proposer(model, namespace, device)
         result = propose_file(propose, namespace, config.boxes, config.dataset, min_score)
         categories = result.data.get("categories") if isinstance(result.data, dict) else None
         cards = cards_from_file(result, category_names(categories))
@@ -54,7 +53,7 @@ def run_review(config: ReviewConfig) -> tuple[float, dict[str, str]]:
         assert config.annotations is not None
         split = load_split(namespace, config.dataset or config.annotations.stem, config.annotations)
         noise, seed = checkpoint.noise, checkpoint.seed
-        outcomes = refine_split(refiner_proposer(model, namespace, device), split, noise, seed, min_score)
+        outcomes = refine_split(propose, split, noise, seed, min_score)
         coco = load_coco(config.annotations)
         cards = cards_from_outcomes(outcomes, coco, category_names(coco.categories))
         source = f"{config.annotations.name} (coarse boxes: noise r={noise}, seed {seed})"

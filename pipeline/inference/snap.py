@@ -170,12 +170,18 @@ class SnapOptions:
     mask_threshold: float = MASK_THRESHOLD
 
 
-def snap_proposer(
-    snapper: BoxSnapper, namespace: Namespace, device: torch.device, options: SnapOptions, masks: bool = False
+def snap_method(
+    namespace: Namespace,
+    checkpoint: Path | None,
+    device: torch.device,
+    options: SnapOptions = SnapOptions(),
+    masks: bool = False,
+    model_type: str | None = None,
 ) -> Proposer:
-    """Snap as a box method for `pipeline.inference.apply`: the decoder's predicted IoU as the score, an empty mask as
-    no proposal, and (with `masks`) each mask as COCO RLE."""
-    snapper = snapper.to(device)
+    """Snap as a box method of the inference core, with the prompt encoder and decoder of the weights that
+    made `namespace` (`build_snapper`): the decoder's predicted IoU as the score, an empty mask as no proposal,
+    and (with `masks`) each mask as COCO RLE. What `apply --method snap` and `evaluate --methods snap` run."""
+    snapper = build_snapper(namespace, checkpoint, model_type=model_type).to(device)
 
     def propose(entry: Entry, coarse: Tensor) -> Proposal:
         result = snap_boxes(
@@ -193,16 +199,3 @@ def snap_proposer(
         return Proposal(result.boxes, result.scores, result.kept_coarse, rles)
 
     return propose
-
-
-def snap_method(
-    namespace: Namespace,
-    checkpoint: Path | None,
-    device: torch.device,
-    options: SnapOptions = SnapOptions(),
-    masks: bool = False,
-    model_type: str | None = None,
-) -> Proposer:
-    """Snap as a box method of the inference core, with the prompt encoder and decoder of the weights that
-    made `namespace` (`build_snapper`): what `apply --method snap` and `evaluate --methods snap` run."""
-    return snap_proposer(build_snapper(namespace, checkpoint, model_type=model_type), namespace, device, options, masks)

@@ -34,6 +34,7 @@ class CommitFile:
     early_channels: int
     computed_with: dict[str, Any] = field(default_factory=dict)
     rows: list[list[Any]] = field(default_factory=list)
+    where: str = field(default="", compare=False)  # the store and file it was read from, for its errors
 
     @classmethod
     def parse(cls, raw: Any, segment: str, where: str) -> CommitFile:
@@ -48,7 +49,7 @@ class CommitFile:
             computed_with = raw.get("computed_with") or {}
             if not isinstance(computed_with, dict):
                 raise ValueError("computed_with is not an object")
-            return cls(segment, layout, *layout.recorded_shape(raw), computed_with, rows)
+            return cls(segment, layout, *layout.recorded_shape(raw), computed_with, rows, where)
         except _DAMAGE as error:
             raise RefineError(f"{where} is damaged (bad entries: {error})") from None
 
@@ -66,8 +67,8 @@ class CommitFile:
         """The same commit holding only `entries` (`store gc` drops duplicate copies)."""
         return replace(self, rows=[self.layout.commit_row(entry) for entry in entries])
 
-    def entries(self, where: str) -> list[Entry]:
-        """The committed rows as entries; a row that does not parse is a RefineError naming `where`."""
+    def entries(self) -> list[Entry]:
+        """The committed rows as entries; a row that does not parse is a RefineError naming the file."""
         shard_rows, channels = self.layout.entry_shape(self.shard_rows, self.early_channels)
         # One tuple per distinct size and offset pair, shared by the rows that have it: a dataset has few
         # distinct image sizes and a shard only `shard_rows` offsets, and a million rows add up.
@@ -93,10 +94,10 @@ class CommitFile:
                 for row in self.rows
             ]
         except _DAMAGE as error:
-            raise RefineError(f"{where} is damaged (bad entries: {error})") from None
+            raise RefineError(f"{self.where} is damaged (bad entries: {error})") from None
 
-    def columns(self, where: str) -> SegmentRows:
-        """The committed rows as index columns; a row that does not parse is a RefineError naming `where`."""
+    def columns(self) -> SegmentRows:
+        """The committed rows as index columns; a row that does not parse is a RefineError naming the file."""
         try:
             width = self.layout.row_fields
             columns = list(zip(*self.rows, strict=True)) if self.rows else [()] * width
@@ -118,4 +119,4 @@ class CommitFile:
                 np.array([channels], np.int32),
             )
         except _DAMAGE as error:
-            raise RefineError(f"{where} is damaged (bad entries: {error})") from None
+            raise RefineError(f"{self.where} is damaged (bad entries: {error})") from None

@@ -74,9 +74,9 @@ class Layout:
         return int(commit.get("shard_rows", 0)), int(commit.get("early_channels", 0))
 
     def entry_shape(self, shard_rows: int, early_channels: int) -> tuple[int, int]:
-        """What an entry carries of its segment's (rows per shard, early channels): a read through zarr
-        needs neither."""
-        return 0, 0
+        """What an entry carries of its segment's (rows per shard, early channels): a mapped read needs
+        both, a read through zarr neither."""
+        return (shard_rows, early_channels) if self.mapped else (0, 0)
 
     def read(self, files: SegmentFiles, entry: Entry, with_plane: bool) -> Features:
         """The entry's embedding and early feature as stored (unchecked); this layout has no plane."""
@@ -105,9 +105,6 @@ class RawLayout(Layout):
 
     def recorded_shape(self, commit: dict[str, Any]) -> tuple[int, int]:
         return int(commit["shard_rows"]), int(commit["early_channels"])  # a mapped read needs both
-
-    def entry_shape(self, shard_rows: int, early_channels: int) -> tuple[int, int]:
-        return shard_rows, early_channels
 
     def read(self, files: SegmentFiles, entry: Entry, with_plane: bool) -> Features:
         shard = entry.row // entry.shard_rows

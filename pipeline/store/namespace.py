@@ -77,8 +77,7 @@ class Namespace:
 
     def commit_entries(self, segment: str) -> list[Entry]:
         """The committed rows of one segment; a damaged commit file is a RefineError naming it."""
-        where = f"{self.store.url}: {commit_path(self.fingerprint, segment)}"
-        return self.read_commit(segment).entries(where)
+        return self.read_commit(segment).entries()
 
     def commit_stamps(self) -> dict[str, list[Any]]:
         """Segment -> stamp (size, time, inode or ETag) of every commit file, from one listing."""
@@ -106,9 +105,8 @@ class Namespace:
         parts = [compact.rows] if compact is not None else []
         damaged: list[str] = []
         for segment in sorted(set(stamps) - set(covered)):
-            where = f"{self.store.url}: {commit_path(self.fingerprint, segment)}"
             try:
-                parts.append(self.read_commit(segment).columns(where))
+                parts.append(self.read_commit(segment).columns())
                 covered[segment] = stamps[segment]
             except FileNotFoundError:
                 continue  # removed by `store gc` between listing and reading
