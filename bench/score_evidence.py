@@ -110,16 +110,16 @@ def evaluate_set(held: dict[str, Tensor], val: dict[str, Tensor], names: tuple[s
     chosen = fit_abstention(score, held_boxes, max_worse)
     val_score = score.probability(score(val_boxes.evidence))
     iou_coarse, iou_refined = val_boxes.iou_coarse, val_boxes.iou_refined
-    kept = written_iou(iou_coarse, iou_refined, val_score, chosen["min_score"])
+    kept = written_iou(iou_coarse, iou_refined, val_score, chosen.min_score)
     upper = choose_min_score(iou_coarse, iou_refined, val_score, max_worse)
     return {
         "features": held_boxes.evidence.shape[1],
-        "ridge": chosen["ridge"],
-        "min_score": chosen["min_score"],
+        "ridge": chosen.ridge,
+        "min_score": chosen.min_score,
         "val_auroc_worse": auroc(val_score, made_worse(iou_coarse, iou_refined)),
         "val_mean_iou_written": kept.mean().item(),
         "val_share_worse_written": made_worse(iou_coarse, kept).double().mean().item(),
-        "val_share_changed": (val_score >= chosen["min_score"]).double().mean().item(),
+        "val_share_changed": (val_score >= chosen.min_score).double().mean().item(),
         "val_best_within_max_worse": upper["mean_iou"],  # the threshold chosen on val itself: an upper bound
     }
 

@@ -28,6 +28,7 @@ from pipeline.extraction.extract import run_extract
 from pipeline.training.engine import TrainProgress
 from pipeline.training.setup import prepare_training
 from pipeline.training.train import train_and_validate
+from pipeline.model.train_metrics import TrainMetrics
 
 from results_file import slug, write_result  # bench/, next to this script
 
@@ -47,20 +48,22 @@ def train_with(amp: str, store: str, demo: Path, epochs: int, device_name: str) 
         )
     )
     losses, rates = [], []
-    metrics: dict[str, Any] = {}
+    metrics: TrainMetrics | None = None
     started = time.perf_counter()
     for epoch in range(epochs):
         reports: list[TrainProgress] = []
         metrics = train_and_validate(training, epoch, reports.append)
-        losses.append(metrics["train_loss"])
+        losses.append(metrics.train_loss)
         rates.append([report for report in reports if report.phase == "train"][-1].boxes_per_s)
     amp_dtype = training.precision.amp_dtype
+    assert metrics is not None  # epochs >= 1
     return {
         "amp": amp,
         "dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
         "losses": [round(loss, 5) for loss in losses],
         "all_finite": all(math.isfinite(loss) for loss in losses),
-        "val": metrics["val"],
+        "val": metrics.val.to_json(),
+        "val_abstained": metrics.val_abstained.to_json(),
         # The first epoch pays for worker start-up and kernel selection: quote the later ones.
         "train_boxes_per_s": round(sum(rates[1:]) / max(len(rates) - 1, 1), 1),
         "wall_s": round(time.perf_counter() - started, 1),

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipeline.figures import Interval
 from stages.common import console, domain_errors
 from stages.options import (
     MAX_SEED,
@@ -86,36 +87,36 @@ def evaluate(
     )
     with domain_errors():
         metrics = run_evaluate(config)
-    every, abstention = metrics["without_abstention"], metrics["abstention"]
-    auroc = abstention["auroc_worse"]
+    written, every, abstention = metrics.written, metrics.every_box, metrics.abstention
+    auroc = abstention.auroc_worse
     lines = [
-        threshold_line(abstention["min_score"], "given" if min_score is not None else TRAINED_THRESHOLD),
-        f"{metrics['count']} boxes on {metrics['images']} images: mean IoU {metrics['mean_iou_coarse']:.3f} -> "
-        f"{metrics['mean_iou_refined']:.3f}, improved {metrics['share_improved']:.1%}, "
-        f"worse {metrics['share_worse']:.1%}, changed {abstention['share_changed']:.1%}",
-        f"every box refined: mean IoU {every['mean_iou_refined']:.3f}, worse {every['share_worse']:.1%}; "
+        threshold_line(abstention.min_score, "given" if min_score is not None else TRAINED_THRESHOLD),
+        f"{written.count} boxes on {metrics.images} images: mean IoU {written.mean_iou_coarse:.3f} -> "
+        f"{written.mean_iou_refined:.3f}, improved {written.share_improved:.1%}, "
+        f"worse {written.share_worse:.1%}, changed {abstention.share_changed:.1%}",
+        f"every box refined: mean IoU {every.mean_iou_refined:.3f}, worse {every.share_worse:.1%}; "
         f"score AUROC for the boxes made worse {'n/a' if auroc is None else f'{auroc:.3f}'}",
     ]
-    if metrics["interval"] is not None:
-        lines.append(interval_line(metrics["interval"], every["interval"]))
-    for name, figures in metrics["methods"].items():
+    if metrics.written_interval is not None and metrics.every_box_interval is not None:
+        lines.append(interval_line(metrics.written_interval, metrics.every_box_interval))
+    for name, figures in metrics.methods.items():
         lines.append(
-            f"  {name:<8} mean IoU {figures['mean_iou_refined']:.3f}, improved {figures['share_improved']:.1%}, "
-            f"worse {figures['share_worse']:.1%}"
+            f"  {name:<8} mean IoU {figures.mean_iou_refined:.3f}, improved {figures.share_improved:.1%}, "
+            f"worse {figures.share_worse:.1%}"
         )
-    if metrics["clipped_boxes"]:
-        lines.append(f"{metrics['clipped_boxes']} boxes clipped to the image")
+    if metrics.clipped_boxes:
+        lines.append(f"{metrics.clipped_boxes} boxes clipped to the image")
     lines.append(f"written to {out / 'metrics.json'}")
     for line in lines:
         console.print(line, markup=False, highlight=False)
 
 
-def interval_line(written: dict, every: dict) -> str:
+def interval_line(written: Interval, every: Interval) -> str:
     """The bootstrap intervals (`pipeline.metrics.image_bootstrap`) of what apply writes and of every box refined."""
 
-    def span(figures: dict) -> str:
-        low_gain, high_gain = figures["mean_iou_gain"]
-        low_worse, high_worse = figures["share_worse"]
+    def span(interval: Interval) -> str:
+        low_gain, high_gain = interval.mean_iou_gain
+        low_worse, high_worse = interval.share_worse
         return f"gain {low_gain:+.3f} to {high_gain:+.3f}, worse {low_worse:.1%} to {high_worse:.1%}"
 
-    return f"{written['level']:.0%} interval over resampled images: {span(written)} (every box refined: {span(every)})"
+    return f"{written.level:.0%} interval over resampled images: {span(written)} (every box refined: {span(every)})"

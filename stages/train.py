@@ -238,25 +238,28 @@ def _label(event: TrainProgress) -> str:
 
 
 def _print_summary(summary: TrainSummary) -> None:
-    val, abstention = summary.metrics["val"], summary.metrics["abstention"]
+    assert summary.metrics is not None
+    metrics = summary.metrics
+    val, written, abstention = metrics.val, metrics.val_abstained, metrics.abstention
     ran = (
-        f"epochs {summary.start_epoch + 1}-{summary.metrics['epoch']} on {summary.device} (amp {summary.amp}) "
+        f"epochs {summary.start_epoch + 1}-{metrics.epoch} on {summary.device} (amp {summary.amp}) "
         f"in {summary.wall_s:.1f} s"
         if summary.epochs_run
-        else f"nothing to do: the checkpoint already holds {summary.metrics['epoch']} epochs"
+        else f"nothing to do: the checkpoint already holds {metrics.epoch} epochs"
     )
+    best_worse = 1.0 if abstention.share_worse is None else abstention.share_worse
     lines = [
         f"trained on {len(summary.train.images) - summary.held_out} images and held out {summary.held_out} of "
         f"{summary.train.dataset} ({summary.train.boxes} boxes), validated on "
-        f"{len(summary.val.images)} images ({val['count']} boxes); features of encoder {summary.fingerprint}",
-        f"{ran}; train loss {summary.metrics['train_loss']:.4f}",
-        f"min score {abstention['min_score']:.3f}, chosen on {abstention['boxes']} boxes of held-out training "
-        f"images for at most {abstention['max_worse']:.1%} made worse"
-        + ("" if abstention["reached"] else f" (not reached: {abstention.get('share_worse', 1.0):.1%} at best)"),
-        f"val mean IoU {val['mean_iou_coarse']:.3f} -> {val['abstained']['mean_iou_refined']:.3f}, "
-        f"improved {val['abstained']['share_improved']:.1%}, worse {val['abstained']['share_worse']:.1%} "
-        f"(every box refined: {val['mean_iou_refined']:.3f}, worse {val['share_worse']:.1%})"
-        if val["count"]
+        f"{len(summary.val.images)} images ({val.count} boxes); features of encoder {summary.fingerprint}",
+        f"{ran}; train loss {metrics.train_loss:.4f}",
+        f"min score {abstention.min_score:.3f}, chosen on {abstention.boxes} boxes of held-out training "
+        f"images for at most {abstention.max_worse:.1%} made worse"
+        + ("" if abstention.reached else f" (not reached: {best_worse:.1%} at best)"),
+        f"val mean IoU {val.mean_iou_coarse:.3f} -> {written.mean_iou_refined:.3f}, "
+        f"improved {written.share_improved:.1%}, worse {written.share_worse:.1%} "
+        f"(every box refined: {val.mean_iou_refined:.3f}, worse {val.share_worse:.1%})"
+        if val.count
         else "no validation boxes",
         f"wrote {summary.out / 'model.pt'} and {summary.out / 'train_metrics.json'}",
     ]

@@ -159,7 +159,7 @@ def test_distributed_train_checkpoints_and_resumes(dataset: dict, tmp_path: Path
     assert resumed.returncode == 0, resumed.stderr
     checkpoint = Checkpoint.load(out / "model.pt")
     assert checkpoint.epoch == 2
-    assert json.loads((out / "train_metrics.json").read_text()) == checkpoint.metrics
+    assert json.loads((out / "train_metrics.json").read_text()) == checkpoint.metrics.to_json()
     assert sorted(p.name for p in out.iterdir()) == ["live", "model.pt", "train_metrics.json"]  # no partials
 
     # The same seed in one process: the same steps and draws, so the same numbers up to float sums.
@@ -174,6 +174,7 @@ def test_distributed_train_checkpoints_and_resumes(dataset: dict, tmp_path: Path
                 holdout=0.0,
             )
         ).metrics
-    assert checkpoint.metrics["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-3)
-    for name in ("mean_iou_coarse", "mean_iou_refined"):
-        assert checkpoint.metrics["val"][name] == pytest.approx(alone["val"][name], abs=1e-3)
+    assert alone is not None
+    assert checkpoint.metrics.train_loss == pytest.approx(alone.train_loss, rel=1e-3)
+    assert checkpoint.metrics.val.mean_iou_coarse == pytest.approx(alone.val.mean_iou_coarse, abs=1e-3)
+    assert checkpoint.metrics.val.mean_iou_refined == pytest.approx(alone.val.mean_iou_refined, abs=1e-3)

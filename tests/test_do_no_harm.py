@@ -213,18 +213,19 @@ def test_held_out_images_are_a_keyed_share_never_trained_on(base_dataset: dict) 
 
 def test_the_checkpoint_holds_the_score_and_threshold_fitted_on_held_out_images(trained: Path) -> None:
     checkpoint = Checkpoint.load(trained)
-    abstention = checkpoint.metrics["abstention"]
+    abstention = checkpoint.metrics.abstention
     # Two held-out images, two boxes each, sixteen noisy copies of each box.
-    assert abstention["boxes"] == 64 and abstention["max_worse"] == 0.03
-    assert 0.0 <= abstention["min_score"] <= 1.0
-    assert abstention["share_worse"] <= abstention["share_worse_bound"] <= 0.03
-    assert abstention["ridge"] in RIDGE_GRID
+    assert abstention.boxes == 64 and abstention.max_worse == 0.03
+    assert 0.0 <= abstention.min_score <= 1.0
+    assert abstention.share_worse is not None and abstention.share_worse_bound is not None
+    assert abstention.share_worse <= abstention.share_worse_bound <= 0.03
+    assert abstention.ridge in RIDGE_GRID
     model = checkpoint.model
     assert model["score.weight"].abs().sum() > 0 and model["score.inverse_std"].min() >= 0
     # The score was calibrated on the same held-out boxes; the model applies what the metrics report.
-    calibration = abstention["calibration"]
-    assert calibration["scale"] > 0 and (calibration["scale"], calibration["bias"]) != (1.0, 0.0)
-    assert model["score.calibration"].tolist() == pytest.approx([calibration["scale"], calibration["bias"]])
+    scale, bias = abstention.calibration
+    assert scale > 0 and (scale, bias) != (1.0, 0.0)
+    assert model["score.calibration"].tolist() == pytest.approx([scale, bias])
 
 
 def test_a_checkpoint_with_the_learnt_score_head_is_refused_with_what_to_run(

@@ -1,5 +1,6 @@
 """Fuzzing every reader of a file `refine` did not write this run: COCO annotations, results files, images
-and the store's records (commit files, the compacted index, dataset manifests, shard bytes).
+the store's records (commit files, the compacted index, dataset manifests, shard bytes) and a refiner's
+train_metrics.json.
 
 Each is fed random bytes, a valid file cut short at any length, a valid file with one byte changed, and
 valid JSON of the wrong shape. Whatever it gets, a reader raises one RefineError line naming the file (and
@@ -28,6 +29,7 @@ from pipeline.coco import BORDER_SLACK, load_coco, load_detections
 from pipeline.errors import RefineError
 from pipeline.splits import load_split
 from pipeline.images import load_rgb
+from pipeline.model.train_metrics import TrainMetrics
 from pipeline.store import Entry, FeatureStore, Namespace
 from pipeline.store.index import INDEX_FILE
 from pipeline.store.report import verify_store
@@ -59,6 +61,35 @@ VALID_RESULTS = [
     {"image_id": 2, "bbox": [-3, 4, 20, 90], "score": 0.5, "category_id": 1},
 ]
 
+_FIGURES = {
+    "count": 2,
+    "mean_iou_coarse": 0.6,
+    "mean_iou_refined": 0.8,
+    "share_improved": 0.5,
+    "share_worse": 0.5,
+    "recall_at_iou": {
+        "coarse": {"0.5": 1.0, "0.75": 0.0, "0.9": 0.0},
+        "refined": {"0.5": 1.0, "0.75": 0.5, "0.9": None},
+    },
+}
+VALID_TRAIN_METRICS = {
+    "epoch": 8,
+    "train_loss": 0.6,
+    "abstention": {
+        "min_score": 0.9,
+        "max_worse": 0.03,
+        "boxes": 64,
+        "reached": True,
+        "mean_iou": 0.8,
+        "share_changed": 0.7,
+        "share_worse": 0.02,
+        "share_worse_bound": 0.03,
+        "calibration": {"scale": 2.9, "bias": -5.1},
+        "ridge": 0.01,
+    },
+    "val": {**_FIGURES, "abstained": _FIGURES},
+}
+
 
 def _coco_is_sound(coco) -> None:
     ids = [image.id for image in coco.images]
@@ -74,6 +105,19 @@ def _coco_is_sound(coco) -> None:
         assert -BORDER_SLACK <= y and y + h <= height + BORDER_SLACK
     for image in coco.images:
         assert ".." not in image.file_name.replace("\\", "/").split("/") and not image.file_name.startswith("/")
+
+
+@FUZZ
+@given(data=damaged_json(VALID_TRAIN_METRICS))
+def test_train_metrics_are_read_or_refused_in_one_line(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "train_metrics.json"
+    path.write_bytes(data)
+    try:
+        metrics = TrainMetrics.read(path)
+    except RefineError as error:
+        assert_one_line_naming(error, str(path))
+    else:  # read as typed fields: written back, they read the same
+        assert json.dumps(TrainMetrics.from_json(metrics.to_json()).to_json()) == json.dumps(metrics.to_json())
 
 
 @FUZZ

@@ -3,7 +3,9 @@ clear errors, and the box helpers it is built on."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +34,7 @@ from pipeline.boxes import (
     to_original,
     xyxy_to_coco,
 )
-from pipeline.model.checkpoints import CHECKPOINT
+from pipeline.model.checkpoints import CHECKPOINT, Checkpoint
 from pipeline.training.config import TrainConfig
 from pipeline.devices import resolve_amp
 from pipeline.hqsam.encoder import identity_for
@@ -41,6 +43,7 @@ from pipeline.errors import RefineError
 from pipeline.store import FeatureStore, Namespace
 from pipeline.store.writer import SegmentWriter
 from pipeline.training.train import METRICS, run_train
+from pipeline.model.train_metrics import TrainMetrics
 from stages.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +93,11 @@ def test_train_writes_a_safe_checkpoint_metrics_and_curves(base_dataset: dict, t
     metrics = json.loads((out / METRICS).read_text())
     assert metrics["epoch"] == 2 and 0.0 < metrics["val"]["mean_iou_coarse"] < 1.0
     assert metrics["val"]["share_improved"] + metrics["val"]["share_worse"] <= 1.0
+    # One type writes and reads the file, and its record is the checkpoint's, key for key.
+    assert TrainMetrics.read(out / METRICS).to_json() == metrics == checkpoint["metrics"]
+    (out / METRICS).write_text(json.dumps({**metrics, "val": {"count": 3}}))
+    with pytest.raises(RefineError, match=rf"^{re.escape(str(out / METRICS))}: not a refine train_metrics.json"):
+        TrainMetrics.read(out / METRICS)
     curve = (out / "live" / "plots" / "metrics" / "val" / "mean_iou_refined.tsv").read_text().splitlines()
     assert len(curve) == 1 + 2  # header and one row per epoch
     assert not (out / "live" / "dvc.yaml").exists()  # plots are declared in the project's dvc.yaml
@@ -153,12 +161,11 @@ def test_coarse_boxes_from_a_results_file(base_dataset: dict, tmp_path: Path) ->
     results = tmp_path / "detections.json"
     results.write_text(json.dumps(detections))
     summary = run_train(config(base_dataset, tmp_path / "out", epochs=1, coarse=results, val_coarse=results))
-    assert summary.train.boxes == len(coco["annotations"]) and summary.metrics["val"]["count"] == len(
-        coco["annotations"]
-    )
+    assert summary.metrics is not None
+    assert summary.train.boxes == summary.metrics.val.count == len(coco["annotations"])
     gt = coco_to_xyxy([a["bbox"] for a in coco["annotations"]])
     expected = box_iou(coco_to_xyxy(shifted), gt).diagonal().mean().item()
-    assert summary.metrics["val"]["mean_iou_coarse"] == pytest.approx(expected, abs=1e-4)
+    assert summary.metrics.val.mean_iou_coarse == pytest.approx(expected, abs=1e-4)
 
     detections.append({"image_id": 999, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5})
     results.write_text(json.dumps(detections))
@@ -250,6 +257,12 @@ def test_resume_refuses_other_settings_and_amp_choices(base_dataset: dict, tmp_p
     assert run_cli(*common).exit_code == 0
     result = run_cli(*common, "--resume", "--noise", "0.1")
     assert result.exit_code == 1 and "noise: 0.2 -> 0.1" in result.stderr
+    # The same options, but a refine whose refiner defaults changed: refused, not loaded into another shape.
+    checkpoint = Checkpoint.load(tmp_path / CHECKPOINT)
+    other = dataclasses.replace(checkpoint.refiner_config, width=checkpoint.refiner_config.width + 1)
+    checkpoint.check_resume(checkpoint.config, checkpoint.refiner_config, checkpoint.fingerprint, tmp_path)
+    with pytest.raises(RefineError, match="--resume with another refiner shape"):
+        checkpoint.check_resume(checkpoint.config, other, checkpoint.fingerprint, tmp_path)
     result = run_cli(*common, "--amp", "fp16")
     assert result.exit_code == 1 and "--amp fp16 needs a CUDA device" in result.stderr
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,7 +18,9 @@ from pipeline.devices import resolve_device
 from pipeline.errors import RefineError
 from pipeline.splits import ImageBoxes, Split, coarse_and_targets, load_split
 from pipeline.images import load_rgb
-from pipeline.metrics import box_metrics, coco_ap, image_bootstrap, improved, made_worse, paired_iou, write_metrics
+from pipeline.metrics import box_metrics, coco_ap, image_bootstrap, improved, made_worse, paired_iou
+from pipeline.figures import BoxFigures, Interval
+from pipeline.inference.eval_metrics import EvalMetrics, ScoreFigures
 from pipeline.inference.overlays import save_overlays
 from pipeline.store import FeatureStore, Namespace
 
@@ -44,8 +46,6 @@ class EvaluateConfig:
 # The box methods `evaluate --methods` compares: the coarse boxes as they are, the zero-shot HQ-SAM snap, and
 # the trained refiner (with its abstention).
 METHODS = ("coarse", "snap", "refiner")
-# The curves in metrics.json that are also written to a file of their own each, for DVC plots.
-CURVES = ("risk_coverage", "reliability")
 
 
 @dataclass
@@ -75,7 +75,7 @@ def refine_split(propose: Proposer, split: Split, noise: float, seed: int, min_s
     return outcomes
 
 
-def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
+def run_evaluate(config: EvaluateConfig) -> EvalMetrics:
     """Write `<out>/metrics.json`, the curves `<out>/risk_coverage.json` and `<out>/reliability.json` (and
     overlays under `<out>/overlays/`); returns the metrics.
 
@@ -101,10 +101,8 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     snapped = _snapped(namespace, config, per_image, device) if "snap" in config.methods else None
     metrics = _metrics(per_image, snapped, config, min_score, split.clipped_boxes, noise, seed)
     if config.coarse is not None:
-        metrics["coco_ap"] = _coco_ap(config, propose, namespace, min_score)
-    write_metrics(config.out / "metrics.json", metrics)
-    for name in CURVES:  # DVC plots read these (dvc.yaml)
-        write_metrics(config.out / f"{name}.json", metrics[name])
+        metrics = replace(metrics, coco_ap=_coco_ap(config, propose, namespace, min_score))
+    metrics.write(config.out)
     if config.images is not None and config.overlays > 0:
         items = _overlay_items(config.images, per_image, snapped)
         save_overlays(config.out / "overlays", items, config.overlays)
@@ -119,43 +117,36 @@ def _metrics(
     clipped_boxes: int,
     noise: float,
     seed: int,
-) -> dict[str, Any]:
-    """`metrics.json`: the figures of what `apply` writes, every box refined, the score, the curves, and each
-    method's figures."""
+) -> EvalMetrics:
+    """The figures of what `apply` writes, every box refined, the score, the curves, and each method's."""
     gt, coarse, written, refined, score = (
         torch.cat([getattr(row, name) for row in per_image])
         for name in ("truth", "coarse", "written", "refined", "score")
     )
     iou_coarse, iou_refined = paired_iou(gt, coarse), paired_iou(gt, refined)
     image_index = torch.cat([torch.full((len(row.truth),), i, dtype=torch.int64) for i, row in enumerate(per_image)])
-    metrics: dict[str, Any] = {
-        **box_metrics(gt, coarse, written),
-        "interval": image_bootstrap(iou_coarse, paired_iou(gt, written), image_index),
-        "without_abstention": {
-            **box_metrics(gt, coarse, refined),
-            "interval": image_bootstrap(iou_coarse, iou_refined, image_index),
-        },
-        "abstention": {
-            "min_score": min_score,
-            "min_score_source": "given" if config.min_score is not None else "checkpoint (held-out training images)",
-            "share_changed": (score >= min_score).double().mean().item(),
-            # How well a low score picks out the boxes that refining makes worse (0.5: no better than chance).
-            "auroc_worse": auroc(score, made_worse(iou_coarse, iou_refined)),
-        },
-        "images": len(per_image),
-        "clipped_boxes": clipped_boxes,
-        "coarse_source": "results file" if config.coarse else f"noise protocol r={noise}, seed {seed}",
-    }
-    curves = {
-        "risk_coverage": risk_coverage(iou_coarse, iou_refined, score),
-        # The score is the chance that the refined box beats the coarse one: against how often it does.
-        "reliability": reliability(score, improved(iou_coarse, iou_refined).double()),
-    }
-    metrics.update(curves)
+    written_iou = paired_iou(gt, written)
     by_method = {"coarse": coarse, "refiner": written, "snap": torch.cat(snapped) if snapped is not None else None}
-    # Each method's boxes scored as the refiner's are at the top level: mean_iou_refined is the method's.
-    metrics["methods"] = {name: box_metrics(gt, coarse, by_method[name]) for name in config.methods}
-    return metrics
+    return EvalMetrics(
+        written=BoxFigures.from_json(box_metrics(gt, coarse, written)),
+        written_interval=Interval.from_json(image_bootstrap(iou_coarse, written_iou, image_index)),
+        every_box=BoxFigures.from_json(box_metrics(gt, coarse, refined)),
+        every_box_interval=Interval.from_json(image_bootstrap(iou_coarse, iou_refined, image_index)),
+        abstention=ScoreFigures(
+            min_score=min_score,
+            min_score_source="given" if config.min_score is not None else "checkpoint (held-out training images)",
+            share_changed=(score >= min_score).double().mean().item(),
+            auroc_worse=auroc(score, made_worse(iou_coarse, iou_refined)),
+        ),
+        images=len(per_image),
+        clipped_boxes=clipped_boxes,
+        coarse_source="results file" if config.coarse else f"noise protocol r={noise}, seed {seed}",
+        risk_coverage=risk_coverage(iou_coarse, iou_refined, score),
+        # The score is the chance that the refined box beats the coarse one: against how often it does.
+        reliability=reliability(score, improved(iou_coarse, iou_refined).double()),
+        # Each method's boxes scored as the refiner's are at the top level: mean_iou_refined is the method's.
+        methods={name: BoxFigures.from_json(box_metrics(gt, coarse, by_method[name])) for name in config.methods},
+    )
 
 
 def _coco_ap(config: EvaluateConfig, propose: Proposer, namespace: Namespace, min_score: float) -> dict[str, Any]:

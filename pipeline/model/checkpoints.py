@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from pipeline.errors import RefineError
+from pipeline.figures import READ_ERRORS
 from pipeline.jsonio import write_bytes
 from pipeline.model.base import Refiner, RefinerConfig
 from pipeline.model.registry import build_refiner
+from pipeline.model.train_metrics import TrainMetrics
 from pipeline.torch_files import read_torch_file
 
 CHECKPOINT = "model.pt"
@@ -53,7 +55,7 @@ class Checkpoint:
     refiner_config: RefinerConfig
     fingerprint: str  # the store namespace whose features it was trained on
     encoder: dict[str, Any]  # {model_type, early_channels}
-    metrics: dict[str, Any]  # the epoch's (`pipeline.training.train.train_and_validate`)
+    metrics: TrainMetrics  # the epoch's
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:
@@ -79,9 +81,9 @@ class Checkpoint:
                 refiner_config=RefinerConfig.from_dict(payload["refiner"]["config"]),
                 fingerprint=str(payload["fingerprint"]),
                 encoder=dict(payload["encoder"]),
-                metrics=dict(payload["metrics"]),
+                metrics=TrainMetrics.from_json(payload["metrics"]),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except READ_ERRORS as error:
             raise RefineError(f"{path}: a damaged refiner checkpoint (bad field: {error})") from None
 
     def save(self, path: Path) -> None:
@@ -103,7 +105,7 @@ class Checkpoint:
             "refiner": {"name": self.refiner_name, "config": self.refiner_config.to_dict()},
             "fingerprint": self.fingerprint,
             "encoder": self.encoder,
-            "metrics": self.metrics,
+            "metrics": self.metrics.to_json(),
         }
 
     def refiner(self) -> Refiner:
@@ -115,7 +117,7 @@ class Checkpoint:
     def min_score(self, given: float | None = None) -> float:
         """The abstention threshold to use: `given` (a user's --min-score) when there is one, else the one
         `train` chose on its held-out images (0: refine every box)."""
-        return given if given is not None else float(self.metrics["abstention"]["min_score"])
+        return given if given is not None else self.metrics.abstention.min_score
 
     @property
     def noise(self) -> float:
@@ -126,10 +128,11 @@ class Checkpoint:
     def seed(self) -> int:
         return int(self.config["seed"])
 
-    def check_resume(self, config: dict[str, Any], fingerprint: str, path: Path) -> None:
+    def check_resume(self, config: dict[str, Any], refiner_config: RefinerConfig, fingerprint: str, path: Path) -> None:
         """Refuse to resume from `path` on other features or with settings that change what is computed.
 
-        config: the new run's `TrainConfig.resolved()`; fingerprint: the namespace it reads.
+        config: the new run's `TrainConfig.resolved()`; refiner_config: the refiner it builds; fingerprint: the
+        namespace it reads.
         """
         if self.fingerprint != fingerprint:
             raise RefineError(
@@ -141,3 +144,8 @@ class Checkpoint:
         if changed:
             details = ", ".join(f"{k}: {self.config.get(k)!r} -> {config[k]!r}" for k in changed)
             raise RefineError(f"{path}: --resume with different settings ({details}); train afresh without --resume")
+        if refiner_config != self.refiner_config:  # the same options, but this refine builds another refiner
+            raise RefineError(
+                f"{path}: --resume with another refiner shape ({self.refiner_config} -> {refiner_config}); "
+                "train afresh without --resume"
+            )

@@ -34,17 +34,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     model: str = "similarity_cascade"
-    # The refiner's shape (see pipeline.model.refiner.RefinerConfig).
-    dim: int = 64
-    trunk: int = 1
-    width: int = 16
-    pool: int = 24
-    learned: int = 8
-    contexts: tuple[float, ...] = (2.0, 1.5)
+    # The options of the refiner's fine stage (the rest of its shape is `RefinerConfig`'s defaults).
     plane_pool: int = 32  # the fine stage on the stride-4 plane (0: none; see pipeline.model.plane_stage)
     plane_width: int = 16
-    plane_context: float = 1.3
-    plane_prior_width: float = 0.06
     amp: str = "auto"
     seed: int = 0
     resume: bool = False
@@ -55,19 +47,7 @@ class TrainConfig:
         """The refiner this run trains, for features with `early_channels` early channels."""
         from pipeline.model.base import RefinerConfig  # imports torch, which this module must not
 
-        return RefinerConfig(
-            early_channels,
-            self.dim,
-            self.trunk,
-            self.width,
-            self.pool,
-            self.learned,
-            tuple(self.contexts),
-            plane_pool=self.plane_pool,
-            plane_width=self.plane_width,
-            plane_context=self.plane_context,
-            plane_prior_width=self.plane_prior_width,
-        )
+        return RefinerConfig(early_channels, plane_pool=self.plane_pool, plane_width=self.plane_width)
 
     def resolved(self) -> dict[str, Any]:
         """Plain-Python form for the checkpoint (paths as strings)."""

@@ -113,7 +113,9 @@ def _read_data(config: TrainConfig) -> _Data:
     return _Data(store.url, namespace, train_split, val_split, trained, held)
 
 
-def _start(config: TrainConfig, model: Refiner, train_data: FeatureDataset, fingerprint: str) -> Checkpoint | None:
+def _start(
+    config: TrainConfig, refiner_config: RefinerConfig, model: Refiner, train_data: FeatureDataset, fingerprint: str
+) -> Checkpoint | None:
     """Resume the model from `<out>/model.pt` (with --resume; returns the checkpoint), else give it the
     training set's feature statistics."""
     main = distributed.is_main()
@@ -121,7 +123,7 @@ def _start(config: TrainConfig, model: Refiner, train_data: FeatureDataset, fing
     # The main rank reads the checkpoint and hands it over: the other ranks' machines need no copy of <out>.
     checkpoint = distributed.broadcast(Checkpoint.load(path) if main else None) if config.resume else None
     if checkpoint is not None:
-        checkpoint.check_resume(config.resolved(), fingerprint, path)
+        checkpoint.check_resume(config.resolved(), refiner_config, fingerprint, path)
         model.load_state_dict(checkpoint.model)
     else:
         model.set_feature_statistics(distributed.broadcast(feature_statistics(train_data) if main else None))
@@ -172,7 +174,7 @@ def prepare_training(
     train_data, val_data, holdout_data = (
         FeatureDataset(data.store_url, fingerprint, images, planes) for images in (data.trained, val_images, held_part)
     )
-    checkpoint = _start(config, model, train_data, fingerprint)
+    checkpoint = _start(config, refiner_config, model, train_data, fingerprint)
     step_model, optimizer, scaler = _optimise(config, model, device, amp_dtype, checkpoint)
     workers = _workers(config, device)
     sampler = EpochShuffle(len(train_data), config.seed, rank, world_size)

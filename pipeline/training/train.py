@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,10 @@ from pipeline.training.engine import (
     train_one_epoch,
 )
 from pipeline.splits import Split
-from pipeline.jsonio import write_json
 from pipeline.metrics import improved, iou_summary
 from pipeline.model.score import BoxScore, fit_score
+from pipeline.model.train_metrics import AbstentionFit, TrainMetrics
+from pipeline.figures import BoxFigures
 
 METRICS = "train_metrics.json"
 LIVE_DIR = "live"
@@ -62,7 +63,7 @@ class TrainSummary:
     held_out: int = 0  # training images held out to choose the abstention threshold on
     epochs_run: int = 0
     start_epoch: int = 0
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: TrainMetrics | None = None  # the last epoch's
     wall_s: float = 0.0
     amp: str = "off"
     device: str = "cpu"
@@ -84,26 +85,21 @@ def train_shuffled_epoch(training: Training, epoch: int, progress: OnProgress | 
     )
 
 
-def fit_abstention(score: BoxScore, held: BoxOutcomes, max_worse: float) -> dict[str, Any]:
-    """Fit `score` on the held-out boxes and choose its threshold: `choose_min_score`'s figures, with the
-    calibration and the ridge chosen. The out-of-fold logits, as new images would get them, are calibrated
-    and choose the threshold, among the scores computed exactly as `apply` will."""
+def fit_abstention(score: BoxScore, held: BoxOutcomes, max_worse: float) -> AbstentionFit:
+    """Fit `score` on the held-out boxes and choose its threshold. The out-of-fold logits, as new images would
+    get them, are calibrated and choose the threshold, among the scores computed exactly as `apply` will."""
     better = improved(held.iou_coarse, held.iou_refined)
     fit = fit_score(held.evidence, better, held.image_id)
     calibration = fit_calibration(fit.out_of_fold, better)
     score.install(fit, calibration)
     held_score = score.probability(fit.out_of_fold.to(score.calibration.device)).cpu()
-    return {
-        **choose_min_score(held.iou_coarse, held.iou_refined, held_score, max_worse, held.image_id),
-        "calibration": {"scale": float(calibration[0]), "bias": float(calibration[1])},
-        "ridge": fit.ridge,
-    }
+    chosen = choose_min_score(held.iou_coarse, held.iou_refined, held_score, max_worse, held.image_id)
+    calibrated = {"calibration": {"scale": float(calibration[0]), "bias": float(calibration[1])}, "ridge": fit.ridge}
+    return AbstentionFit.from_json({**chosen, **calibrated})
 
 
-def train_and_validate(training: Training, epoch: int, progress: OnProgress | None = None) -> dict[str, Any]:
-    """Train one epoch (0-based), choose the abstention threshold on the held-out images, then validate:
-    {epoch (1-based), train_loss, abstention (`choose_min_score`), val (`iou_summary`, every box refined,
-    with "abstained": the same with the threshold)}."""
+def train_and_validate(training: Training, epoch: int, progress: OnProgress | None = None) -> TrainMetrics:
+    """Train one epoch (0-based), choose the abstention threshold on the held-out images, then validate."""
     loss = train_shuffled_epoch(training, epoch, progress)
     config = training.config
 
@@ -118,9 +114,14 @@ def train_and_validate(training: Training, epoch: int, progress: OnProgress | No
     held = outcomes(training.holdout_loader, held_boxes, "hold-out")
     abstention = fit_abstention(training.model.score, held, config.max_worse)
     val = outcomes(training.val_loader, training.val_boxes, "val")
-    written = written_iou(val.iou_coarse, val.iou_refined, val.score, abstention["min_score"])
-    summary = {**iou_summary(val.iou_coarse, val.iou_refined), "abstained": iou_summary(val.iou_coarse, written)}
-    return {"epoch": epoch + 1, "train_loss": loss, "abstention": abstention, "val": summary}
+    written = written_iou(val.iou_coarse, val.iou_refined, val.score, abstention.min_score)
+    return TrainMetrics(
+        epoch=epoch + 1,
+        train_loss=loss,
+        abstention=abstention,
+        val=BoxFigures.from_json(iou_summary(val.iou_coarse, val.iou_refined)),
+        val_abstained=BoxFigures.from_json(iou_summary(val.iou_coarse, written)),
+    )
 
 
 def run_train(config: TrainConfig, progress: OnProgress | None = None) -> TrainSummary:
@@ -141,38 +142,39 @@ def run_train(config: TrainConfig, progress: OnProgress | None = None) -> TrainS
         amp=str(precision.amp_dtype).removeprefix("torch.") if precision.amp_dtype else "off",
         device=str(precision.device),
     )
-    metrics: dict[str, Any] = {}
+    metrics: TrainMetrics | None = None
     with _live(config.out / LIVE_DIR, resume=config.resume, enabled=main) as live:
         for epoch in range(training.start_epoch, config.epochs):
             metrics = train_and_validate(training, epoch, progress)
             summary.epochs_run += 1
             if not main:
                 continue
-            live.log_metric("train/loss", metrics["train_loss"])
-            for name in VAL_CURVES:
-                if metrics["val"][name] is not None:  # None: no validation boxes
-                    live.log_metric(f"val/{name}", metrics["val"][name])
-                    live.log_metric(f"val_abstained/{name}", metrics["val"]["abstained"][name])
-            live.log_metric("abstention/min_score", metrics["abstention"]["min_score"])
+            live.log_metric("train/loss", metrics.train_loss)
+            if metrics.val.count:
+                for name in VAL_CURVES:
+                    live.log_metric(f"val/{name}", getattr(metrics.val, name))
+                    live.log_metric(f"val_abstained/{name}", getattr(metrics.val_abstained, name))
+            live.log_metric("abstention/min_score", metrics.abstention.min_score)
             live.next_step()
             _checkpoint(training, metrics).save(config.out / CHECKPOINT)
-    if training.checkpoint is not None and not metrics:  # resumed a finished run: report what it reached
+    if metrics is None:  # resumed a finished run: report what it reached
+        assert training.checkpoint is not None
         metrics = training.checkpoint.metrics
     summary.metrics = metrics
     if main:
-        write_json(config.out / METRICS, metrics, sort_keys=True)
+        metrics.write(config.out / METRICS)
     summary.wall_s = time.perf_counter() - started
     return summary
 
 
-def _checkpoint(training: Training, metrics: dict[str, Any]) -> Checkpoint:
+def _checkpoint(training: Training, metrics: TrainMetrics) -> Checkpoint:
     """The checkpoint after the epoch `metrics` reports."""
     scaler = training.precision.scaler
     return Checkpoint(
         model=training.model.state_dict(),
         optimizer=training.optimizer.state_dict(),
         scaler=scaler.state_dict() if scaler.is_enabled() else None,
-        epoch=metrics["epoch"],
+        epoch=metrics.epoch,
         config=training.config.resolved(),
         refiner_name=training.config.model,
         refiner_config=training.refiner_config,
