@@ -139,7 +139,7 @@ def main() -> None:
     model, namespace, checkpoint = load_model(args.model, FeatureStore(args.store))
     noise, seed = checkpoint.noise, checkpoint.seed
     train = load_split(namespace, args.train_annotations.stem, args.train_annotations)
-    _, held_images = hold_out(train.images, float(checkpoint.config["holdout"]), seed)
+    _, held_images = hold_out(train.images, checkpoint.holdout, seed)
     val_split = load_split(namespace, args.annotations.stem, args.annotations)
     held = split_evidence(model, namespace, held_images, noise, seed, FINAL_HOLDOUT_COPIES)
     val = split_evidence(model, namespace, val_split.images, noise, seed, 1)

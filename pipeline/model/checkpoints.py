@@ -128,6 +128,11 @@ class Checkpoint:
     def seed(self) -> int:
         return int(self.config["seed"])
 
+    @property
+    def holdout(self) -> float:
+        """The share of training images held out to fit the score and choose the threshold on."""
+        return float(self.config["holdout"])
+
     def check_resume(self, config: dict[str, Any], refiner_config: RefinerConfig, fingerprint: str, path: Path) -> None:
         """Refuse to resume from `path` on other features or with settings that change what is computed.
 
