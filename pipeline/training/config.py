@@ -26,7 +26,10 @@ class TrainConfig:
     val_coarse: Path | None = None
     noise: float = 0.2
     holdout: float = 0.1  # training images held out to fit the score and choose the threshold on
-    max_worse: float = 0.03  # the threshold keeps at most this share of the held-out boxes made worse
+    # The threshold keeps at most this share of the held-out boxes made worse (its 90% bound). Held-out images
+    # promise less harm than new ones then show (val's share ran up to 1.2 points above the held-out one at
+    # the same threshold), so 2% on them is what keeps new images under 3% (docs/experiments.md).
+    max_worse: float = 0.02
     jitters: int = 4  # noisy copies of each ground-truth box per epoch (all from one read of the image)
     epochs: int = 8  # the demo (docs/experiments.md: images, boxes per image and epochs against quality)
     batch_size: int = 8  # images per step

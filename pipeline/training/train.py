@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from pipeline import distributed
@@ -85,17 +86,33 @@ def train_shuffled_epoch(training: Training, epoch: int, progress: OnProgress | 
     )
 
 
-def fit_abstention(score: BoxScore, held: BoxOutcomes, max_worse: float) -> AbstentionFit:
-    """Fit `score` on the held-out boxes and choose its threshold. The out-of-fold logits, as new images would
-    get them, are calibrated and choose the threshold, among the scores computed exactly as `apply` will."""
+@dataclass(frozen=True)
+class HeldOutScore:
+    """The score fitted on the held-out boxes: their calibrated out-of-fold scores (N), as new images would
+    get them, with the calibration (scale, bias) and the ridge chosen."""
+
+    probability: Tensor
+    calibration: tuple[float, float]
+    ridge: float | None
+
+
+def fit_held_out_score(score: BoxScore, held: BoxOutcomes) -> HeldOutScore:
+    """Fit and install `score` on the held-out boxes (`fit_score`, `fit_calibration`)."""
     better = improved(held.iou_coarse, held.iou_refined)
     fit = fit_score(held.evidence, better, held.image_id)
     calibration = fit_calibration(fit.out_of_fold, better)
     score.install(fit, calibration)
-    held_score = score.probability(fit.out_of_fold.to(score.calibration.device)).cpu()
-    chosen = choose_min_score(held.iou_coarse, held.iou_refined, held_score, max_worse, held.image_id)
-    calibrated = {"calibration": {"scale": float(calibration[0]), "bias": float(calibration[1])}, "ridge": fit.ridge}
-    return AbstentionFit.from_json({**chosen, **calibrated})
+    probability = score.probability(fit.out_of_fold.to(score.calibration.device)).cpu()
+    return HeldOutScore(probability, (float(calibration[0]), float(calibration[1])), fit.ridge)
+
+
+def fit_abstention(score: BoxScore, held: BoxOutcomes, max_worse: float) -> AbstentionFit:
+    """Fit `score` on the held-out boxes and choose its threshold on their out-of-fold scores, computed
+    exactly as `apply` will compute scores."""
+    fitted = fit_held_out_score(score, held)
+    chosen = choose_min_score(held.iou_coarse, held.iou_refined, fitted.probability, max_worse, held.image_id)
+    scale, bias = fitted.calibration
+    return AbstentionFit.from_json({**chosen, "calibration": {"scale": scale, "bias": bias}, "ridge": fitted.ridge})
 
 
 def train_and_validate(training: Training, epoch: int, progress: OnProgress | None = None) -> TrainMetrics:
