@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.model.train_metrics import METRICS_FILE, TrainMetrics
 from pipeline.store import FeatureStore, Namespace
 from pipeline.store.report import verify_store
 
@@ -263,7 +264,7 @@ def train_kills(root: Path, store: Path, annotations: Path, want_kills: int, rng
     started = time.perf_counter()
     run(*common, "--out", root / "train-reference")
     reference_s = time.perf_counter() - started
-    reference = json.loads((root / "train-reference" / "train_metrics.json").read_text())
+    reference = TrainMetrics.read(root / "train-reference" / METRICS_FILE)
     out = root / "train-killed"
     checkpoint = out / "model.pt"
     history = []
@@ -300,14 +301,14 @@ def train_kills(root: Path, store: Path, annotations: Path, want_kills: int, rng
                 "checkpoint_epoch": torch.load(checkpoint, weights_only=True)["epoch"],
             }
         )
-    final = json.loads((out / "train_metrics.json").read_text())
+    final = TrainMetrics.read(out / METRICS_FILE)
     figures = {
         "epochs": epochs,
         "kills": len(history),
         "uninterrupted_s": round(reference_s, 1),
         "final_metrics_equal": final == reference,
-        "reference": reference,
-        "resumed": final,
+        "reference": reference.to_json(),
+        "resumed": final.to_json(),
         "history": history,
     }
     assert final == reference, (final, reference)

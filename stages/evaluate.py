@@ -67,6 +67,7 @@ def evaluate(
 ) -> None:
     """Mean IoU, improved/worse shares and recall at IoU 0.5/0.75/0.9 (by object size) of coarse vs refined boxes."""
     # The library loads here, not at start-up: it imports torch, and `refine --help` must answer at once.
+    from pipeline.inference.eval_metrics import METRICS_FILE
     from pipeline.inference.evaluate import EvaluateConfig, run_evaluate
 
     config = EvaluateConfig(
@@ -106,7 +107,7 @@ def evaluate(
         )
     if metrics.clipped_boxes:
         lines.append(f"{metrics.clipped_boxes} boxes clipped to the image")
-    lines.append(f"written to {out / 'metrics.json'}")
+    lines.append(f"written to {out / METRICS_FILE}")
     for line in lines:
         console.print(line, markup=False, highlight=False)
 

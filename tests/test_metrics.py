@@ -16,6 +16,7 @@ from torchvision.ops import box_iou
 
 from pipeline import metrics
 from pipeline.errors import RefineError
+from pipeline.figures import BoxFigures, Interval
 from pipeline.metrics import box_metrics, coco_ap, paired_iou, write_metrics
 from pipeline.inference.overlays import COARSE_COLOUR, GT_COLOUR, REFINED_COLOUR, draw_overlay, save_overlays
 
@@ -86,6 +87,11 @@ def test_empty_buckets_and_empty_input_are_null_and_serialisable():
     empty = box_metrics(boxes(), boxes(), boxes())
     assert empty["count"] == 0 and empty["mean_iou_refined"] is None
     json.dumps(empty, allow_nan=False)
+    # The records' type reads exactly what was computed, empty groups included, and gives it back.
+    for figures in (result, empty, large):
+        assert BoxFigures.from_json(figures).to_json() == figures
+    with pytest.raises(ValueError, match="unknown field extra"):  # a new figure is refused, never dropped
+        BoxFigures.from_json({**large, "extra": 1.0})
 
 
 def test_degenerate_boxes_overlap_nothing():
@@ -170,6 +176,7 @@ def test_bootstrap_resamples_whole_images() -> None:
     assert interval["level"] == 0.9 and interval["resamples"] == metrics.BOOTSTRAP_RESAMPLES
     assert interval["share_worse"] == pytest.approx([0.0, 1.0])
     assert interval["mean_iou_gain"] == pytest.approx([-0.1, 0.2])
+    assert Interval.from_json(interval).to_json() == interval
 
 
 def test_bootstrap_brackets_the_figures_and_narrows_with_more_images() -> None:

@@ -42,8 +42,8 @@ from pipeline.training.engine import TrainProgress
 from pipeline.errors import RefineError
 from pipeline.store import FeatureStore, Namespace
 from pipeline.store.writer import SegmentWriter
-from pipeline.training.train import METRICS, run_train
-from pipeline.model.train_metrics import TrainMetrics
+from pipeline.training.train import run_train
+from pipeline.model.train_metrics import METRICS_FILE, TrainMetrics
 from stages.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,14 +90,14 @@ def test_train_writes_a_safe_checkpoint_metrics_and_curves(base_dataset: dict, t
     assert not torch.equal(checkpoint["model"]["early.norm.matrix"], torch.eye(160))
     assert not torch.equal(checkpoint["model"]["embedding_norm.matrix"], torch.eye(256))
 
-    metrics = json.loads((out / METRICS).read_text())
+    metrics = json.loads((out / METRICS_FILE).read_text())
     assert metrics["epoch"] == 2 and 0.0 < metrics["val"]["mean_iou_coarse"] < 1.0
     assert metrics["val"]["share_improved"] + metrics["val"]["share_worse"] <= 1.0
     # One type writes and reads the file, and its record is the checkpoint's, key for key.
-    assert TrainMetrics.read(out / METRICS).to_json() == metrics == checkpoint["metrics"]
-    (out / METRICS).write_text(json.dumps({**metrics, "val": {"count": 3}}))
-    with pytest.raises(RefineError, match=rf"^{re.escape(str(out / METRICS))}: not a refine train_metrics.json"):
-        TrainMetrics.read(out / METRICS)
+    assert TrainMetrics.read(out / METRICS_FILE).to_json() == metrics == checkpoint["metrics"]
+    (out / METRICS_FILE).write_text(json.dumps({**metrics, "val": {"count": 3}}))
+    with pytest.raises(RefineError, match=rf"^{re.escape(str(out / METRICS_FILE))}: not a refine train_metrics.json"):
+        TrainMetrics.read(out / METRICS_FILE)
     curve = (out / "live" / "plots" / "metrics" / "val" / "mean_iou_refined.tsv").read_text().splitlines()
     assert len(curve) == 1 + 2  # header and one row per epoch
     assert not (out / "live" / "dvc.yaml").exists()  # plots are declared in the project's dvc.yaml

@@ -24,11 +24,16 @@ class ScoreFigures:
     min_score: float
     min_score_source: str  # "given", or the checkpoint's held-out training images
     share_changed: float  # of the boxes, refined (score >= min_score)
-    auroc_worse: float | None  # how well a low score picks out the boxes made worse; None without both kinds
+    # How well a low score picks out the boxes refining makes worse (0.5: no better than chance; None
+    # without both kinds).
+    auroc_worse: float | None
 
 
 @dataclass(frozen=True)
 class EvalMetrics:
+    """Everything `evaluate` measured on one split: what `apply` writes and every box refined (each with its
+    interval over resampled images), the score, the curves and each method's boxes."""
+
     written: BoxFigures  # what `apply` writes, abstention included, overall and by size
     written_interval: Interval | None  # None: no boxes
     every_box: BoxFigures  # every box refined

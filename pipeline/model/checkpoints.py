@@ -150,7 +150,6 @@ class Checkpoint:
             details = ", ".join(f"{k}: {self.config.get(k)!r} -> {config[k]!r}" for k in changed)
             raise RefineError(f"{path}: --resume with different settings ({details}); train afresh without --resume")
         if refiner_config != self.refiner_config:  # the same options, but this refine builds another refiner
-            raise RefineError(
-                f"{path}: --resume with another refiner shape ({self.refiner_config} -> {refiner_config}); "
-                "train afresh without --resume"
-            )
+            old, new = self.refiner_config.to_dict(), refiner_config.to_dict()
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new) if old.get(k) != new[k])
+            raise RefineError(f"{path}: --resume with another refiner shape ({details}); train afresh without --resume")

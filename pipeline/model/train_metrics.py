@@ -1,8 +1,9 @@
 """`train_metrics.json`: `TrainMetrics`, the figures of one trained epoch, its one writer and its one reader.
 
-`train` writes it after the last epoch and stores the same record in every checkpoint (`Checkpoint.metrics`);
-among its figures is the abstention threshold chosen on held-out training images (`AbstentionFit`), which
-`evaluate`, `apply` and `review` use by default. The JSON is what it has been since checkpoint version 6:
+`train` writes it after the last epoch and stores the same record in every checkpoint (`Checkpoint.metrics`,
+read back with `from_json`; `read` reads the file, e.g. for `bench/faults.py`). Among its figures is the
+abstention threshold chosen on held-out training images (`AbstentionFit`), which `evaluate`, `apply` and
+`review` use by default. The JSON is what it has been since checkpoint version 6:
 {"epoch", "train_loss", "abstention", "val": {every box refined, "abstained": what `apply` writes}}.
 """
 
@@ -14,9 +15,10 @@ from typing import Any
 
 from pipeline.coco import read_json
 from pipeline.errors import RefineError
-from pipeline.figures import READ_ERRORS, BoxFigures, number, optional_number
+from pipeline.figures import READ_ERRORS, BoxFigures, fields, flag, integer, number, optional_number
 from pipeline.jsonio import write_json
 
+METRICS_FILE = "train_metrics.json"
 # The operating point's figures, absent when there were no held-out boxes to choose on.
 POINT_FIGURES = ("mean_iou", "share_changed", "share_worse", "share_worse_bound")
 
@@ -40,14 +42,17 @@ class AbstentionFit:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AbstentionFit:
+        fields(data, {"min_score", "max_worse", "boxes", "reached", "calibration", "ridge"}, frozenset(POINT_FIGURES))
+        calibration = fields(data["calibration"], {"scale", "bias"})
         return cls(
             min_score=number(data["min_score"]),
             max_worse=number(data["max_worse"]),
-            boxes=int(number(data["boxes"])),
-            reached=_flag(data["reached"]),
-            calibration=(number(data["calibration"]["scale"]), number(data["calibration"]["bias"])),
+            boxes=integer(data["boxes"]),
+            reached=flag(data["reached"]),
+            calibration=(number(calibration["scale"]), number(calibration["bias"])),
             ridge=optional_number(data["ridge"]),
-            **{name: optional_number(data[name]) for name in POINT_FIGURES if name in data},
+            # Present or absent together, never null: null would not be written back.
+            **{name: number(data[name]) for name in POINT_FIGURES if name in data},
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -76,12 +81,17 @@ class TrainMetrics:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainMetrics:
+        fields(data, {"epoch", "train_loss", "abstention", "val"})
+        if not isinstance(data["val"], dict):
+            raise TypeError(f"val: expected an object, got {data['val']!r}")
+        val = {key: value for key, value in data["val"].items() if key != "abstained"}
+        abstained = data["val"]["abstained"]
         return cls(
-            epoch=int(number(data["epoch"])),
+            epoch=integer(data["epoch"]),
             train_loss=number(data["train_loss"]),
             abstention=AbstentionFit.from_json(data["abstention"]),
-            val=BoxFigures.from_json(data["val"]),
-            val_abstained=BoxFigures.from_json(data["val"]["abstained"]),
+            val=BoxFigures.from_json(val),
+            val_abstained=BoxFigures.from_json(abstained),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -102,9 +112,3 @@ class TrainMetrics:
 
     def write(self, path: Path) -> None:
         write_json(path, self.to_json(), sort_keys=True)
-
-
-def _flag(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected true or false, got {value!r}")
-    return value

@@ -58,6 +58,4 @@ class TrainConfig:
         for key, value in values.items():
             if isinstance(value, Path):
                 values[key] = str(value)
-            elif isinstance(value, tuple):
-                values[key] = list(value)
         return values

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from pipeline import distributed
+from pipeline.errors import RefineError
 from pipeline.model.abstention import choose_min_score, fit_calibration, written_iou
 from pipeline.model.checkpoints import CHECKPOINT, Checkpoint
 from pipeline.training.config import TrainConfig
@@ -42,16 +43,15 @@ from pipeline.training.engine import (
 from pipeline.splits import Split
 from pipeline.metrics import improved, iou_summary
 from pipeline.model.score import BoxScore, fit_score
-from pipeline.model.train_metrics import AbstentionFit, TrainMetrics
+from pipeline.model.train_metrics import METRICS_FILE, AbstentionFit, TrainMetrics
 from pipeline.figures import BoxFigures
 
-METRICS = "train_metrics.json"
 LIVE_DIR = "live"
 # Noisy copies of each held-out box in the last epoch, whose score and threshold are the ones shipped (the
 # threshold rests on a few percent of the boxes; on the demo the score fitted on 4 copies, as in the other
 # epochs, ranked val boxes at AUROC 0.84, on 16 at 0.86; the pass costs about a fifth of an epoch).
 FINAL_HOLDOUT_COPIES = 16
-# Validation values logged per epoch as DVC curves (the rest of the summary is in train_metrics.json).
+# Validation values logged per epoch as DVC curves (the rest of the summary is in METRICS_FILE).
 VAL_CURVES = ("mean_iou_coarse", "mean_iou_refined", "share_improved", "share_worse")
 
 
@@ -174,12 +174,13 @@ def run_train(config: TrainConfig, progress: OnProgress | None = None) -> TrainS
             live.log_metric("abstention/min_score", metrics.abstention.min_score)
             live.next_step()
             _checkpoint(training, metrics).save(config.out / CHECKPOINT)
-    if metrics is None:  # resumed a finished run: report what it reached
-        assert training.checkpoint is not None
+    if metrics is None:  # no epoch ran: a finished run resumed reports what it reached
+        if training.checkpoint is None:
+            raise RefineError(f"epochs must be at least 1, got {config.epochs}")
         metrics = training.checkpoint.metrics
     summary.metrics = metrics
     if main:
-        metrics.write(config.out / METRICS)
+        metrics.write(config.out / METRICS_FILE)
     summary.wall_s = time.perf_counter() - started
     return summary
 
