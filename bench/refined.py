@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from pipeline.boxes import valid_boxes
+from pipeline.inference.core import load_model
+from pipeline.model.checkpoints import Checkpoint
+from pipeline.splits import Split, load_split
+from pipeline.store import FeatureStore
+from pipeline.training.setup import hold_out
 from pipeline.splits import ImageBoxes
 from pipeline.model.base import Refinement, Refiner
 from pipeline.store import Namespace
@@ -47,3 +54,36 @@ def refine(model: Refiner, inputs: ImageInputs, boxes: Tensor) -> Refinement:
 def written(refinement: Refinement, coarse: Tensor, image: ImageBoxes) -> Tensor:
     """K x 4: the final boxes as `apply` writes them (clipped to the image; a degenerate box keeps the coarse)."""
     return valid_boxes(refinement.stages[-1], coarse, image.resized_hw)
+
+
+def score_bench_arguments(description: str, name: str) -> argparse.Namespace:
+    """The options of the benches that refit a trained refiner's score: store, splits, model and output."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", required=True, help="feature store the model was trained on")
+    parser.add_argument("--train-annotations", type=Path, required=True, help="the training split's COCO file")
+    parser.add_argument("--annotations", type=Path, required=True, help="the val split's COCO file")
+    parser.add_argument("--model", type=Path, required=True, help="trained refiner (model.pt)")
+    parser.add_argument("--max-worse", type=float, default=0.03, help="share worse allowed (default 0.03)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON")
+    parser.add_argument("--name", default=name, help="name of the JSON file (without .json)")
+    return parser.parse_args()
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A trained refiner with the images `train` held out for its score (its --holdout and seed) and the val split."""
+
+    model: Refiner
+    namespace: Namespace
+    checkpoint: Checkpoint
+    held_images: list[ImageBoxes]
+    val: Split
+
+
+def trained_run(args: argparse.Namespace) -> TrainedRun:
+    """The run `score_bench_arguments` names."""
+    model, namespace, checkpoint = load_model(args.model, FeatureStore(args.store))
+    train = load_split(namespace, args.train_annotations.stem, args.train_annotations)
+    _, held_images = hold_out(train.images, checkpoint.holdout, checkpoint.seed)
+    val = load_split(namespace, args.annotations.stem, args.annotations)
+    return TrainedRun(model, namespace, checkpoint, held_images, val)

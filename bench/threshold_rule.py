@@ -18,25 +18,21 @@ gain any rule can keep while holding the aim on val. Writes `<out>/<name>.json`.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pipeline.inference.core import load_model
 from pipeline.metrics import made_worse, paired_iou
 from pipeline.model.abstention import CONFIDENCE, choose_min_score, written_iou
 from pipeline.model.base import Refiner
 from pipeline.model.score import BoxScore
-from pipeline.splits import ImageBoxes, coarse_and_targets, load_split
-from pipeline.store import FeatureStore, Namespace
+from pipeline.splits import ImageBoxes, coarse_and_targets
+from pipeline.store import Namespace
 from pipeline.training.engine import BoxOutcomes
-from pipeline.training.setup import hold_out
 from pipeline.training.train import FINAL_HOLDOUT_COPIES, fit_held_out_score
 
-from refined import read_image, refine, written  # bench/, next to this script
+from refined import score_bench_arguments, trained_run, read_image, refine, written  # bench/, next to this script
 from results_file import write_and_show
 from score_evidence import outcomes
 
@@ -110,21 +106,16 @@ def rule_result(held: BoxOutcomes, held_score: Tensor, val: BoxOutcomes, val_sco
 
 @torch.inference_mode()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", required=True, help="feature store the model was trained on")
-    parser.add_argument("--train-annotations", type=Path, required=True, help="the training split's COCO file")
-    parser.add_argument("--annotations", type=Path, required=True, help="the val split's COCO file")
-    parser.add_argument("--model", type=Path, required=True, help="trained refiner (model.pt)")
-    parser.add_argument("--max-worse", type=float, default=0.03, help="share worse allowed (default 0.03)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON")
-    parser.add_argument("--name", default="threshold_rule", help="name of the JSON file (without .json)")
-    args = parser.parse_args()
-
-    model, namespace, checkpoint = load_model(args.model, FeatureStore(args.store))
+    args = score_bench_arguments(__doc__, "threshold_rule")
+    run = trained_run(args)
+    model, namespace, checkpoint, held_images, val_split = (
+        run.model,
+        run.namespace,
+        run.checkpoint,
+        run.held_images,
+        run.val,
+    )
     noise, seed = checkpoint.noise, checkpoint.seed
-    train = load_split(namespace, args.train_annotations.stem, args.train_annotations)
-    _, held_images = hold_out(train.images, checkpoint.holdout, seed)
-    val_split = load_split(namespace, args.annotations.stem, args.annotations)
     held = split_outcomes(model, namespace, held_images, noise, seed, FINAL_HOLDOUT_COPIES)
     val = split_outcomes(model, namespace, val_split.images, noise, seed, 1)
 
