@@ -95,6 +95,22 @@ def test_tiny_vit_attention_equals_the_package(resolution: tuple[int, int]) -> N
         torch.testing.assert_close(fused_copy(reference)(x), reference(x), **TOLERANCE)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_vit_attention_runs_the_cpu_flash_kernel(dtype: torch.dtype) -> None:
+    """The point of the swap: no attention matrix on CPU either (a 3-D mask would fall back to the unfused maths)."""
+    torch.manual_seed(0)
+    reference = tiny_vit_sam.Attention(160, 32, 5, attn_ratio=1, resolution=(7, 7))
+    reference.eval()  # its train() override returns None
+    fused = fused_copy(reference)
+    x = torch.randn(3, 49, 160)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiled:
+            fused(x)
+    kernels = {event.key for event in profiled.key_averages() if "attention" in event.key}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels
+    assert "aten::_scaled_dot_product_attention_math" not in kernels
+
+
 def test_vit_tiny_encoder_with_fused_attention_equals_the_package() -> None:
     """The whole vit_tiny encoder, built both ways by `build_encoder`, on one image."""
     identity = identity_for("vit_tiny", None)

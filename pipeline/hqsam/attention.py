@@ -92,7 +92,8 @@ def tiny_vit_attention(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     q, k, v = (t.transpose(1, 2) for t in qkv.split([self.key_dim, self.key_dim, self.d], dim=3))
     # Looked up from the parameters, not the eval-mode `ab` cache, which goes stale if weights change after eval().
     bias = self.attention_biases[:, self.attention_bias_idxs]  # heads x N x N
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+    # 1 x heads x N x N: SDPA's CPU flash kernel takes only a 4-D mask (a 3-D one falls back to the unfused maths).
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)[None], scale=self.scale)
     return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.dh))
 
 
