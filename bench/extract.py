@@ -1,4 +1,5 @@
-"""Extraction throughput on the same images: bare encoder forward, cold `extract`, warm re-run.
+"""Extraction throughput on the same images: bare encoder forward, cold `extract`, warm re-run, each with the
+encoder in fp32 (`--amp off`) and in extract's default precision (`--amp auto`: bf16 where native).
 
     python bench/extract.py [--images 24] [--encoder vit_tiny] [--device auto] [--out bench/results]
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pipeline.demo_data import make_demo_dataset
-from pipeline.devices import resolve_device
+from pipeline.devices import autocast, native_bf16, resolve_device, resolve_encoder_amp
 from pipeline.hqsam.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.extract import run_extract
@@ -27,16 +28,18 @@ from pipeline.images import prepare
 from results_file import write_and_show  # bench/, next to this script
 
 
-def bare_encoder_rate(files: list[Path], model_type: str, device: torch.device, batch_size: int) -> float:
+def bare_encoder_rate(
+    files: list[Path], model_type: str, device: torch.device, amp_name: str, batch_size: int
+) -> float:
     """Images per second of the encoder alone, inputs prepared beforehand, one warm-up batch."""
     prepared = [prepare(f) for f in files]
     pixels = torch.stack([torch.from_numpy(p[0]) for p in prepared])
     resized = torch.tensor([p[2] for p in prepared])
     model = FeatureEncoder(build_encoder(identity_for(model_type, None), None)).to(device)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    amp = resolve_encoder_amp(amp_name, device)
 
     def run(start: int, stop: int) -> None:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.inference_mode(), autocast(device, amp):
             embedding, early = model(pixels[start:stop].to(device), resized[start:stop].to(device))
             embedding.to(torch.float16).cpu(), early.to(torch.float16).cpu()
 
@@ -60,42 +63,52 @@ def main() -> None:
 
     device = resolve_device(args.device)
     batch_size = default_batch_size(args.encoder, device)
-    with tempfile.TemporaryDirectory() as scratch:
-        data = Path(scratch) / "demo"
-        make_demo_dataset(data, seed=0, n_train=args.images, n_val=1)
-        files = sorted((data / "images").glob("train_*.jpg"))
-        bare = bare_encoder_rate(files, args.encoder, device, batch_size)
-        config = ExtractConfig(
-            images=data / "images",
-            store=str(Path(scratch) / "features.zarr"),
-            encoder=args.encoder,
-            annotations=data / "train.json",
-            device=args.device,
-            workers=args.workers,
-        )
-        cold = run_extract(config)
-        warm = run_extract(config)
-    cold_rate = cold.images / cold.wall_s
-    warm_rate = warm.images / warm.wall_s
-    result = {
+    result: dict = {
         "encoder": args.encoder,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "images": cold.images,
+        "native_bf16": native_bf16(device),
         "batch_size": batch_size,
-        "bare_encoder_images_per_s": round(bare, 3),
-        "cold_extract_images_per_s": round(cold_rate, 3),
-        "cold_over_bare": round(cold_rate / bare, 3),
-        "cold_data_wait_share": round(cold.data_wait_s / cold.wall_s, 4),
-        "cold_encoder_build_s": round(cold.build_s, 3),
-        "cold_bytes_written": cold.bytes_written,
-        "bytes_per_image": round(cold.bytes_written / cold.images),
-        "warm_extract_images_per_s": round(warm_rate, 1),
-        "warm_over_cold": round(warm_rate / cold_rate, 1),
-        "warm_wall_s": round(warm.wall_s, 4),
         "torch": torch.__version__,
     }
+    with tempfile.TemporaryDirectory() as scratch:
+        data = Path(scratch) / "demo"
+        make_demo_dataset(data, seed=0, n_train=args.images, n_val=1)
+        files = sorted((data / "images").glob("train_*.jpg"))
+        # One run, both precisions: fp32 (`--amp off`) is the anchor of what `auto` buys on this device.
+        for amp in ("off", "auto"):
+            bare = bare_encoder_rate(files, args.encoder, device, amp, batch_size)
+            config = ExtractConfig(
+                images=data / "images",
+                store=str(Path(scratch) / f"features_{amp}.zarr"),
+                encoder=args.encoder,
+                annotations=data / "train.json",
+                device=args.device,
+                amp=amp,
+                workers=args.workers,
+            )
+            cold = run_extract(config)
+            warm = run_extract(config)
+            cold_rate = cold.images / cold.wall_s
+            warm_rate = warm.images / warm.wall_s
+            result["images"] = cold.images
+            result[f"amp_{amp}"] = {
+                "autocast": "bf16" if resolve_encoder_amp(amp, device) == torch.bfloat16 else "off",
+                "bare_encoder_images_per_s": round(bare, 3),
+                "cold_extract_images_per_s": round(cold_rate, 3),
+                "cold_over_bare": round(cold_rate / bare, 3),
+                "cold_data_wait_share": round(cold.data_wait_s / cold.wall_s, 4),
+                "cold_encoder_build_s": round(cold.build_s, 3),
+                "cold_bytes_written": cold.bytes_written,
+                "bytes_per_image": round(cold.bytes_written / cold.images),
+                "warm_extract_images_per_s": round(warm_rate, 1),
+                "warm_over_cold": round(warm_rate / cold_rate, 1),
+                "warm_wall_s": round(warm.wall_s, 4),
+            }
+    result["auto_over_off_cold"] = round(
+        result["amp_auto"]["cold_extract_images_per_s"] / result["amp_off"]["cold_extract_images_per_s"], 3
+    )
     write_and_show(args.out, f"extract_{args.encoder}_{device.type}", result)
 
 

@@ -54,5 +54,32 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     raise RefineError(f"unknown --amp {amp!r}; choose auto, bf16, fp16 or off")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware: a CUDA device with bf16, a CPU with AVX512-BF16 or AMX.
+    Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # torch's own checks (private: no public API asks the CPU yet); oneDNN uses these instructions when present.
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_encoder_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the HQ-SAM encoder for extract's `--amp` on `device` (None: full fp32).
+
+    auto: bf16 where the device computes it natively (`native_bf16`), else fp32. The stored features are the
+    same within bf16 rounding either way (each segment records which), so precision is not in the fingerprint.
+    fp16 is refused: it is known to produce garbage with ViT-H.
+    """
+    if amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    if amp == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise RefineError("--amp bf16: this CUDA device does not support bfloat16; use --amp off or auto")
+        return torch.bfloat16
+    raise RefineError(f"unknown --amp {amp!r} for the encoder; choose auto, bf16 or off")
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.amp.autocast:
     return torch.amp.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

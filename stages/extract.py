@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -20,6 +21,12 @@ if TYPE_CHECKING:
 # Under torchrun the ranks wait for each other once, at the end, for the slowest share: after a rank died
 # and the run was re-launched, one rank may have hours of work left while the others only hash.
 RANK_WAIT = timedelta(days=1)
+
+
+class EncoderAmp(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    off = "off"
 
 
 def extract(
@@ -44,6 +51,14 @@ def extract(
     device: Annotated[
         Device, typer.Option(help="Where the encoder runs; auto picks CUDA when available.")
     ] = Device.auto,
+    amp: Annotated[
+        EncoderAmp,
+        typer.Option(
+            help="Encoder precision: auto = bf16 where the device computes it natively (CUDA with bf16, a CPU with "
+            "AVX512-BF16 or AMX; about 2x faster than fp32 there), else fp32; off = fp32. Features are the same "
+            "within bf16 rounding either way; each segment records which."
+        ),
+    ] = EncoderAmp.auto,
     batch_size: Annotated[
         Optional[int],
         typer.Option(
@@ -112,6 +127,7 @@ def extract(
         checkpoint=checkpoint,
         seed=seed,
         device=device.value,
+        amp=amp.value,
         batch_size=batch_size,
         workers=workers,
         dataset=dataset,

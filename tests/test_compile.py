@@ -13,17 +13,24 @@ from tests.helpers import write_coco
 def test_compiled_extract_stores_the_eager_features(base_dataset, tmp_path):
     first = base_dataset["files"][:1]
     annotations = write_coco(tmp_path / "one.json", base_dataset["images"], first)
-    store = tmp_path / "compiled.zarr"
-    config = ExtractConfig(
-        images=base_dataset["images"], store=str(store), annotations=annotations, workers=0, batch_size=1, compile=True
-    )
-    summary = run_extract(config)
-    assert summary.computed == 1 and not summary.failed
+    # fp32 on both sides: under bf16 two kernel choices differ by bf16 rounding, which would hide a real mismatch.
+    stores = {}
+    for compiled in (False, True):
+        stores[compiled] = tmp_path / f"compiled_{compiled}.zarr"
+        config = ExtractConfig(
+            images=base_dataset["images"],
+            store=str(stores[compiled]),
+            annotations=annotations,
+            workers=0,
+            batch_size=1,
+            amp="off",
+            compile=compiled,
+        )
+        summary = run_extract(config)
+        assert summary.computed == 1 and not summary.failed
 
-    eager = Namespace.open(
-        FeatureStore(base_dataset["store"]), summary.fingerprint
-    )  # the same namespace: same identity
-    compiled = Namespace.open(FeatureStore(store), summary.fingerprint)
+    eager = Namespace.open(FeatureStore(stores[False]), summary.fingerprint)  # the same namespace: same identity
+    compiled = Namespace.open(FeatureStore(stores[True]), summary.fingerprint)
     ((key, entry),) = compiled.entries().items()
     for stored, expected in zip(compiled.read(entry), eager.read(eager.entries()[key]), strict=True):
         np.testing.assert_allclose(stored.astype(np.float32), expected.astype(np.float32), rtol=1e-2, atol=2e-3)

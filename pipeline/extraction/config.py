@@ -17,6 +17,7 @@ class ExtractConfig:
     checkpoint: Path | None = None
     seed: int = 0
     device: str = "auto"
+    amp: str = "auto"  # the encoder's autocast: auto = bf16 where the device computes it natively
     batch_size: int | None = None
     workers: int | None = None
     dataset: str | None = None

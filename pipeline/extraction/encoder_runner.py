@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.devices import autocast
 from pipeline.hqsam.encoder import EncoderIdentity, FeatureEncoder, build_encoder
 
 CPU_BATCH = 4
@@ -41,11 +42,13 @@ class EncoderRunner:
     encoder then never recompiles for a short batch.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, fixed_batch: int | None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, amp: torch.dtype | None, fixed_batch: int | None
+    ) -> None:
         self.model = model
         self.device = device
+        self.amp = amp
         self.fixed_batch = fixed_batch
-        self.use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.cpu_seconds = 0.0
         self.cuda_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
@@ -63,7 +66,7 @@ class EncoderRunner:
         if on_cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+        with torch.inference_mode(), autocast(self.device, self.amp):
             outputs = self.model(pixels.to(self.device, non_blocking=True), resized.to(self.device, non_blocking=True))
         if not on_cuda:
             self.cpu_seconds += time.perf_counter() - started
@@ -92,24 +95,26 @@ def build_runner(
     checkpoint: Path | None,
     seed: int,
     device: torch.device,
+    amp: torch.dtype | None,
     batch_size: int,
     fused_attention: bool = True,
     compiled: bool = False,
 ) -> EncoderRunner:
-    """The HQ-SAM encoder of `identity` on `device`, optionally compiled (then for batches of `batch_size`)."""
+    """The HQ-SAM encoder of `identity` on `device` under autocast to `amp` (None: fp32), optionally compiled
+    (then for batches of `batch_size`)."""
     model: torch.nn.Module = FeatureEncoder(
         build_encoder(identity, checkpoint, seed, fused_attention=fused_attention)
     ).to(device)
     if compiled:
         model = torch.compile(model, dynamic=False)
-    return EncoderRunner(model, device, batch_size if compiled else None)
+    return EncoderRunner(model, device, amp, batch_size if compiled else None)
 
 
 def computed_with(runner: EncoderRunner, fused_attention: bool, compiled: bool) -> dict:
     """Recorded in each segment's commit: how its features were computed (not what they mean)."""
     return {
         "device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu",
-        "autocast": "bf16" if runner.use_bf16 else "off",
+        "autocast": "bf16" if runner.amp == torch.bfloat16 else "off",
         "fused_attention": fused_attention,
         "compiled": compiled,
     }

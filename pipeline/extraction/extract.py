@@ -23,7 +23,7 @@ import time
 
 
 from pipeline import distributed
-from pipeline.devices import resolve_device
+from pipeline.devices import resolve_device, resolve_encoder_amp
 from pipeline.hqsam.encoder import EncoderIdentity, identity_for
 from pipeline.extraction.config import ExtractConfig, ExtractSummary, OnProgress
 from pipeline.extraction.encoder_runner import default_batch_size
@@ -55,11 +55,12 @@ def run_extract(config: ExtractConfig, progress: OnProgress | None = None) -> Ex
     summary.repaired.extend(damaged_commits)  # their entries are unknown, so they are misses: recomputed
 
     device = resolve_device(config.device)
+    amp = resolve_encoder_amp(config.amp, device)
     batch_size = config.batch_size or default_batch_size(identity.model_type, device, config.fused_attention)
     # Decoding and resizing cost a core several ms per image: a fast encoder on a GPU needs several workers.
     cores = (os.cpu_count() or 2) // distributed.local_world_size()  # the ranks on one machine share its cores
     workers = config.workers if config.workers is not None else min(8, max(1, cores - 1))
-    run = ExtractionRun(config, identity, namespace, committed, summary, device, batch_size, progress, older)
+    run = ExtractionRun(config, identity, namespace, committed, summary, device, amp, batch_size, progress, older)
     try:
         _encode_and_repair(run, items, workers)
     finally:

@@ -43,6 +43,7 @@ class ExtractionRun:
         committed: dict[str, Entry],
         summary: ExtractSummary,
         device: torch.device,
+        amp: torch.dtype | None,
         batch_size: int,
         progress: OnProgress | None,
         older: frozenset[str] = frozenset(),
@@ -54,6 +55,7 @@ class ExtractionRun:
         self.committed = committed
         self.summary = summary
         self.device = device
+        self.amp = amp
         self.batch_size = batch_size
         self.progress = progress
         self.started = time.perf_counter()
@@ -121,6 +123,7 @@ class ExtractionRun:
                 config.checkpoint,
                 config.seed,
                 self.device,
+                self.amp,
                 self.batch_size,
                 config.fused_attention,
                 config.compile,
