@@ -33,7 +33,8 @@ def default_batch_size(model_type: str, device: torch.device, fused_attention: b
 
 
 class EncoderRunner:
-    """Runs the encoder on a batch and starts the float16 features' trip to the host without waiting for it.
+    """Runs the encoder on a batch, under autocast to `amp` (None: fp32), and starts the float16 features' trip
+    to the host without waiting for it.
 
     On CUDA the inputs come from pinned memory and the outputs go to pinned memory behind an event that
     the writer thread waits on, so the GPU is already on the next batch while this one travels. The
