@@ -22,7 +22,10 @@ def base_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
     files = write_images(root / "images", 4)
     annotations = write_coco(root / "train.json", root / "images", files)
     store = root / "features.zarr"
-    summary = run_extract(ExtractConfig(images=root / "images", store=str(store), annotations=annotations, workers=0))
+    # fp32 features (`--amp off`): tests compare them with the package's own fp32 runs. extract's default
+    # precision (bf16 where the CPU has it) is tested in tests/test_extract_cache.py.
+    config = ExtractConfig(images=root / "images", store=str(store), annotations=annotations, workers=0, amp="off")
+    summary = run_extract(config)
     assert summary.computed == 4
     return {"root": root, "images": root / "images", "annotations": annotations, "store": store, "files": files}
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline.devices import autocast, resolve_encoder_amp
 from pipeline.manifest import manifest_images
 from pipeline.hqsam.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.images import content_key, prepare, stride4_plane
@@ -38,12 +39,14 @@ def committed_rows(store: Path) -> int:
 
 
 def fresh_digests(files: list[Path]) -> dict[str, str]:
-    """Key -> digest of each image's features computed afresh, one image at a time as extract does here."""
+    """Key -> digest of each image's features computed afresh, one image at a time and in extract's default
+    precision, as extract does here."""
     encoder = FeatureEncoder(build_encoder(identity_for("vit_tiny", None), None))
+    cpu = torch.device("cpu")
     digests = {}
     for path in files:
         pixels, _, resized = prepare(path)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(cpu, resolve_encoder_amp("auto", cpu)):
             embedding, early = encoder(torch.from_numpy(pixels)[None], torch.tensor([resized]))
         digests[content_key(path.read_bytes())] = LAYOUTS[CURRENT_LAYOUT].digest(
             embedding[0].to(torch.float16).numpy(), early[0].to(torch.float16).numpy(), stride4_plane(pixels[None])[0]
