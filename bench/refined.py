@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -15,6 +17,7 @@ from pipeline.model.checkpoints import Checkpoint
 from pipeline.splits import Split, load_split
 from pipeline.store import FeatureStore
 from pipeline.training.setup import hold_out
+from pipeline.training.train import FINAL_HOLDOUT_COPIES
 from pipeline.splits import ImageBoxes
 from pipeline.model.base import Refinement, Refiner
 from pipeline.store import Namespace
@@ -69,6 +72,9 @@ def score_bench_arguments(description: str, name: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
 class TrainedRun:
     """A trained refiner with the images `train` held out for its score (its --holdout and seed) and the val split."""
@@ -78,6 +84,15 @@ class TrainedRun:
     checkpoint: Checkpoint
     held_images: list[ImageBoxes]
     val: Split
+
+    def on_held_out_and_val(self, measure: Callable[..., T]) -> tuple[T, T]:
+        """`measure(model, namespace, images, noise, seed, copies)` on the held-out images with the coarse
+        copies `train` scores them with, and on val with one."""
+        noise, seed = self.checkpoint.noise, self.checkpoint.seed
+        return (
+            measure(self.model, self.namespace, self.held_images, noise, seed, FINAL_HOLDOUT_COPIES),
+            measure(self.model, self.namespace, self.val.images, noise, seed, 1),
+        )
 
 
 def trained_run(args: argparse.Namespace) -> TrainedRun:

@@ -29,7 +29,7 @@ from pipeline.model.base import Refiner
 from pipeline.model.score import BoxScore
 from pipeline.shapes import IMAGE_SIZE
 from pipeline.store import Namespace
-from pipeline.training.train import FINAL_HOLDOUT_COPIES, fit_abstention
+from pipeline.training.train import fit_abstention
 
 from refined import score_bench_arguments, trained_run, read_image, refine, written  # bench/, next to this script
 from results_file import write_and_show
@@ -124,21 +124,12 @@ def evaluate_set(held: dict[str, Tensor], val: dict[str, Tensor], names: tuple[s
 def main() -> None:
     args = score_bench_arguments(__doc__, "score_evidence")
     run = trained_run(args)
-    model, namespace, checkpoint, held_images, val_split = (
-        run.model,
-        run.namespace,
-        run.checkpoint,
-        run.held_images,
-        run.val,
-    )
-    noise, seed = checkpoint.noise, checkpoint.seed
-    held = split_evidence(model, namespace, held_images, noise, seed, FINAL_HOLDOUT_COPIES)
-    val = split_evidence(model, namespace, val_split.images, noise, seed, 1)
+    held, val = run.on_held_out_and_val(split_evidence)
     result = {
-        "model_seed": seed,
-        "held_out": {"images": len(held_images), "boxes": len(held["image"])},
+        "model_seed": run.checkpoint.seed,
+        "held_out": {"images": len(run.held_images), "boxes": len(held["image"])},
         "val": {
-            "images": len(val_split.images),
+            "images": len(run.val.images),
             "boxes": len(val["image"]),
             "mean_iou_coarse": val["iou_coarse"].mean().item(),
             "mean_iou_every_box": val["iou_refined"].mean().item(),

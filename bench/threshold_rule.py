@@ -30,7 +30,7 @@ from pipeline.model.score import BoxScore
 from pipeline.splits import ImageBoxes, coarse_and_targets
 from pipeline.store import Namespace
 from pipeline.training.engine import BoxOutcomes
-from pipeline.training.train import FINAL_HOLDOUT_COPIES, fit_held_out_score
+from pipeline.training.train import fit_held_out_score
 
 from refined import score_bench_arguments, trained_run, read_image, refine, written  # bench/, next to this script
 from results_file import write_and_show
@@ -108,16 +108,7 @@ def rule_result(held: BoxOutcomes, held_score: Tensor, val: BoxOutcomes, val_sco
 def main() -> None:
     args = score_bench_arguments(__doc__, "threshold_rule")
     run = trained_run(args)
-    model, namespace, checkpoint, held_images, val_split = (
-        run.model,
-        run.namespace,
-        run.checkpoint,
-        run.held_images,
-        run.val,
-    )
-    noise, seed = checkpoint.noise, checkpoint.seed
-    held = split_outcomes(model, namespace, held_images, noise, seed, FINAL_HOLDOUT_COPIES)
-    val = split_outcomes(model, namespace, val_split.images, noise, seed, 1)
+    held, val = run.on_held_out_and_val(split_outcomes)
 
     score = BoxScore(held.evidence.shape[1])
     held_score = fit_held_out_score(score, held).probability
@@ -130,15 +121,15 @@ def main() -> None:
         bootstrap = {} if confidence is None else {"groups": held.image_id, "confidence": confidence}
         rules[name] = rule_result(held, held_score, val, val_score, max_worse=bar, **bootstrap)
     oracle = choose_min_score(val.iou_coarse, val.iou_refined, val_score, mw)  # chosen on val: an upper bound
-    stored, trained_bar = checkpoint.metrics.abstention.min_score, checkpoint.metrics.abstention.max_worse
+    stored, trained_bar = run.checkpoint.metrics.abstention.min_score, run.checkpoint.metrics.abstention.max_worse
     refit = choose_min_score(held.iou_coarse, held.iou_refined, held_score, trained_bar, held.image_id)["min_score"]
     result = {
-        "model_seed": seed,
+        "model_seed": run.checkpoint.seed,
         "max_worse": mw,
         "trained_max_worse": trained_bar,
-        "held_out": {"images": len(held_images), "boxes": len(held.image_id)},
+        "held_out": {"images": len(run.held_images), "boxes": len(held.image_id)},
         "val": {
-            "images": len(val_split.images),
+            "images": len(run.val.images),
             "boxes": len(val.image_id),
             "mean_iou_coarse": val.iou_coarse.mean().item(),
             "mean_iou_every_box": val.iou_refined.mean().item(),
@@ -150,7 +141,7 @@ def main() -> None:
             "ok": abs(refit - stored) <= REPRODUCED,
             # The refit score against the checkpoint's own on val: float32 rounding (~1e-7) for the shipped fit.
             "val_score_max_difference": (val_score - val.score).abs().max().item(),
-            "stored_val_share_worse": checkpoint.metrics.val_abstained.share_worse,
+            "stored_val_share_worse": run.checkpoint.metrics.val_abstained.share_worse,
         },
         "rules": rules,
         "val_oracle": {"min_score": oracle["min_score"], **on_val(val, val_score, oracle["min_score"])},
