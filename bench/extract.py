@@ -22,21 +22,20 @@ from pipeline.devices import autocast, native_bf16, resolve_device, resolve_enco
 from pipeline.hqsam.encoder import FeatureEncoder, build_encoder, identity_for
 from pipeline.extraction.config import ExtractConfig
 from pipeline.extraction.extract import run_extract
-from pipeline.extraction.encoder_runner import default_batch_size
+from pipeline.extraction.encoder_runner import autocast_name, default_batch_size
 from pipeline.images import prepare
 
 from results_file import write_and_show  # bench/, next to this script
 
 
 def bare_encoder_rate(
-    files: list[Path], model_type: str, device: torch.device, amp_name: str, batch_size: int
+    files: list[Path], model_type: str, device: torch.device, amp: torch.dtype | None, batch_size: int
 ) -> float:
     """Images per second of the encoder alone, inputs prepared beforehand, one warm-up batch."""
     prepared = [prepare(f) for f in files]
     pixels = torch.stack([torch.from_numpy(p[0]) for p in prepared])
     resized = torch.tensor([p[2] for p in prepared])
     model = FeatureEncoder(build_encoder(identity_for(model_type, None), None)).to(device)
-    amp = resolve_encoder_amp(amp_name, device)
 
     def run(start: int, stop: int) -> None:
         with torch.inference_mode(), autocast(device, amp):
@@ -78,7 +77,8 @@ def main() -> None:
         files = sorted((data / "images").glob("train_*.jpg"))
         # One run, both precisions: fp32 (`--amp off`) is the anchor of what `auto` buys on this device.
         for amp in ("off", "auto"):
-            bare = bare_encoder_rate(files, args.encoder, device, amp, batch_size)
+            dtype = resolve_encoder_amp(amp, device)
+            bare = bare_encoder_rate(files, args.encoder, device, dtype, batch_size)
             config = ExtractConfig(
                 images=data / "images",
                 store=str(Path(scratch) / f"features_{amp}.zarr"),
@@ -94,7 +94,7 @@ def main() -> None:
             warm_rate = warm.images / warm.wall_s
             result["images"] = cold.images
             result[f"amp_{amp}"] = {
-                "autocast": "bf16" if resolve_encoder_amp(amp, device) == torch.bfloat16 else "off",
+                "autocast": autocast_name(dtype),
                 "bare_encoder_images_per_s": round(bare, 3),
                 "cold_extract_images_per_s": round(cold_rate, 3),
                 "cold_over_bare": round(cold_rate / bare, 3),

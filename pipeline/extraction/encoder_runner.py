@@ -111,11 +111,16 @@ def build_runner(
     return EncoderRunner(model, device, amp, batch_size if compiled else None)
 
 
+def autocast_name(amp: torch.dtype | None) -> str:
+    """How a segment's commit names the encoder's autocast."""
+    return "bf16" if amp == torch.bfloat16 else "off"
+
+
 def computed_with(runner: EncoderRunner, fused_attention: bool, compiled: bool) -> dict:
     """Recorded in each segment's commit: how its features were computed (not what they mean)."""
     return {
         "device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else "cpu",
-        "autocast": "bf16" if runner.amp == torch.bfloat16 else "off",
+        "autocast": autocast_name(runner.amp),
         "fused_attention": fused_attention,
         "compiled": compiled,
     }
